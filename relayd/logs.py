@@ -1,0 +1,66 @@
+"""JSON logs on stdout (journald-friendly), via structlog.
+
+Secrets are kept out by construction (relayd never logs headers or bodies); the
+``scrub`` processor is the second line: any configured API key that still finds its way
+into a log value is replaced before the line is rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Iterable
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+_secrets: tuple[str, ...] = ()
+
+
+def set_secrets(values: Iterable[str | None]) -> None:
+    """Values that must never be printed (the API keys of the current config)."""
+    global _secrets
+    _secrets = tuple(sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True))
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        for s in _secrets:
+            if s in value:
+                value = value.replace(s, "[redacted]")
+        return value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def scrub(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _secrets:
+        return {k: _clean(v) for k, v in event.items()}
+    return event
+
+
+def configure(level: str = "info") -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            scrub,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    # aiohttp's own loggers must not print tracebacks of client-caused errors as plain text.
+    for name in ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.client",
+                 "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def get() -> Any:
+    return structlog.get_logger("relayd")

@@ -1,0 +1,81 @@
+"""Prometheus metrics (prometheus_client, on a private registry served by the admin listener)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .pipe import Exchange
+    from .upstreams import Pool
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_DURATION = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("relayd_requests_total", "Requests by route, upstream and status",
+                                ["route", "upstream", "status"], registry=r)
+        self.active = Gauge("relayd_active_streams", "Responses being streamed now", ["route"],
+                            registry=r)
+        self.ttfb = Histogram("relayd_ttfb_seconds", "Time to upstream response headers",
+                              ["route"], buckets=_LATENCY, registry=r)
+        self.duration = Histogram("relayd_stream_duration_seconds", "Request duration, start to end",
+                                  ["route"], buckets=_DURATION, registry=r)
+        self.stream_end = Counter("relayd_stream_end_total", "Requests by end reason",
+                                  ["route", "reason"], registry=r)
+        self.injected = Counter("relayd_injected_errors_total", "Error events injected into streams",
+                                ["route", "reason"], registry=r)
+        self.heartbeats = Counter("relayd_heartbeats_total", "SSE keep-alive comments sent",
+                                  registry=r)
+        self.bytes = Counter("relayd_bytes_total", "Body bytes relayed", ["route", "direction"],
+                             registry=r)
+        self.attempts = Counter("relayd_upstream_attempts_total", "Upstream attempts by outcome",
+                                ["upstream", "outcome"], registry=r)
+        self.breaker = Gauge("relayd_breaker_open", "1 while an upstream's circuit breaker is open",
+                             ["upstream"], registry=r)
+        self.reloads = Counter("relayd_reloads_total", "Config reloads by result", ["result"],
+                               registry=r)
+        self.generation = Gauge("relayd_config_generation", "Generation of the config in use",
+                                registry=r)
+        self.tokens = Counter("relayd_tokens_total", "Tokens reported by providers",
+                              ["route", "kind"], registry=r)
+
+    def attempt(self, upstream: str, outcome: str) -> None:
+        self.attempts.labels(upstream, outcome).inc()
+
+    def stream_started(self, route: str) -> None:
+        self.active.labels(route).inc()
+
+    def stream_ended(self, route: str) -> None:
+        self.active.labels(route).dec()
+
+    def finished(self, ex: Exchange) -> None:
+        route = ex.route or "none"
+        self.requests.labels(route, ex.upstream or "none", str(ex.status)).inc()
+        self.stream_end.labels(route, ex.end_reason).inc()
+        if ex.ttfb is not None:
+            self.ttfb.labels(route).observe(ex.ttfb)
+        self.duration.labels(route).observe(ex.duration)
+        if ex.injected:
+            self.injected.labels(route, ex.injected).inc()
+        if ex.heartbeats:
+            self.heartbeats.inc(ex.heartbeats)
+        self.bytes.labels(route, "in").inc(ex.bytes_in)
+        self.bytes.labels(route, "out").inc(ex.bytes_out)
+        usage = ex.usage
+        if usage is not None:
+            if usage.input:
+                self.tokens.labels(route, "input").inc(usage.input)
+            if usage.output:
+                self.tokens.labels(route, "output").inc(usage.output)
+
+    def render(self, pools: Iterable[Pool]) -> bytes:
+        for p in pools:
+            self.breaker.labels(p.upstream.name).set(1 if p.breaker_open else 0)
+        return generate_latest(self.registry)

@@ -1,0 +1,137 @@
+"""SSE block-boundary tracking, sans-I/O: bytes in, "release this much" out.
+
+relayd never parses or rewrites events; it only needs to know where a block ends (just
+after a blank line, WHATWG §9.2.6) so that it can forward complete blocks at once, hold
+back the torn tail, and put its own bytes (a heartbeat comment, one error event) only
+where no client parser can merge them into an upstream event.
+
+Line ends are CRLF, lone LF or lone CR, in any mix, split anywhere across reads; one
+leading BOM is transparent.  Each byte is scanned once: the held tail is never rescanned,
+so a 16 MiB event arriving in small reads costs O(n).  The common case (LF-only streams,
+OpenAI and Anthropic) runs entirely in ``bytes.rfind``/``count``; lone CRs take a regex.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TERM = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+MAX_EVENT = 16 * 1024 * 1024
+
+
+class BoundaryTracker:
+    """Splits an SSE byte stream into "complete blocks, release now" and "torn tail, hold".
+
+    ``feed(data)`` returns the bytes that end on a block boundary (possibly ``b""``); the
+    rest is held until a later read completes it.  Concatenating every return value and
+    the final ``tail`` gives back the input exactly.  Once the held tail grows beyond
+    ``max_event`` bytes the tracker gives up alignment (``aligned`` turns False) and
+    passes everything straight through: bounded memory matters more than alignment.
+    """
+
+    __slots__ = ("_held", "_line_start", "_cr", "_cr_blank", "_content", "_fresh", "aligned",
+                 "blocks", "max_event")
+
+    def __init__(self, max_event: int = MAX_EVENT) -> None:
+        self._held = bytearray()
+        self._line_start = True   # the next unscanned byte starts a line
+        self._cr = False          # last scanned byte was a CR: an LF next belongs to it
+        self._cr_blank = False    # ... and that CR ended a blank line
+        self._content = False     # CR path: the open block has a non-empty line
+        self._fresh = True        # nothing seen yet: a BOM may still come
+        self.aligned = True
+        self.blocks = 0           # blank lines that ended a non-empty block
+        self.max_event = max_event
+
+    @property
+    def tail(self) -> bytes:
+        """The held bytes after the last boundary: an incomplete block."""
+        return bytes(self._held)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when nothing is held, so bytes written now start a new block."""
+        return not self._held
+
+    def feed(self, data: bytes) -> bytes:
+        if not self.aligned:
+            return data
+        held = self._held
+        if not held:
+            start = 0
+            if self._fresh:
+                if len(data) < 3 and _BOM.startswith(data):
+                    held += data
+                    return b""
+                self._fresh = False
+                if data.startswith(_BOM):
+                    start = 3
+            end = self._scan(data, start)
+            if end == len(data):
+                return data
+            if end > 0:
+                held += data[end:]
+                return data[:end]
+            held += data
+        else:
+            scanned = len(held)
+            held += data
+            start = scanned
+            if self._fresh:
+                if len(held) < 3 and _BOM.startswith(held):
+                    return b""
+                self._fresh = False
+                if held.startswith(_BOM):
+                    start = 3
+            end = self._scan(held, start)
+            if end > 0:
+                out = bytes(held[:end])
+                del held[:end]
+                return out
+        if len(held) > self.max_event:
+            self.aligned = False
+            out = bytes(held)
+            held.clear()
+            return out
+        return b""
+
+    def _scan(self, buf: bytes | bytearray, i: int) -> int:
+        """Scan buf[i:]; return the offset just after the last blank line in it, or -1."""
+        n = len(buf)
+        last = -1
+        if self._cr:
+            self._cr = False
+            if i < n and buf[i] == 0x0A:   # second half of a CRLF split across reads
+                i += 1
+                if self._cr_blank:
+                    last = i
+        if i >= n:
+            return last
+        if buf.find(b"\r", i) < 0:
+            j = buf.rfind(b"\n\n", i)
+            if j >= 0:
+                last = j + 2
+                self.blocks += buf.count(b"\n\n", i)
+            elif self._line_start and buf[i] == 0x0A:
+                last = i + 1
+            self._line_start = buf[n - 1] == 0x0A
+            return last
+        line_begin = i if self._line_start else -1
+        content = not self._line_start or self._content
+        m = None
+        for m in _TERM.finditer(buf, i):
+            if m.start() == line_begin:      # an empty line: the block ends here
+                last = m.end()
+                if content:
+                    self.blocks += 1
+                content = False
+            else:
+                content = True
+            line_begin = m.end()
+        self._content = content
+        self._line_start = line_begin == n
+        if m is not None and m.end() == n and m.group() == b"\r":
+            self._cr = True
+            self._cr_blank = last == n
+        return last

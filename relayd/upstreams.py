@@ -1,0 +1,113 @@
+"""Upstream connection pools: one aiohttp ClientSession per upstream, kept across reloads.
+
+A pool is keyed by what decides its connections (url origin, pool size, keepalive, TLS,
+proxy).  A reload asks the registry for pools again: unchanged upstreams get their warm
+pool back; pools no longer wanted are retired and closed once their last in-flight
+request has ended, never under a live stream.  The passive circuit breaker lives on the
+pool, so it survives reloads with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import Iterable
+
+import aiohttp
+
+from .config import Upstream
+
+# aiohttp would add these on its own; a proxy must send only what the client sent.
+_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+class Pool:
+    """Connections to one upstream, with in-flight accounting and breaker state."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.key = upstream.pool_key
+        tls = upstream.tls
+        ssl_ctx: ssl.SSLContext | bool
+        if upstream.url.scheme != "https":
+            ssl_ctx = True
+        elif not tls.verify:
+            ssl_ctx = False
+        else:
+            ssl_ctx = ssl.create_default_context(cafile=tls.ca_file)
+        self.connector = aiohttp.TCPConnector(
+            limit=upstream.max_connections, limit_per_host=0,
+            keepalive_timeout=upstream.keepalive or 0.001, ssl=ssl_ctx, ttl_dns_cache=60)
+        self.session = aiohttp.ClientSession(
+            connector=self.connector, auto_decompress=False, trust_env=False,
+            skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**16)
+        self.inflight = 0
+        self.retired = False
+        self.closed = False
+        self.failures = 0
+        self.open_until = 0.0
+
+    # -- breaker: consecutive failures open it for `cooldown` seconds
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.failures = 0
+            self.open_until = 0.0
+            return
+        self.failures += 1
+        if self.failures >= self.upstream.breaker.failures:
+            self.open_until = time.monotonic() + self.upstream.breaker.cooldown
+
+    @property
+    def breaker_open(self) -> bool:
+        return self.open_until > time.monotonic()
+
+    # -- lifetime
+
+    def acquire(self) -> None:
+        self.inflight += 1
+
+    def release(self) -> None:
+        self.inflight -= 1
+        if self.retired and self.inflight == 0:
+            asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.session.close()
+
+
+class PoolRegistry:
+    """Hands out pools by key so that unchanged upstreams keep their warm connections."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[object, ...], Pool] = {}
+
+    def build(self, upstreams: Iterable[Upstream]) -> dict[str, Pool]:
+        """Pools for a new config; retire the ones it no longer uses."""
+        wanted: dict[tuple[object, ...], Pool] = {}
+        by_name: dict[str, Pool] = {}
+        for up in upstreams:
+            pool = self._pools.get(up.pool_key)
+            if pool is None:
+                pool = Pool(up)
+            else:
+                pool.upstream = up  # same connections; key, headers, breaker limits may differ
+            wanted[up.pool_key] = pool
+            by_name[up.name] = pool
+        for key, pool in self._pools.items():
+            if key not in wanted:
+                pool.retired = True
+                if pool.inflight == 0:
+                    asyncio.get_running_loop().create_task(pool.close())
+        self._pools = wanted
+        return by_name
+
+    def pools(self) -> list[Pool]:
+        return list(self._pools.values())
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self._pools.values()))

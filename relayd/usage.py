@@ -1,0 +1,103 @@
+"""Passive token-usage accounting, read on the side of the relay.
+
+Providers report usage inside the stream (OpenAI's final usage chunk, Responses'
+``response.completed``, Anthropic's ``message_start``/``message_delta``, Gemini's
+``usageMetadata``) or at the end of a JSON body.  relayd never changes the request to
+ask for it and never touches a byte; per released segment it only runs one C-level
+regex search and keeps a reference to segments that mention usage.  The objects are
+decoded once, when the request ends.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+_USAGE = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
+_JSON_TAIL = 64 * 1024
+
+_INPUT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
+_OUTPUT_KEYS = ("completion_tokens", "output_tokens")
+
+
+@dataclass(frozen=True)
+class Usage:
+    input: int | None
+    output: int | None
+    partial: bool
+
+    def as_log(self) -> dict[str, object]:
+        return {"input_tokens": self.input, "output_tokens": self.output, "partial": self.partial}
+
+
+class UsageMeter:
+    """Remembers the first and last segments that carry a usage object."""
+
+    __slots__ = ("_first", "_last", "_tail")
+
+    def __init__(self) -> None:
+        self._first: bytes | None = None
+        self._last: bytes | None = None
+        self._tail = bytearray()
+
+    def observe_events(self, segment: bytes) -> None:
+        """Called with each released run of complete SSE blocks."""
+        if _USAGE.search(segment) is not None:
+            if self._first is None:
+                self._first = segment
+            else:
+                self._last = segment
+
+    def observe_body(self, chunk: bytes) -> None:
+        """Called with each chunk of a JSON body; keeps only its last 64 KiB."""
+        tail = self._tail
+        tail += chunk
+        if len(tail) > 2 * _JSON_TAIL:
+            del tail[: len(tail) - _JSON_TAIL]
+
+    def result(self, partial: bool) -> Usage | None:
+        found: list[dict[str, object]] = []
+        for buf in (self._first, self._last, bytes(self._tail) if self._tail else None):
+            if buf:
+                found.extend(_objects(buf))
+        if not found:
+            return None
+        inp = out = None
+        for u in found:
+            for k in _INPUT_KEYS:
+                v = u.get(k)
+                if isinstance(v, int) and not isinstance(v, bool) and (v or inp is None):
+                    inp = v
+            o = _output(u)
+            if o is not None:
+                out = o
+        if inp is None and out is None:
+            return None
+        return Usage(inp, out, partial)
+
+
+def _output(u: dict[str, object]) -> int | None:
+    for k in _OUTPUT_KEYS:
+        v = u.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    c = u.get("candidatesTokenCount")
+    t = u.get("thoughtsTokenCount")
+    if isinstance(c, int) or isinstance(t, int):
+        return (c if isinstance(c, int) else 0) + (t if isinstance(t, int) else 0)
+    return None
+
+
+def _objects(buf: bytes) -> list[dict[str, object]]:
+    text = buf.decode("utf-8", "replace")
+    out: list[dict[str, object]] = []
+    for m in re.finditer(r'"(?:usage|usageMetadata)"\s*:\s*\{', text):
+        try:
+            obj, _ = _DECODER.raw_decode(text, m.end() - 1)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out

@@ -1,0 +1,261 @@
+"""A fake AI provider on 127.0.0.1 that speaks the providers' real wire format.
+
+It runs in its own thread and event loop so one instance can serve a whole test module
+(and relayd subprocesses) whatever loop the test itself uses.  Behaviour is chosen per
+request by the ``x-fake`` header naming a registered ``Scenario`` (SDKs can send it via
+default headers), else by ``FakeProvider.default``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split(body: bytes, mode: str, seed: int = 0, max_size: int = 7) -> list[bytes]:
+    """Cut a body into the reads a proxy would see."""
+    if mode == "whole":
+        return [body]
+    if mode == "lines":
+        out, start = [], 0
+        for i, b in enumerate(body):
+            if b == 0x0A:
+                out.append(body[start:i + 1])
+                start = i + 1
+        if start < len(body):
+            out.append(body[start:])
+        return out
+    if mode == "random":
+        rnd = random.Random(seed)
+        out, i = [], 0
+        while i < len(body):
+            n = rnd.randint(1, max_size)
+            out.append(body[i:i + n])
+            i += n
+        return out
+    if mode == "utf8":  # split inside every multi-byte character and every CRLF
+        cuts = [i for i in range(1, len(body))
+                if (body[i] & 0xC0) == 0x80 or (body[i - 1] == 0x0D and body[i] == 0x0A)]
+        if not cuts:
+            return split(body, "random", seed, 3)
+        out, prev = [], 0
+        for c in cuts:
+            out.append(body[prev:c])
+            prev = c
+        out.append(body[prev:])
+        return [p for p in out if p]
+    if mode == "bytes":
+        return [body[i:i + 1] for i in range(len(body))]
+    raise ValueError(mode)
+
+
+@dataclass
+class Scenario:
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "text/event-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    chunking: str = "whole"
+    seed: int = 0
+    delay: float = 0.0             # seconds between chunks
+    first_delay: float = 0.0       # before the first body byte (after headers)
+    header_delay: float = 0.0      # before sending headers
+    fault: str | None = None       # None | "reset" | "eof" | "stall"
+    fault_at: int | None = None    # byte offset where the fault happens
+    content_length: bool = False   # send Content-Length instead of chunked
+    gzip_body: bytes | None = None # raw bytes sent as-is with Content-Encoding: gzip
+
+
+class FakeProvider:
+    def __init__(self) -> None:
+        self.port = 0
+        self.default = Scenario(body=b'{"ok":true}', content_type="application/json")
+        self.scenarios: dict[str, Scenario] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.peers: list[tuple[str, int]] = []
+        self.disconnects: list[float] = []
+        self.completed: list[float] = []
+        self.connections_made = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+
+    # -- lifecycle
+
+    def start(self) -> "FakeProvider":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        fake = self
+
+        def factory() -> web.RequestHandler:
+            fake.connections_made += 1
+            return server()
+
+        srv = await self._loop.create_server(factory, "127.0.0.1", 0)
+        self.port = srv.sockets[0].getsockname()[1]
+        self._ready.set()
+        await self._stop.wait()
+        srv.close()
+        await server.shutdown(0.5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset_stats(self) -> None:
+        self.requests.clear()
+        self.peers.clear()
+        self.disconnects.clear()
+        self.completed.clear()
+        self.connections_made = 0
+
+    def add(self, name: str, scenario: Scenario) -> str:
+        self.scenarios[name] = scenario
+        return name
+
+    # -- handling
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.peers.append(peer)
+        record = {"method": request.method, "raw_path": request.raw_path,
+                  "headers": list(request.headers.items()), "body": body,
+                  "sha256": hashlib.sha256(body).hexdigest(), "peer": peer,
+                  "chunked": "chunked" in request.headers.get("Transfer-Encoding", "")}
+        self.requests.append(record)
+        if request.raw_path.split("?")[0].endswith("/echo"):
+            out = {"method": request.method, "raw_path": request.raw_path,
+                   "headers": [[k, v] for k, v in request.headers.items()],
+                   "length": len(body), "sha256": record["sha256"], "chunked": record["chunked"]}
+            return web.json_response(out, headers={"x-echo": "1"})
+        sc = self.scenarios.get(request.headers.get("x-fake", ""), self.default)
+        try:
+            return await self._play(request, sc)
+        except (asyncio.CancelledError, ConnectionError):
+            self.disconnects.append(time.monotonic())
+            raise
+
+    async def _play(self, request: web.BaseRequest, sc: Scenario) -> web.StreamResponse:
+        if sc.header_delay:
+            await asyncio.sleep(sc.header_delay)
+        headers = {"Content-Type": sc.content_type, **sc.headers}
+        body = sc.gzip_body if sc.gzip_body is not None else sc.body
+        if sc.gzip_body is not None:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(status=sc.status, headers=headers)
+        if sc.content_length:
+            resp.content_length = len(body)
+        await resp.prepare(request)
+        if sc.first_delay:
+            await asyncio.sleep(sc.first_delay)
+        limit = sc.fault_at if sc.fault is not None and sc.fault_at is not None else len(body)
+        sent = 0
+        for i, part in enumerate(split(body, sc.chunking, sc.seed)):
+            if sent >= limit:
+                break
+            part = part[: limit - sent]
+            if i and sc.delay:
+                await asyncio.sleep(sc.delay)
+            await resp.write(part)
+            sent += len(part)
+        if sc.fault == "reset":
+            await asyncio.sleep(0.01)
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError()
+        if sc.fault == "stall":
+            await asyncio.sleep(3600)
+        await resp.write_eof()
+        self.completed.append(time.monotonic())
+        return resp
+
+
+def gzip_of(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+def sse_events(body: bytes) -> list[tuple[str, str]]:
+    """A tiny reference SSE parser (WHATWG): (event type, data) of every dispatched event."""
+    text = body.decode("utf-8", "replace")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    events: list[tuple[str, str]] = []
+    etype, data = "", []
+    i, n = 0, len(text)
+    lines: list[str] = []
+    start = 0
+    while i < n:
+        c = text[i]
+        if c in "\r\n":
+            lines.append(text[start:i])
+            if c == "\r" and i + 1 < n and text[i + 1] == "\n":
+                i += 1
+            start = i + 1
+        i += 1
+    for line in lines:
+        if line == "":
+            if data:
+                events.append((etype or "message", "\n".join(data)))
+            etype, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            etype = value
+        elif name == "data":
+            data.append(value)
+    return events
+
+
+def json_events(body: bytes) -> list[Any]:
+    out = []
+    for _, data in sse_events(body):
+        try:
+            out.append(json.loads(data))
+        except ValueError:
+            out.append(data)
+    return out

@@ -156,7 +156,7 @@ class FakeProvider:
     # -- handling
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = await request.read()
+        body = await request.content.read()
         peer = request.transport.get_extra_info("peername") if request.transport else None
         self.peers.append(peer)
         record = {"method": request.method, "raw_path": request.raw_path,

@@ -1,0 +1,184 @@
+"""`relayd check` and config validation: every error with FILE:LINE: field.path: why, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relayd import config as cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+listen: 127.0.0.1:8080
+upstreams:
+  openai:
+    url: https://api.openai.com
+    provider: openai
+    api_key: ${OPENAI_API_KEY:-}
+routes:
+  - path: /openai
+    upstream: openai
+"""
+
+
+def run_check(tmp_path: Path, text: str | bytes, env: dict[str, str] | None = None,
+              name: str = "relayd.yaml") -> tuple[int, str, str]:
+    p = tmp_path / name
+    p.write_bytes(text.encode() if isinstance(text, str) else text)
+    r = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(p)], capture_output=True,
+                       text=True, cwd=tmp_path, env={**os.environ, **(env or {})}, timeout=30)
+    assert "Traceback" not in r.stdout + r.stderr
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_check_ok(tmp_path):
+    code, out, err = run_check(tmp_path, GOOD)
+    assert code == 0, err
+    assert out.strip() == "ok: 1 routes, 1 upstreams"
+
+
+# (config text, expected line, expected field path, words in the reason)
+CASES = {
+    "unknown key": (GOOD.replace("    provider: openai\n", "    provider: openai\n    retries: 3\n"),
+                    6, "upstreams.openai.retries", "unknown key"),
+    "unknown top key": ("lisen: 1\n" + GOOD, 1, "lisen", "unknown key"),
+    "wrong type": (GOOD.replace("url: https://api.openai.com", "url: https://api.openai.com\n    max_connections: lots"),
+                   5, "upstreams.openai.max_connections", "expected an integer"),
+    "wrong type bool": (GOOD + "    strip_prefix: maybe\n", 10, "routes[0].strip_prefix", "expected true or false"),
+    "bad url": (GOOD.replace("https://api.openai.com", "ftp://api.openai.com"), 4, "upstreams.openai.url", "scheme"),
+    "bad url no host": (GOOD.replace("https://api.openai.com", "https://"), 4, "upstreams.openai.url", "bad URL"),
+    "bad duration": ("shutdown_grace: 10 parsecs\n" + GOOD, 1, "shutdown_grace", "bad duration"),
+    "bad timeout": (GOOD + "    timeouts: {idle: -5}\n", 10, "routes[0].timeouts.idle", "duration"),
+    "bad listen": (GOOD.replace("127.0.0.1:8080", "localhost"), 1, "listen", "bad listen address"),
+    "bad listen port": (GOOD.replace("127.0.0.1:8080", "127.0.0.1:99999"), 1, "listen", "port"),
+    "unknown provider": (GOOD.replace("provider: openai", "provider: openia"), 5, "upstreams.openai.provider",
+                         "unknown provider 'openia'"),
+    "unknown upstream": (GOOD.replace("upstream: openai", "upstream: opena"), 9, "routes[0].upstream",
+                         "unknown upstream 'opena'"),
+    "unknown upstream in list": (GOOD.replace("upstream: openai", "upstream: [openai, nope]"), 9,
+                                 "routes[0].upstream[1]", "unknown upstream 'nope'"),
+    "duplicate route": (GOOD + "  - path: /openai/\n    upstream: openai\n", 10, "routes[1].path",
+                        "duplicate route path '/openai'"),
+    "path without slash": (GOOD.replace("path: /openai", "path: openai"), 8, "routes[0].path", "must start with '/'"),
+    "missing env var": (GOOD.replace("${OPENAI_API_KEY:-}", "${RELAYD_TEST_SURELY_UNSET}"), 6,
+                        "upstreams.openai.api_key", "RELAYD_TEST_SURELY_UNSET is not set"),
+    "yaml syntax": (GOOD.replace("  - path: /openai\n", "  - path: [/openai\n"), 9, "", "YAML syntax error"),
+    "yaml tab": (GOOD.replace("    provider: openai", "\tprovider: openai"), 5, "", "YAML syntax error"),
+    "missing url": (GOOD.replace("    url: https://api.openai.com\n", ""), 3, "upstreams.openai", "missing required key 'url'"),
+    "routes not a list": (GOOD.split("routes:")[0] + "routes: {path: /x}\n", 7, "routes", "expected a list"),
+    "duplicate key": (GOOD.replace("    provider: openai\n", "    provider: openai\n    provider: anthropic\n"),
+                      6, "upstreams.openai.provider", "duplicate key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_errors(tmp_path, case):
+    text, line, path, words = CASES[case]
+    code, out, err = run_check(tmp_path, text, env={"OPENAI_API_KEY": "x"})
+    assert code == 1
+    first = err.splitlines()[0]
+    prefix = f"{tmp_path / 'relayd.yaml'}:{line}: " + (f"{path}: " if path else "")
+    assert first.startswith(prefix), (first, prefix)
+    assert words in first
+
+
+def test_check_reports_every_error_of_a_file(tmp_path):
+    text = """\
+listen: nowhere
+upstreams:
+  a: {url: "ftp://x", provider: nope}
+  b: {url: "http://ok", provider: openai, api_key: "${UNSET_RELAYD_VAR}"}
+routes:
+  - {path: x, upstream: a}
+  - {path: /y, upstream: zz}
+  - {path: /y, upstream: b, timeouts: {idle: soon}}
+"""
+    code, _, err = run_check(tmp_path, text)
+    lines = err.strip().splitlines()
+    assert code == 1
+    wanted = ["1: listen:", "3: upstreams.a.url:", "3: upstreams.a.provider:", "4: upstreams.b.api_key:",
+              "6: routes[0].path:", "7: routes[1].upstream:", "8: routes[2].path: duplicate",
+              "8: routes[2].timeouts.idle:"]
+    for w in wanted:
+        assert any(f"relayd.yaml:{w}" in l for l in lines), (w, lines)
+    assert lines[-1].endswith(f"{len(wanted)} errors")
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00\x01\x02", b"\xff\xfe binary", b"- a\n- b\n", b"[", b"a: b: c",
+                                     b"---\na: 1\n---\nb: 2\n", b"listen: *anchor\n", b"!!python/object:os.system x"])
+def test_check_never_tracebacks_on_garbage(tmp_path, garbage):
+    code, out, err = run_check(tmp_path, garbage)
+    assert code == 1
+    assert err.strip() and "relayd.yaml:" in err
+
+
+def test_check_missing_file(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "nope.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_env_default_path(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text(GOOD)
+    r = subprocess.run([sys.executable, "-m", "relayd", "check"], capture_output=True, text=True,
+                       env={**os.environ, "RELAYD_CONFIG": str(p)}, timeout=30)
+    assert r.returncode == 0 and "ok: 1 routes" in r.stdout
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "relayd", "--version"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("relayd ")
+
+
+def test_shipped_configs_pass_check(tmp_path):
+    files = [ROOT / "config" / "relayd.yaml", *sorted((ROOT / "config" / "examples").glob("*.yaml"))]
+    assert len(files) >= 7
+    for f in files:
+        r = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(f)], capture_output=True,
+                           text=True, timeout=30, env={k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")})
+        assert r.returncode == 0, (f, r.stderr)
+
+
+def test_interpolation_in_flow_mapping_and_types():
+    text = """
+listen: ${LISTEN:-127.0.0.1:9000}
+upstreams:
+  a: {url: "${URL}", provider: openai, max_connections: ${POOL:-7}, headers: {X-A: ${XA:-}, X-B: "${XB}"}}
+routes: [{path: /a, upstream: a}]
+"""
+    c = cfg.parse(text, "t.yaml", {"URL": "http://h:1/base", "XB": "b$$"})
+    up = c.upstreams["a"]
+    assert str(c.listen) == "127.0.0.1:9000"
+    assert up.max_connections == 7 and up.headers == (("X-B", "b$$"),)
+    assert str(up.url) == "http://h:1/base"
+
+
+def test_config_objects_are_immutable():
+    c = cfg.parse(GOOD, "t.yaml", {})
+    with pytest.raises(Exception):
+        c.listen = None  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        c.upstreams["x"] = None  # type: ignore[index]
+    assert "api_key" not in repr(c.upstreams["openai"])
+
+
+def test_durations():
+    assert cfg.parse_duration("500ms") == 0.5
+    assert cfg.parse_duration("5m") == 300
+    assert cfg.parse_duration("1h") == 3600
+    assert cfg.parse_duration(2.5) == 2.5
+    for bad in ("5 minutes", "-1s", True, "1d", None):
+        with pytest.raises(ValueError):
+            cfg.parse_duration(bad)
+
+
+def test_ipv6_listen():
+    c = cfg.parse(GOOD.replace("127.0.0.1:8080", '"[::1]:8080"'), "t.yaml", {})
+    assert c.listen.host == "::1" and c.listen.port == 8080

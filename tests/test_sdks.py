@@ -1,0 +1,127 @@
+"""Official SDKs through relayd parse to the same result as talking to the provider directly."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+from aiohttp_sse_client import client as sse_client
+
+from fakes import Scenario, fixture
+
+
+def _openai(base: str, sc: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base, api_key="client-key", max_retries=0,
+                         default_headers={"x-fake": sc}, timeout=10)
+
+
+def _chat_text(client: openai.OpenAI) -> tuple[str, object]:
+    stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage.model_dump()
+    return "".join(parts), usage
+
+
+@pytest.mark.parametrize("name", ["openai-chat-basic.sse", "openai-chat-usage.sse",
+                                  "openai-chat-usage-obfuscation.sse"])
+def test_openai_chat_stream_same_as_direct(shared, fake, name):
+    sc = fake.add(f"sdk-{name}", Scenario(body=fixture(name), chunking="random", seed=7))
+    via = _chat_text(_openai(f"http://127.0.0.1:{shared.port}/openai/v1", sc))
+    direct = _chat_text(_openai(f"{fake.url}/v1", sc))
+    assert via == direct
+    assert len(via[0]) > 5
+
+
+def test_openai_chat_tool_calls_same_as_direct(shared, fake):
+    sc = fake.add("sdk-tools", Scenario(body=fixture("openai-chat-tools.sse"), chunking="lines"))
+
+    def run(base: str) -> list:
+        out = []
+        for chunk in _openai(base, sc).chat.completions.create(model="m", messages=[], stream=True):
+            out.append(chunk.model_dump())
+        return out
+
+    assert run(f"http://127.0.0.1:{shared.port}/openai/v1") == run(f"{fake.url}/v1")
+
+
+@pytest.mark.parametrize("name", ["openai-responses.sse", "openai-responses-minimal.sse"])
+def test_openai_responses_stream_same_as_direct(shared, fake, name):
+    sc = fake.add(f"sdk-{name}", Scenario(body=fixture(name), chunking="utf8"))
+
+    def run(base: str) -> tuple[list[str], str]:
+        client = _openai(base, sc)
+        types, text = [], ""
+        with client.responses.stream(model="gpt-4o-mini", input="hi") as stream:
+            for ev in stream:
+                types.append(ev.type)
+            text = stream.get_final_response().output_text
+        return types, text
+
+    via = run(f"http://127.0.0.1:{shared.port}/openai/v1")
+    assert via == run(f"{fake.url}/v1")
+    assert via[0][-1] == "response.completed" and via[1]
+
+
+@pytest.mark.parametrize("name", ["anthropic-messages.sse", "anthropic-messages-tools.sse"])
+def test_anthropic_messages_stream_same_as_direct(shared, fake, name):
+    sc = fake.add(f"sdk-{name}", Scenario(body=fixture(name), chunking="random", seed=11))
+
+    def run(base: str) -> dict:
+        client = anthropic.Anthropic(base_url=base, api_key="client-key", max_retries=0,
+                                     default_headers={"x-fake": sc})
+        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+            for _ in stream:
+                pass
+            return stream.get_final_message().model_dump()
+
+    via = run(f"http://127.0.0.1:{shared.port}/anthropic")
+    assert via == run(fake.url)
+    assert via["stop_reason"] is not None
+
+
+def test_anthropic_gzip_stream_through_sdk(shared, fake):
+    sc = fake.add("sdk-gz", Scenario(gzip_body=fixture("anthropic-messages-tools.sse.gz"), chunking="random"))
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{shared.port}/anthropic", api_key="k",
+                                 max_retries=0, default_headers={"x-fake": sc})
+    with client.messages.stream(model="m", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as s:
+        msg = s.get_final_message()
+    assert any(block.type == "tool_use" for block in msg.content)
+
+
+def test_google_genai_stream_same_as_direct(shared, fake):
+    genai = pytest.importorskip("google.genai")
+    from google.genai import types
+
+    sc = fake.add("sdk-gemini", Scenario(body=fixture("gemini-stream.sse"), chunking="utf8"))
+
+    def run(base: str) -> list[str]:
+        client = genai.Client(api_key="client-key", http_options=types.HttpOptions(
+            base_url=base, headers={"x-fake": sc}))
+        return [c.text or "" for c in client.models.generate_content_stream(model="gemini-2.0-flash",
+                                                                           contents="hi")]
+
+    via = run(f"http://127.0.0.1:{shared.port}/gemini/")
+    assert via == run(fake.url + "/")
+    assert "".join(via)
+
+
+async def test_aiohttp_sse_client_events(shared, fake):
+    body = fixture("openai-chat-usage.sse")
+    sc = fake.add("sse-client", Scenario(body=body, chunking="random", seed=5))
+    got = []
+    async with sse_client.EventSource(f"http://127.0.0.1:{shared.port}/openai/v1/chat/completions",
+                                      headers={"x-fake": sc}, reconnection_time=0) as es:
+        async for ev in es:
+            if ev.data == "[DONE]":
+                break
+            got.append(json.loads(ev.data))
+    expected = [json.loads(l[6:]) for l in body.decode().split("\n\n") if l.startswith("data: {")]
+    assert got == expected

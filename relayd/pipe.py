@@ -360,6 +360,7 @@ async def _copy_body(resp: aiohttp.ClientResponse, out: web.StreamResponse, rout
     marker = providers.end_marker(kind) if aligned else None
     meter = UsageMeter()
     last_block = b""
+    crlf: bool | None = None  # the upstream's line ends, decided from its first complete block
     last_data = last_beat = start
     reason = "done"
     write = out.write
@@ -409,6 +410,8 @@ async def _copy_body(resp: aiohttp.ClientResponse, out: web.StreamResponse, rout
                 ended = True
             meter.observe_events(chunk)
             last_block = chunk
+            if crlf is None:
+                crlf = b"\r" in chunk
         elif json_body:
             meter.observe_body(chunk)
         await write(chunk)
@@ -425,7 +428,7 @@ async def _copy_body(resp: aiohttp.ClientResponse, out: web.StreamResponse, rout
         event = providers.error_event(
             kind, reason, f"relayd: {message} (request id {ex.request_id})",
             seq=providers.last_sequence_number(last_block) if kind.responses else None,
-            crlf=last_block.endswith(b"\r\n") if last_block else kind.provider == "gemini")
+            crlf=crlf if crlf is not None else kind.provider == "gemini")
         await write(event)
         ex.injected = reason
     return reason

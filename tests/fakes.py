@@ -259,3 +259,31 @@ def json_events(body: bytes) -> list[Any]:
         except ValueError:
             out.append(data)
     return out
+
+
+def block_ends(body: bytes) -> list[int]:
+    """Offsets just after each blank line (WHATWG line rules), computed independently of relayd."""
+    ends, i, n = [], 0, len(body)
+    line_start = 0
+    if body.startswith(b"\xef\xbb\xbf"):
+        i = line_start = 3
+    while i < n:
+        c = body[i]
+        if c in (0x0A, 0x0D):
+            j = i + 2 if c == 0x0D and i + 1 < n and body[i + 1] == 0x0A else i + 1
+            if i == line_start:
+                ends.append(j)
+            line_start = i = j
+        else:
+            i += 1
+    return ends
+
+
+def split_prefix_and_last_block(got: bytes) -> tuple[bytes, bytes]:
+    """(everything before the final block, the final block); the input must end on a boundary."""
+    ends = block_ends(got)
+    assert ends and ends[-1] == len(got), f"does not end on an event boundary: {got[-80:]!r}"
+    # the last *non-empty* block starts after the previous boundary
+    k = len(ends) - 1
+    start = ends[k - 1] if k >= 1 else 0
+    return got[:start], got[start:]

@@ -1,0 +1,228 @@
+"""Failures after the response headers: block-aligned prefix + exactly one provider-format error."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from conftest import basic_config
+from fakes import Scenario, block_ends, fixture, free_port, sse_events, split_prefix_and_last_block
+
+PROVIDERS = {
+    # kind: (route, fixture)
+    "chat": ("/openai/v1/chat/completions", "openai-chat-usage.sse"),
+    "responses": ("/openai/v1/responses", "openai-responses.sse"),
+    "anthropic": ("/anthropic/v1/messages", "anthropic-messages.sse"),
+    "gemini": ("/gemini/v1beta/models/m:streamGenerateContent?alt=sse", "gemini-stream.sse"),
+}
+FAULTS = ["reset_mid_event", "reset_at_boundary", "eof_no_marker", "idle_timeout", "total_timeout"]
+CHUNKINGS = ["whole", "lines", "random"]
+REASON = {"reset_mid_event": "upstream_reset", "reset_at_boundary": "upstream_reset",
+          "eof_no_marker": "upstream_eof", "idle_timeout": "idle_timeout", "total_timeout": "total_timeout"}
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, fake):
+    from conftest import Relayd
+    port = free_port()
+    text = basic_config(fake.url, port).replace("idle: 5", "idle: 400ms")
+    text += """  - {path: /total/openai, upstream: openai, timeouts: {total: 1s, idle: 30s}}
+  - {path: /total/anthropic, upstream: anthropic, timeouts: {total: 1s, idle: 30s}}
+  - {path: /total/gemini, upstream: gemini, timeouts: {total: 1s, idle: 30s}}
+"""
+    r = Relayd(tmp_path_factory.mktemp("faults"), text)
+    r.port = port  # type: ignore[attr-defined]
+    r.start()
+    yield r
+    r.stop()
+
+
+def scenario_for(kind: str, fault: str, chunking: str) -> tuple[Scenario, bytes, int | None, str]:
+    route, name = PROVIDERS[kind]
+    body = fixture(name)
+    ends = block_ends(body)
+    # cut well inside the stream: before the provider's end marker
+    mid_block = ends[(len(ends) - 1) // 2]
+    if fault == "reset_mid_event":
+        at = mid_block + 9
+        sc = Scenario(body=body, chunking=chunking, seed=3, fault="reset", fault_at=at)
+    elif fault == "reset_at_boundary":
+        at = mid_block
+        sc = Scenario(body=body, chunking=chunking, seed=3, fault="reset", fault_at=at)
+    elif fault == "eof_no_marker":
+        at = ends[-2] if kind != "gemini" else ends[-2] + 5  # gemini: torn last event
+        sc = Scenario(body=body, chunking=chunking, seed=3, fault="eof", fault_at=at)
+    elif fault == "idle_timeout":
+        at = mid_block + 3
+        sc = Scenario(body=body, chunking=chunking, seed=3, fault="stall", fault_at=at)
+    else:
+        at = None
+        route = "/total" + route
+        sc = Scenario(body=body, chunking="lines", delay=0.3)  # 1 s total cannot be enough
+    return sc, body, at, route
+
+
+def expected_prefix(body: bytes, at: int) -> bytes:
+    return body[:max([0] + [e for e in block_ends(body) if e <= at])]
+
+
+def check_error_event(kind: str, block: bytes, reason: str) -> None:
+    events = sse_events(block)
+    assert len(events) == 1, block
+    etype, data = events[0]
+    obj = json.loads(data)
+    if kind == "anthropic":
+        assert etype == "error"
+        assert obj["type"] == "error"
+        assert obj["error"]["type"] == ("timeout_error" if "timeout" in reason else "api_error")
+        msg = obj["error"]["message"]
+    elif kind == "gemini":
+        assert block.endswith(b"\r\n\r\n")  # same framing as the upstream
+        assert obj["error"]["status"] == ("DEADLINE_EXCEEDED" if "timeout" in reason else "UNAVAILABLE")
+        msg = obj["error"]["message"]
+    elif kind == "responses":
+        assert etype == "error"
+        assert obj["type"] == "error" and obj["code"] == reason and obj["error"]["code"] == reason
+        msg = obj["message"]
+    else:
+        assert etype == "message"
+        assert set(obj["error"]) == {"message", "type", "param", "code"}
+        assert obj["error"]["code"] == reason
+        msg = obj["error"]["message"]
+    assert "request id" in msg and "relayd" in msg
+    assert b"[DONE]" not in block
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("kind", sorted(PROVIDERS))
+async def test_fault_matrix(relay, fake, kind, fault, chunking):
+    sc, body, at, route = scenario_for(kind, fault, chunking)
+    name = fake.add(f"f-{kind}-{fault}-{chunking}", sc)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(aiohttp.client.URL(f"http://127.0.0.1:{relay.port}{route}", encoded=True),
+                          headers={"x-fake": name}, json={}) as r:
+            assert r.status == 200
+            got = await r.read()   # ends cleanly: the error is in-band
+    prefix, last = split_prefix_and_last_block(got)
+    assert body.startswith(prefix)
+    assert len(prefix) in [0] + block_ends(body)
+    if at is not None:
+        assert prefix == expected_prefix(body, at)
+    else:
+        assert 0 < len(prefix) < len(body)
+    check_error_event(kind, last, REASON[fault])
+    # sequence numbers stay monotonic on Responses streams
+    if kind == "responses":
+        seqs = [json.loads(d)["sequence_number"] for _, d in sse_events(got)]
+        assert seqs == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_openai_sdk_raises_on_chat_failure(relay, fake, fault):
+    sc, _, _, route = scenario_for("chat", fault, "random")
+    name = fake.add(f"sdk-chat-{fault}", sc)
+    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/chat/completions', 1)[0]}"
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
+    with pytest.raises(openai.APIError) as ei:
+        for _ in client.chat.completions.create(model="m", messages=[], stream=True):
+            pass
+    assert not isinstance(ei.value, openai.APIConnectionError)
+    assert REASON[fault] in str(ei.value.body) or REASON[fault] in ei.value.message or "relayd" in ei.value.message
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_openai_sdk_raises_on_responses_failure(relay, fake, fault):
+    sc, _, _, route = scenario_for("responses", fault, "random")
+    name = fake.add(f"sdk-resp-{fault}", sc)
+    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/responses', 1)[0]}"
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
+    with pytest.raises(openai.APIError) as ei:
+        with client.responses.stream(model="m", input="x") as stream:
+            for _ in stream:
+                pass
+    assert not isinstance(ei.value, openai.APIConnectionError)
+    assert "relayd" in ei.value.message
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_anthropic_sdk_raises(relay, fake, fault):
+    sc, _, _, route = scenario_for("anthropic", fault, "random")
+    name = fake.add(f"sdk-ant-{fault}", sc)
+    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/v1/messages', 1)[0]}"
+    client = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
+    with pytest.raises(anthropic.APIStatusError) as ei:
+        with client.messages.stream(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
+            for _ in s:
+                pass
+    assert ei.value.type in ("api_error", "timeout_error")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_google_genai_raises(relay, fake, fault):
+    genai = pytest.importorskip("google.genai")
+    from google.genai import errors, types
+    sc, _, _, route = scenario_for("gemini", fault, "random")
+    name = fake.add(f"sdk-gem-{fault}", sc)
+    base = f"http://127.0.0.1:{relay.port}{route.split('/v1beta', 1)[0]}/"
+    client = genai.Client(api_key="x", http_options=types.HttpOptions(base_url=base, headers={"x-fake": name}))
+    with pytest.raises(errors.APIError) as ei:
+        for _ in client.models.generate_content_stream(model="m", contents="x"):
+            pass
+    assert ei.value.code in (503, 504)
+
+
+@pytest.mark.parametrize("kind", sorted(PROVIDERS))
+async def test_natural_end_is_never_followed_by_injection(relay, fake, kind):
+    route, name = PROVIDERS[kind]
+    body = fixture(name)
+    # the connection resets right after the last byte: the stream had already ended naturally
+    sc = fake.add(f"nat-{kind}", Scenario(body=body, fault="reset", fault_at=len(body), chunking="lines"))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(aiohttp.client.URL(f"http://127.0.0.1:{relay.port}{route}", encoded=True),
+                          headers={"x-fake": sc}) as r:
+            assert await r.read() == body
+
+
+async def test_upstream_error_event_passes_through_without_second_error(relay, fake):
+    for route, name in [("/openai/v1/chat/completions", "openai-chat-midstream-error.sse"),
+                        ("/anthropic/v1/messages", "anthropic-midstream-error.sse"),
+                        ("/openai/v1/responses", "openai-responses-error-event.sse"),
+                        ("/openai/v1/responses", "openai-responses-failed.sse"),
+                        ("/gemini/v1beta/x", "gemini-midstream-error.sse")]:
+        body = fixture(name)
+        sc = fake.add(f"up-err-{name}", Scenario(body=body, chunking="random", seed=1))
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{relay.port}{route}", headers={"x-fake": sc}) as r:
+                assert await r.read() == body, name
+
+
+async def test_generic_route_treats_clean_end_as_natural(relay, fake):
+    body = fixture("openai-chat-usage.sse")
+    cut = block_ends(body)[5]
+    sc = fake.add("gen-eof", Scenario(body=body, fault="eof", fault_at=cut))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/local/v1/chat/completions", headers={"x-fake": sc}) as r:
+            assert await r.read() == body[:cut]
+
+
+async def test_non_sse_failure_closes_connection(relay, fake):
+    body = b'{"id":"x","choices":[' + b'{"text":"aaaaaaaaaa"},' * 1000 + b'{}]}'
+    sc = fake.add("json-reset", Scenario(body=body, content_type="application/json", fault="reset",
+                                         fault_at=5000, chunking="random", seed=2))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/openai/v1/chat/completions", headers={"x-fake": sc}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+
+
+async def test_access_log_end_reasons(relay, fake):
+    access = relay.access()
+    reasons = {a["end_reason"] for a in access}
+    assert {"done", "upstream_reset", "upstream_eof", "idle_timeout", "total_timeout"} <= reasons
+    injected = [a for a in access if a["injected_error"]]
+    assert injected and all(a["injected_error"] == a["end_reason"] for a in injected)

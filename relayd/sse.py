@@ -41,7 +41,7 @@ class BoundaryTracker:
         self._content = False     # CR path: the open block has a non-empty line
         self._fresh = True        # nothing seen yet: a BOM may still come
         self.aligned = True
-        self.blocks = 0           # blank lines that ended a non-empty block
+        self.blocks = 0           # blocks ended (exact for regular streams; extra blank lines may count)
         self.max_event = max_event
 
     @property
@@ -51,8 +51,12 @@ class BoundaryTracker:
 
     @property
     def at_boundary(self) -> bool:
-        """True when nothing is held, so bytes written now start a new block."""
-        return not self._held
+        """True when bytes written now start a new block and split nothing.
+
+        After a released CR the next upstream byte may be the LF of that CRLF, so a
+        heartbeat waits for it; an error injection need not (the block is complete).
+        """
+        return not self._held and not self._cr
 
     def feed(self, data: bytes) -> bytes:
         if not self.aligned:

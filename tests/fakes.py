@@ -67,6 +67,9 @@ def split(body: bytes, mode: str, seed: int = 0, max_size: int = 7) -> list[byte
             prev = c
         out.append(body[prev:])
         return [p for p in out if p]
+    if mode.startswith("cut:"):  # two reads, split at the given offset
+        n = int(mode[4:])
+        return [body[:n], body[n:]]
     if mode == "bytes":
         return [body[i:i + 1] for i in range(len(body))]
     raise ValueError(mode)
@@ -87,6 +90,7 @@ class Scenario:
     fault_at: int | None = None    # byte offset where the fault happens
     content_length: bool = False   # send Content-Length instead of chunked
     gzip_body: bytes | None = None # raw bytes sent as-is with Content-Encoding: gzip
+    repeat: int = 1                # send `body` this many times (large streams without the memory)
 
 
 class FakeProvider:
@@ -99,6 +103,7 @@ class FakeProvider:
         self.disconnects: list[float] = []
         self.completed: list[float] = []
         self.connections_made = 0
+        self.sent: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -164,19 +169,20 @@ class FakeProvider:
                   "sha256": hashlib.sha256(body).hexdigest(), "peer": peer,
                   "chunked": "chunked" in request.headers.get("Transfer-Encoding", "")}
         self.requests.append(record)
-        if request.raw_path.split("?")[0].endswith("/echo"):
+        named = request.headers.get("x-fake", "") in self.scenarios
+        if not named and request.raw_path.split("?")[0].endswith("/echo"):
             out = {"method": request.method, "raw_path": request.raw_path,
                    "headers": [[k, v] for k, v in request.headers.items()],
                    "length": len(body), "sha256": record["sha256"], "chunked": record["chunked"]}
             return web.json_response(out, headers={"x-echo": "1"})
         sc = self.scenarios.get(request.headers.get("x-fake", ""), self.default)
         try:
-            return await self._play(request, sc)
+            return await self._play(request, sc, request.headers.get("x-fake", ""))
         except (asyncio.CancelledError, ConnectionError):
             self.disconnects.append(time.monotonic())
             raise
 
-    async def _play(self, request: web.BaseRequest, sc: Scenario) -> web.StreamResponse:
+    async def _play(self, request: web.BaseRequest, sc: Scenario, name: str) -> web.StreamResponse:
         if sc.header_delay:
             await asyncio.sleep(sc.header_delay)
         headers = {"Content-Type": sc.content_type, **sc.headers}
@@ -189,6 +195,13 @@ class FakeProvider:
         await resp.prepare(request)
         if sc.first_delay:
             await asyncio.sleep(sc.first_delay)
+        if sc.repeat > 1:
+            self.sent[name] = 0
+            for _ in range(sc.repeat):
+                await resp.write(body)
+                self.sent[name] += len(body)
+            await resp.write_eof()
+            return resp
         limit = sc.fault_at if sc.fault is not None and sc.fault_at is not None else len(body)
         sent = 0
         for i, part in enumerate(split(body, sc.chunking, sc.seed)):

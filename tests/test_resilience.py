@@ -1,0 +1,206 @@
+"""Heartbeats, failover, circuit breaker, client disconnect, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+
+import aiohttp
+import pytest
+
+from conftest import Relayd
+from fakes import Scenario, fixture, free_port, sse_events
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory, fake):
+    port, dead = free_port(), free_port()
+    f = fake.url
+    text = f"""
+listen: 127.0.0.1:{port}
+shutdown_grace: 2
+defaults:
+  timeouts: {{connect: 1, first_byte: 5, idle: 10, total: 60}}
+  heartbeat: 0
+upstreams:
+  good:   {{url: "{f}", provider: openai}}
+  dead:   {{url: "http://127.0.0.1:{dead}", provider: openai, breaker: {{failures: 2, cooldown: 1s}}}}
+  r429:   {{url: "{f}", provider: openai, headers: {{x-fake: s429}}}}
+  r529:   {{url: "{f}", provider: anthropic, headers: {{x-fake: s529}}}}
+  r503:   {{url: "{f}", provider: openai, headers: {{x-fake: s503}}}}
+  good_a: {{url: "{f}", provider: anthropic}}
+routes:
+  - {{path: /hb, upstream: good, heartbeat: 300ms}}
+  - {{path: /dead-good, upstream: [dead, good]}}
+  - {{path: /breaker, upstream: [dead, good]}}
+  - {{path: /429-good, upstream: [r429, good]}}
+  - {{path: /529-good, upstream: [r529, good_a]}}
+  - {{path: /429-503, upstream: [r429, r503]}}
+  - {{path: /429-dead, upstream: [r429, dead]}}
+  - {{path: /plain, upstream: good}}
+"""
+    fake.add("s429", Scenario(body=fixture("errors/openai-429-rate-limit.json"), status=429,
+                              content_type="application/json"))
+    fake.add("s529", Scenario(body=b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+                              status=529, content_type="application/json"))
+    fake.add("s503", Scenario(body=b'{"error":{"message":"busy","type":"server_error","param":null,"code":null}}',
+                              status=503, content_type="application/json"))
+    r = Relayd(tmp_path_factory.mktemp("resil"), text)
+    r.port = port  # type: ignore[attr-defined]
+    r.start()
+    yield r
+    r.stop()
+
+
+def url(relay, path: str) -> str:
+    return f"http://127.0.0.1:{relay.port}{path}"
+
+
+def strip_comments(body: bytes) -> bytes:
+    return body.replace(b": keep-alive\n\n", b"")
+
+
+async def test_heartbeats_during_silence_and_data_unchanged(relay, fake):
+    body = fixture("openai-chat-tools.sse")
+    sc = fake.add("hb-gap", Scenario(body=body, chunking="lines", delay=0.0, first_delay=1.0))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/hb/v1/chat/completions"), headers={"x-fake": sc}) as r:
+            got = await r.read()
+    assert got.count(b": keep-alive\n\n") >= 2
+    assert got.startswith(b": keep-alive\n\n")
+    assert strip_comments(got) == body
+    assert sse_events(got) == sse_events(body)
+
+
+async def test_no_heartbeat_inside_a_held_partial_event(relay, fake):
+    body = b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'
+    cut = body.index(b'{"b"') + 3  # half an event, 1.2 s of silence, then the rest
+    sc = fake.add("hb-partial", Scenario(body=body, chunking=f"cut:{cut}", delay=1.2))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/hb/x"), headers={"x-fake": sc}) as r:
+            got = await r.read()
+    assert strip_comments(got) == body
+    # the torn event was held back, so no comment could land inside it
+    assert b'data: {"b":2}\n\n' in got
+    # while the torn event was held nothing was written: no heartbeat after event a
+    assert got.startswith(b'data: {"a":1}\n\ndata: {"b":2}\n\n')
+
+
+async def test_failover_dead_then_good(relay, fake):
+    fake.reset_stats()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/dead-good/v1/echo"), data=b"payload-1") as r:
+            assert r.status == 200
+            res = await r.json()
+    assert res["sha256"] == hashlib.sha256(b"payload-1").hexdigest()
+    a = relay.wait_access(1)[-1]
+    assert a["attempts"] == 2 and a["upstream"] == "good"
+    warn = [l for l in relay.logs() if l.get("event") == "upstream attempt failed" and l.get("request_id") == a["request_id"]]
+    assert warn and warn[0]["reason"] == "connect_error"
+
+
+@pytest.mark.parametrize("path", ["/429-good/v1/echo", "/529-good/v1/echo"])
+async def test_failover_on_retryable_status_replays_body(relay, fake, path):
+    blob = os.urandom(2 * 1024 * 1024)
+    fake.reset_stats()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, path), data=blob) as r:
+            assert r.status == 200
+            res = await r.json()
+    assert res["sha256"] == hashlib.sha256(blob).hexdigest()
+    # both upstreams received the whole body
+    assert [rq["sha256"] for rq in fake.requests] == [hashlib.sha256(blob).hexdigest()] * 2
+
+
+async def test_all_failed_relays_last_upstream_error(relay, fake):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/429-503/v1/x"), data=b"x") as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["message"] == "busy"
+        async with s.post(url(relay, "/429-dead/v1/x"), data=b"x") as r:
+            # the only answer came from the first upstream: relay it as is
+            assert r.status == 429
+            assert await r.read() == fixture("errors/openai-429-rate-limit.json")
+
+
+async def test_no_retry_for_bodies_over_8mib(relay, fake):
+    blob = os.urandom(9 * 1024 * 1024)
+    fake.reset_stats()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/429-good/v1/echo"), data=blob) as r:
+            assert r.status == 429
+    assert len(fake.requests) == 1 and fake.requests[0]["sha256"] == hashlib.sha256(blob).hexdigest()
+
+
+async def test_circuit_breaker_skips_then_retries_after_cooldown(relay, fake):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(url(relay, "/breaker/v1/echo")) as r:
+                assert r.status == 200
+        await asyncio.sleep(0.1)
+        attempts = [a["attempts"] for a in relay.access() if a["path"] == "/breaker/v1/echo"]
+        assert attempts[-1] == 1, attempts  # breaker open: dead upstream skipped
+        await asyncio.sleep(1.2)
+        async with s.get(url(relay, "/breaker/v1/echo")) as r:
+            assert r.status == 200
+    await asyncio.sleep(0.1)
+    attempts = [a["attempts"] for a in relay.access() if a["path"] == "/breaker/v1/echo"]
+    assert attempts[-1] == 2, attempts  # cooldown over: tried again (and failed over)
+
+
+@pytest.mark.parametrize("phase", ["before_headers", "mid_stream", "non_streaming"])
+async def test_client_disconnect_closes_upstream_within_1s(relay, fake, phase):
+    body = fixture("openai-chat-basic.sse")
+    if phase == "before_headers":
+        sc = Scenario(body=body, header_delay=30)
+    elif phase == "mid_stream":
+        sc = Scenario(body=body, fault="stall", fault_at=5000, chunking="lines")
+    else:
+        sc = Scenario(body=b'{"choices":[]}' * 10, content_type="application/json", fault="stall", fault_at=20)
+    name = fake.add(f"disc-{phase}", sc)
+    fake.disconnects.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(f"POST /plain/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: {name}\r\n"
+                 f"Content-Length: 2\r\n\r\n{{}}".encode())
+    await writer.drain()
+    if phase != "before_headers":
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(100)
+    else:
+        await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    writer.transport.abort()
+    for _ in range(100):
+        if fake.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.disconnects, "upstream never saw the client go"
+    assert fake.disconnects[0] - t0 < 1.0
+    await asyncio.sleep(0.1)
+    assert relay.access()[-1]["end_reason"] == "client_gone"
+
+
+async def test_slow_reader_backpressure_keeps_memory_flat(relay, fake):
+    chunk = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+    name = fake.add("flood", Scenario(body=chunk, repeat=3200))  # ~200 MB
+    rss = lambda: int(next(l for l in open(f"/proc/{relay.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
+    before = rss()
+    received = 0
+    async with aiohttp.ClientSession(read_bufsize=65536) as s:
+        async with s.post(url(relay, "/plain/x"), headers={"x-fake": name}) as r:
+            t0 = time.monotonic()
+            peak = before
+            while time.monotonic() - t0 < 3:
+                data = await r.content.read(64 * 1024)
+                received += len(data)
+                peak = max(peak, rss())
+                await asyncio.sleep(0.06)  # about 1 MB/s
+            sent = fake.sent[name]
+    growth_mb = (peak - before) / 1024
+    assert received < 8 * 1024 * 1024
+    # relayd stopped reading upstream: what the fake managed to send is bounded by socket buffers
+    assert sent - received < 48 * 1024 * 1024, (sent, received)
+    assert growth_mb < 32, f"relayd RSS grew {growth_mb:.1f} MB"

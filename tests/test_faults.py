@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -226,3 +227,46 @@ async def test_access_log_end_reasons(relay, fake):
     assert {"done", "upstream_reset", "upstream_eof", "idle_timeout", "total_timeout"} <= reasons
     injected = [a for a in access if a["injected_error"]]
     assert injected and all(a["injected_error"] == a["end_reason"] for a in injected)
+
+
+async def test_chaos_streams_are_exact_or_prefix_plus_one_error(relay, fake):
+    """A few hundred concurrent streams with random faults, chunkings and providers."""
+    import random
+    rnd = random.Random(20261129)
+    kinds = sorted(PROVIDERS)
+    cases = []
+    for i in range(300):
+        kind = rnd.choice(kinds)
+        route, name = PROVIDERS[kind]
+        body = fixture(name)
+        fault = rnd.choice([None, None, "reset", "eof", "stall"])
+        at = rnd.randrange(0, len(body)) if fault else None
+        sc = Scenario(body=body, chunking=rnd.choice(["whole", "lines", "random", "utf8"]), seed=i,
+                      fault=fault, fault_at=at)
+        cases.append((kind, route, body, fault, at, fake.add(f"chaos-{i}", sc)))
+    sem = asyncio.Semaphore(30)
+    tally = {"exact": 0, "error": 0}
+
+    async def one(s, kind, route, body, fault, at, name):
+        async with sem:
+            async with s.post(aiohttp.client.URL(f"http://127.0.0.1:{relay.port}{route}", encoded=True),
+                              headers={"x-fake": name}) as r:
+                got = await r.read()
+        if got == body:
+            tally["exact"] += 1
+            return
+        prefix, last = split_prefix_and_last_block(got)
+        assert body.startswith(prefix) and len(prefix) in [0] + block_ends(body), (kind, fault, at)
+        assert at is not None and len(prefix) <= at
+        events = sse_events(last)
+        assert len(events) == 1
+        assert "relayd" in last.decode()
+        tally["error"] += 1
+
+    async with aiohttp.ClientSession() as s:
+        await asyncio.gather(*(one(s, *c) for c in cases))
+    n_clean = sum(1 for c in cases if c[3] is None)
+    assert tally["exact"] + tally["error"] == 300
+    assert tally["exact"] >= n_clean            # every fault-free stream was byte-exact
+    assert tally["error"] >= (300 - n_clean) // 2  # most faults hit before the end marker
+    print(f"chaos: 300 streams, {n_clean} without fault, {tally}")

@@ -142,10 +142,10 @@ class Daemon:
         if app.active:
             n = app.stop_streams("shutdown")
             self.log.info("grace over: ending remaining requests", requests=n)
-            end = time.monotonic() + 2
+            end = time.monotonic() + 1
             while app.active and time.monotonic() < end:
                 await asyncio.sleep(0.02)
-        await self.server.shutdown(timeout=1)
+        await self.server.shutdown(timeout=0.5)
         if self.admin is not None:
             await self.admin.cleanup()
         await app.registry.close()

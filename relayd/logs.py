@@ -19,9 +19,10 @@ _secrets: tuple[str, ...] = ()
 
 
 def set_secrets(values: Iterable[str | None]) -> None:
-    """Values that must never be printed (the API keys of the current config)."""
+    """Add values that must never be printed (API keys); keys of earlier configs stay listed."""
     global _secrets
-    _secrets = tuple(sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True))
+    merged = set(_secrets) | {v for v in values if v and len(v) >= 4}
+    _secrets = tuple(sorted(merged, key=len, reverse=True))
 
 
 def _clean(value: Any) -> Any:

@@ -1,0 +1,397 @@
+"""Process-level behaviour on a real relayd subprocess: reload, drain, sd_notify, logs, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import basic_config, wait_port
+from fakes import Scenario, fixture, free_port, sse_events
+
+KEYS = ["sk-test-openai-KEY1", "sk-ant-test-KEY2", "gem-test-KEY3", "az-test-KEY4"]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def get_metrics(admin: int) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+            return await r.text()
+
+
+async def read_stream(port: int, path: str, scenario: str) -> tuple[bytes, list[float]]:
+    """The body and the arrival time of each read."""
+    times = []
+    buf = bytearray()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        async with s.post(f"http://127.0.0.1:{port}{path}", headers={"x-fake": scenario}) as r:
+            async for chunk in r.content.iter_any():
+                times.append(time.monotonic())
+                buf += chunk
+    return bytes(buf), times
+
+
+def wait_for(pred, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ------------------------------------------------------------------------------ reload
+
+
+async def test_reload_storm_keeps_every_stream_byte_exact(fake, make_relayd, tmp_path):
+    port, admin = free_port(), free_port()
+    config_a = basic_config(fake.url, port, admin)
+    config_b = config_a + "  - {path: /extra, upstream: generic}\n"
+    r = make_relayd(config_a)
+    events = [f'data: {{"i":{i},"pad":"{"x" * 40}"}}\n\n'.encode() for i in range(30)]
+    body = b"".join(events) + b"data: [DONE]\n\n"
+    sc = fake.add("storm", Scenario(body=body, chunking="lines", delay=0.05))  # ~3 s per stream
+
+    async def storm():
+        await asyncio.sleep(0.3)
+        for i in range(30):  # SIGHUP every 100 ms for 3 s, alternating configs
+            r.config.write_text(config_b if i % 2 == 0 else config_a)
+            r.signal(signal.SIGHUP)
+            await asyncio.sleep(0.1)
+        r.config.write_text(config_b)
+        r.signal(signal.SIGHUP)
+
+    results = await asyncio.gather(storm(), *(read_stream(port, "/openai/v1/chat/completions", sc)
+                                            for _ in range(200)))
+    streams = results[1:]
+    assert all(got == body for got, _ in streams)
+    # the longest pause any stream saw beyond the upstream's own 50 ms pacing
+    worst = max(max(b - a for a, b in zip(t, t[1:])) for _, t in streams if len(t) > 1)
+    print(f"reload storm: 200 streams, 31 reloads, longest inter-chunk gap {worst * 1000:.0f} ms")
+    assert wait_for(lambda: sum(1 for l in r.logs() if l.get("event") == "reload ok") >= 25)
+    # the newest file (config_b) is applied: its new route is live
+    async with aiohttp.ClientSession() as s:
+        for _ in range(50):
+            async with s.get(f"http://127.0.0.1:{port}/extra/echo") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert resp.status == 200
+    m = await get_metrics(admin)
+    assert metric(m, "relayd_reloads_total", result="ok") >= 25
+    assert metric(m, "relayd_config_generation") >= 26
+
+
+async def test_invalid_reload_keeps_old_config(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    good = basic_config(fake.url, port, admin)
+    r = make_relayd(good)
+    r.config.write_text(good.replace("provider: anthropic", "provider: anthropik")
+                        .replace('"sk-test-openai-KEY1"', '"${RELAYD_SURELY_UNSET_VAR}"'))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("event") == "reload failed" for l in r.logs()))
+    failed = next(l for l in r.logs() if l.get("event") == "reload failed")
+    assert failed["level"] == "error"
+    assert any(re.search(r"relayd\.yaml:\d+: upstreams\.anthropic\.provider: unknown provider", e) for e in failed["errors"])
+    assert any("RELAYD_SURELY_UNSET_VAR is not set" in e for e in failed["errors"])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/anthropic/echo") as resp:
+            assert resp.status == 200
+            assert dict((await resp.json())["headers"])["x-api-key"] == "sk-ant-test-KEY2"
+    m = await get_metrics(admin)
+    assert metric(m, "relayd_reloads_total", result="failed") == 1
+    assert metric(m, "relayd_config_generation") == 1
+    assert r.proc.poll() is None
+
+
+async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, make_relayd):
+    port = free_port()
+    cfg = basic_config(fake.url, port)
+    r = make_relayd(cfg)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
+            await resp.read()
+        fake.reset_stats()
+        # a long stream on the openai upstream, whose pool the reload will change
+        body = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
+        sc = fake.add("retire", Scenario(body=body, chunking="lines", delay=0.05))
+        long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
+        await asyncio.sleep(0.3)
+        r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
+                                        'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
+                            .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1"))
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+        made = fake.connections_made
+        for _ in range(5):
+            async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
+                await resp.read()
+        assert fake.connections_made == made  # the unchanged upstream kept its warm connection
+        got, _ = await long
+        assert got == body  # the retired pool was not closed under the live stream
+
+
+async def test_burst_of_sighups_applies_newest_file(fake, make_relayd):
+    port = free_port()
+    base = basic_config(fake.url, port)
+    r = make_relayd(base)
+    for i in range(10):
+        r.config.write_text(base + f"  - {{path: /v{i}, upstream: generic}}\n")
+        r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+    await asyncio.sleep(0.5)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/v9/echo") as resp:
+            assert resp.status == 200
+
+
+async def test_listen_change_needs_restart(fake, make_relayd):
+    port = free_port()
+    cfg = basic_config(fake.url, port)
+    r = make_relayd(cfg)
+    r.config.write_text(cfg.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any("need a restart" in l.get("event", "") for l in r.logs()))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
+            assert resp.status == 200
+
+
+# ------------------------------------------------------------------------------ drain
+
+
+async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin).replace("shutdown_grace: 5", "shutdown_grace: 1"))
+    short_body = b"".join(f"data: {i}\n\n".encode() for i in range(5)) + b"data: [DONE]\n\n"
+    long_body = b"".join(f"data: {i}\n\n".encode() for i in range(100)) + b"data: [DONE]\n\n"
+    short = fake.add("drain-short", Scenario(body=short_body, chunking="lines", delay=0.05))
+    long = fake.add("drain-long", Scenario(body=long_body, chunking="lines", delay=0.05))
+    anth = fake.add("drain-anth", Scenario(body=fixture("anthropic-messages.sse"), chunking="cut:400", delay=10))
+    t_short = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", short))
+    t_long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", long))
+    t_anth = asyncio.create_task(read_stream(port, "/anthropic/v1/messages", anth))
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    r.signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    # new connections are refused and /readyz says draining (admin stays up during drain)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+            assert resp.status == 503
+    got_short, _ = await t_short
+    got_long, _ = await t_long
+    got_anth, _ = await t_anth
+    code = await asyncio.get_running_loop().run_in_executor(None, r.proc.wait, 10)
+    elapsed = time.monotonic() - t0
+    assert code == 0
+    assert elapsed < 1 + 2, elapsed
+    assert got_short == short_body
+    ev = sse_events(got_long)
+    assert long_body.startswith(got_long[: got_long.rindex(b"data: {")])
+    assert json.loads(ev[-1][1])["error"]["code"] == "shutdown"
+    assert ("message", "[DONE]") not in ev
+    a = sse_events(got_anth)[-1]
+    assert a[0] == "error" and json.loads(a[1])["error"]["type"] == "overloaded_error"
+    lines = r.logs()
+    assert any(l.get("event") == "drain" for l in lines) and lines[-1]["event"] == "exit"
+    assert {"shutdown"} <= {l["end_reason"] for l in lines if l.get("event") == "access"}
+
+
+async def test_second_signal_exits_at_once(fake, make_relayd):
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 30"))
+    sc = fake.add("forever", Scenario(body=b"data: 1\n\n" * 3, fault="stall", fault_at=9))
+    task = asyncio.create_task(read_stream(port, "/local/x", sc))
+    await asyncio.sleep(0.3)
+    r.signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert r.proc.poll() is None  # still draining: the stream is inside its grace
+    t0 = time.monotonic()
+    r.signal(signal.SIGINT)
+    await asyncio.get_running_loop().run_in_executor(None, r.proc.wait, 5)
+    assert time.monotonic() - t0 < 1.5
+    task.cancel()
+
+
+# ------------------------------------------------------------------------------ systemd
+
+
+def test_sd_notify_sequence(fake, make_relayd, tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(5)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port), env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"},
+                    start=False)
+    r.start()
+    msgs = []
+
+    def recv_until(pred, timeout=5):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                m = sock.recv(4096).decode()
+            except socket.timeout:
+                break
+            msgs.append(m)
+            if pred(m):
+                return m
+        raise AssertionError(f"not seen; got {msgs}")
+
+    ready = recv_until(lambda m: "READY=1" in m)
+    assert "STATUS=config generation 1" in ready
+    recv_until(lambda m: "WATCHDOG=1" in m, timeout=2)
+    r.signal(signal.SIGHUP)
+    reloading = recv_until(lambda m: "RELOADING=1" in m)
+    assert re.search(r"MONOTONIC_USEC=\d+", reloading)
+    ready2 = recv_until(lambda m: "READY=1" in m)
+    assert "generation 2" in ready2
+    r.signal(signal.SIGTERM)
+    recv_until(lambda m: "STOPPING=1" in m)
+    assert r.proc.wait(10) == 0
+    sock.close()
+
+
+def test_sd_notify_abstract_socket(fake, make_relayd):
+    name = f"relayd-test-{os.getpid()}-{time.monotonic_ns()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    make_relayd(basic_config(fake.url, free_port()), env={"NOTIFY_SOCKET": "@" + name})
+    assert "READY=1" in sock.recv(4096).decode()
+    sock.close()
+
+
+# ------------------------------------------------------------------------------ logs, metrics, usage
+
+
+USAGE_CASES = [
+    ("/openai/v1/chat/completions", "openai-chat-usage.sse", "/openai"),
+    ("/openai/v1/responses", "openai-responses.sse", "/openai"),
+    ("/anthropic/v1/messages", "anthropic-messages.sse", "/anthropic"),
+    ("/gemini/v1beta/models/m:streamGenerateContent?alt=sse", "gemini-stream.sse", "/gemini"),
+]
+
+
+def expected_usage(name: str) -> tuple[int, int]:
+    body = fixture(name).decode()
+    objs = [json.loads(d) for _, d in sse_events(fixture(name)) if d.startswith("{")]
+    if name.startswith("openai-chat"):
+        u = [o["usage"] for o in objs if o.get("usage")][-1]
+        return u["prompt_tokens"], u["completion_tokens"]
+    if name.startswith("openai-responses"):
+        u = [o["response"]["usage"] for o in objs if o.get("type") == "response.completed"][0]
+        return u["input_tokens"], u["output_tokens"]
+    if name.startswith("anthropic"):
+        start = [o for o in objs if o["type"] == "message_start"][0]["message"]["usage"]
+        delta = [o for o in objs if o["type"] == "message_delta"][-1]["usage"]
+        return start["input_tokens"], delta["output_tokens"]
+    u = objs[-1]["usageMetadata"]
+    return u["promptTokenCount"], u["candidatesTokenCount"] + u.get("thoughtsTokenCount", 0)
+
+
+async def test_access_log_usage_metrics_and_redaction(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin))
+    async with aiohttp.ClientSession() as s:
+        for path, name, _ in USAGE_CASES:
+            sc = fake.add(f"usage-{name}", Scenario(body=fixture(name), chunking="random", seed=9))
+            async with s.post(aiohttp.client.URL(f"http://127.0.0.1:{port}{path}", encoded=True),
+                              headers={"x-fake": sc, "Authorization": "Bearer client-secret-XYZ"}) as resp:
+                assert await resp.read() == fixture(name)
+        # a non-streaming JSON response with usage
+        js = b'{"id":"c","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}'
+        sc = fake.add("usage-json", Scenario(body=js, content_type="application/json"))
+        async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions", headers={"x-fake": sc}) as resp:
+            await resp.read()
+        # a truncated stream: partial usage
+        body = fixture("anthropic-messages.sse")
+        sc = fake.add("usage-partial", Scenario(body=body, fault="reset", fault_at=body.index(b"event: content_block_stop")))
+        async with s.post(f"http://127.0.0.1:{port}/anthropic/v1/messages", headers={"x-fake": sc}) as resp:
+            await resp.read()
+        async with s.get(f"http://127.0.0.1:{port}/nowhere") as resp:
+            await resp.read()
+    access = r.wait_access(7)
+    assert len(access) == 7
+    for a, (path, name, route) in zip(access, USAGE_CASES):
+        inp, out = expected_usage(name)
+        assert a["usage"] == {"input_tokens": inp, "output_tokens": out, "partial": False}, (name, a)
+        assert a["route"] == route and a["status"] == 200 and a["end_reason"] == "done"
+        assert a["events"] >= 3 and a["bytes_out"] == len(fixture(name))
+    assert access[4]["usage"] == {"input_tokens": 11, "output_tokens": 3, "partial": False}
+    assert access[5]["usage"]["partial"] is True and access[5]["injected_error"] == "upstream_reset"
+    fields = {"ts", "request_id", "method", "path", "route", "upstream", "attempts", "status", "end_reason",
+              "ttfb_ms", "duration_ms", "bytes_in", "bytes_out", "events", "heartbeats", "injected_error",
+              "client", "usage"}
+    assert fields <= set(access[0])
+    assert access[6]["status"] == 404
+
+    m = await get_metrics(admin)
+    assert metric(m, "relayd_requests_total", route="/openai", status="200") == 3
+    assert metric(m, "relayd_stream_end_total", route="/anthropic", reason="upstream_reset") == 1
+    assert metric(m, "relayd_injected_errors_total", route="/anthropic", reason="upstream_reset") == 1
+    assert metric(m, "relayd_tokens_total", route="/anthropic", kind="input") > 0
+    total_in = sum(expected_usage(n)[0] for p, n, rt in USAGE_CASES if rt == "/openai") + 11
+    assert metric(m, "relayd_tokens_total", route="/openai", kind="input") == total_in
+    assert metric(m, "relayd_ttfb_seconds_count", route="/gemini") == 1
+    assert metric(m, "relayd_bytes_total", route="/gemini", direction="out") == len(fixture("gemini-stream.sse"))
+    assert metric(m, "relayd_upstream_attempts_total", upstream="openai", outcome="ok") == 3
+    assert metric(m, "relayd_active_streams", route="/openai") == 0
+    assert "relayd_breaker_open" in m and "relayd_heartbeats_total" in m and "relayd_stream_duration_seconds" in m
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}/healthz") as resp:
+            assert resp.status == 200
+        async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+            assert resp.status == 200
+
+    r.stop()
+    everything = Path(r.log_path).read_text() + r.stderr() + m
+    for key in KEYS + ["client-secret-XYZ"]:
+        assert key not in everything
+
+
+async def test_active_streams_gauge_moves(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, admin))
+    sc = fake.add("gauge", Scenario(body=b"data: 1\n\n" * 20 + b"data: [DONE]\n\n", chunking="lines", delay=0.1))
+    task = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
+    await asyncio.sleep(0.5)
+    assert metric(await get_metrics(admin), "relayd_active_streams", route="/openai") == 1
+    await task
+    await asyncio.sleep(0.1)
+    assert metric(await get_metrics(admin), "relayd_active_streams", route="/openai") == 0
+
+
+async def test_access_log_off_and_log_level(fake, make_relayd):
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top="access_log: false\nlog_level: warning"), start=False)
+    r.start(wait=False)
+    wait_port(port)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
+            await resp.read()
+    await asyncio.sleep(0.2)
+    assert r.access() == []
+    assert not any(l.get("level") == "info" for l in r.logs())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
 from typing import Any, AsyncIterator
 
@@ -125,15 +124,6 @@ def response_headers(resp: aiohttp.ClientResponse, request_id: str, sse: bool) -
     if "x-request-id" not in out:
         out["X-Request-Id"] = request_id
     return out
-
-
-def _set_nodelay(transport: asyncio.BaseTransport | None) -> None:
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 async def _body_for(request: web.BaseRequest, ex: Exchange, replay: bool) -> tuple[Any, bool]:
@@ -315,7 +305,6 @@ async def _pump(request: web.BaseRequest, resp: aiohttp.ClientResponse, target: 
     kind = providers.stream_kind(up.provider, URL(match.rest or "/", encoded=True).path)
     out = web.StreamResponse(status=resp.status, reason=resp.reason,
                              headers=response_headers(resp, ex.request_id, sse))
-    _set_nodelay(request.transport)
     ok = False
     try:
         await out.prepare(request)

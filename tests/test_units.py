@@ -1,0 +1,111 @@
+"""Small in-process checks of pieces whose effect is hard to see from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from fakes import free_port
+from relayd import config as cfg
+from relayd import providers
+from relayd.app import App, request_id
+from relayd.routes import upstream_url
+from relayd.upstreams import Pool
+from relayd.usage import UsageMeter
+
+
+@pytest.mark.parametrize("base,rest,query,want", [
+    ("", "/v1/chat", "", "/v1/chat"),
+    ("/", "/v1/chat", "", "/v1/chat"),
+    ("/openai/v1", "/chat", "a=1", "/openai/v1/chat?a=1"),
+    ("/openai/v1/", "/chat", "", "/openai/v1/chat"),
+    ("/base", "", "", "/base"),
+    ("", "", "x=%2F", "/?x=%2F"),
+])
+def test_upstream_url_join(base, rest, query, want):
+    assert upstream_url(base, rest, query) == want
+
+
+async def test_no_hidden_client_timeouts():
+    up = cfg.parse('upstreams: {a: {url: "http://127.0.0.1:1", provider: openai, keepalive: 7, max_connections: 3}}\n'
+                   'routes: [{path: /a, upstream: a}]', "t.yaml", {}).upstreams["a"]
+    pool = Pool(up)
+    try:
+        t = pool.session.timeout
+        assert t.total is None and t.sock_read is None and t.connect is None
+        assert pool.connector.limit == 3
+        assert pool.session.auto_decompress is False
+    finally:
+        await pool.close()
+
+
+def test_request_id_rules():
+    assert request_id("abc-1.2:3_4") == "abc-1.2:3_4"
+    for bad in (None, "", "a b", "x" * 129, "ü", "a\r\nb"):
+        rid = request_id(bad)
+        assert rid != bad and len(rid) == 32
+
+
+def test_error_bodies_per_provider():
+    import json
+    o = json.loads(providers.error_body("openai", 502, "m", "connect_error"))
+    assert o == {"error": {"message": "m", "type": "server_error", "param": None, "code": "connect_error"}}
+    a = json.loads(providers.error_body("anthropic", 504, "m", "x"))
+    assert a == {"type": "error", "error": {"type": "timeout_error", "message": "m"}}
+    g = json.loads(providers.error_body("gemini", 504, "m", "x"))
+    assert g == {"error": {"code": 504, "message": "m", "status": "DEADLINE_EXCEEDED"}}
+    az = json.loads(providers.error_body("azure", 502, "m", "c"))
+    assert set(az["error"]) == {"message", "type", "param", "code"}
+
+
+def test_usage_meter_ignores_null_usage_and_reads_last():
+    m = UsageMeter()
+    m.observe_events(b'data: {"usage":null}\n\n')
+    assert m.result(False) is None
+    m.observe_events(b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\n')
+    assert m.result(True).as_log() == {"input_tokens": 5, "output_tokens": 7, "partial": True}
+
+
+async def test_tcp_nodelay_on_both_sides():
+    """Both the client-facing and the upstream-facing sockets run without Nagle delays."""
+    seen: dict[str, int] = {}
+
+    async def upstream(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: 1\n\n")
+        await asyncio.sleep(0.2)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    up_server = web.Server(upstream)
+    loop = asyncio.get_running_loop()
+    up = await loop.create_server(up_server, "127.0.0.1", 0)
+    port = free_port()
+    c = cfg.parse(f'listen: 127.0.0.1:{port}\nupstreams: {{u: {{url: "http://127.0.0.1:{up.sockets[0].getsockname()[1]}", provider: generic}}}}\n'
+                  'routes: [{path: /u, upstream: u}]', "t.yaml", {})
+    app = App(c)
+    server = web.Server(app.handle, handler_cancellation=True)
+    srv = await loop.create_server(server, "127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/u/x") as r:
+                await r.content.readuntil(b"\n\n")
+                front = [p.transport.get_extra_info("socket") for p in server.connections]
+                seen["client_side"] = front[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                pool = app.registry.pools()[0]
+                await r.read()
+        conns = [proto for q in pool.connector._conns.values() for proto, _ in q]
+        seen["upstream_side"] = conns[0].transport.get_extra_info("socket").getsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        srv.close()
+        up.close()
+        await server.shutdown(0.1)
+        await up_server.shutdown(0.1)
+        await app.registry.close()
+    assert seen == {"client_side": 1, "upstream_side": 1}

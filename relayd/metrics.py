@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -46,36 +46,47 @@ class Metrics:
         self.tokens = Counter("relayd_tokens_total", "Tokens reported by providers",
                               ["route", "kind"], registry=r)
 
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """prometheus_client's labels() hashes and locks on every call; label sets repeat."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def attempt(self, upstream: str, outcome: str) -> None:
-        self.attempts.labels(upstream, outcome).inc()
+        self._child(self.attempts, upstream, outcome).inc()
 
     def stream_started(self, route: str) -> None:
-        self.active.labels(route).inc()
+        self._child(self.active, route).inc()
 
     def stream_ended(self, route: str) -> None:
-        self.active.labels(route).dec()
+        self._child(self.active, route).dec()
 
     def finished(self, ex: Exchange) -> None:
         route = ex.route or "none"
-        self.requests.labels(route, ex.upstream or "none", str(ex.status)).inc()
-        self.stream_end.labels(route, ex.end_reason).inc()
+        c = self._child
+        c(self.requests, route, ex.upstream or "none", str(ex.status)).inc()
+        c(self.stream_end, route, ex.end_reason).inc()
         if ex.ttfb is not None:
-            self.ttfb.labels(route).observe(ex.ttfb)
-        self.duration.labels(route).observe(ex.duration)
+            c(self.ttfb, route).observe(ex.ttfb)
+        c(self.duration, route).observe(ex.duration)
         if ex.injected:
-            self.injected.labels(route, ex.injected).inc()
+            c(self.injected, route, ex.injected).inc()
         if ex.heartbeats:
             self.heartbeats.inc(ex.heartbeats)
-        self.bytes.labels(route, "in").inc(ex.bytes_in)
-        self.bytes.labels(route, "out").inc(ex.bytes_out)
+        c(self.bytes, route, "in").inc(ex.bytes_in)
+        c(self.bytes, route, "out").inc(ex.bytes_out)
         usage = ex.usage
         if usage is not None:
             if usage.input:
-                self.tokens.labels(route, "input").inc(usage.input)
+                c(self.tokens, route, "input").inc(usage.input)
             if usage.output:
-                self.tokens.labels(route, "output").inc(usage.output)
+                c(self.tokens, route, "output").inc(usage.output)
 
     def render(self, pools: Iterable[Pool]) -> bytes:
         for p in pools:
-            self.breaker.labels(p.upstream.name).set(1 if p.breaker_open else 0)
+            self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
         return generate_latest(self.registry)

@@ -334,78 +334,147 @@ async def _pump(request: web.BaseRequest, resp: aiohttp.ClientResponse, target: 
             metrics.stream_ended(route.path)
 
 
+class _Clock:
+    """One timer per stream for idle, total and heartbeat deadlines.
+
+    Arming an ``asyncio.timeout`` around every read costs a Timeout object and a
+    heap-scheduled handle per event.  Instead the pump only records when data last
+    arrived; this timer wakes up at the earliest deadline, re-arms itself if data came
+    in the meantime, and only on real silence interrupts the pump's pending read by
+    cancelling its task (the pump tells that apart from a client disconnect by
+    ``reason``, and hands a real cancellation on).
+    """
+
+    __slots__ = ("loop", "task", "idle", "total_deadline", "beat", "tracker", "last", "last_beat",
+                 "reading", "reason", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, total_deadline: float,
+                 beat: float, tracker: BoundaryTracker | None) -> None:
+        self.loop = loop
+        self.task = asyncio.current_task()
+        self.idle, self.total_deadline, self.beat, self.tracker = idle, total_deadline, beat, tracker
+        self.last = self.last_beat = loop.time()
+        self.reading = False
+        self.reason: str | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _next(self) -> float:
+        nxt = min(self.last + self.idle, self.total_deadline)
+        if self.tracker is not None:
+            nxt = min(nxt, max(self.last, self.last_beat) + self.beat)
+        return nxt
+
+    def _arm(self) -> None:
+        when = self._next()
+        self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
+
+    def _fire(self) -> None:
+        now = self.loop.time()
+        if not self.reading:
+            # The pump is writing to a slow client. Deadlines only ever interrupt a read,
+            # so look again shortly; silence is counted from when relayd reads again.
+            self.handle = self.loop.call_at(now + 0.25, self._fire)
+            return
+        if now >= self.total_deadline:
+            self.reason = "total_timeout"
+        elif now >= self.last + self.idle:
+            self.reason = "idle_timeout"
+        elif self.tracker is not None and now >= max(self.last, self.last_beat) + self.beat:
+            if self.tracker.at_boundary:
+                self.reason = "heartbeat"
+            else:
+                self.last_beat = now  # never inside a held event; try again one period later
+        if self.reason is not None and self.task is not None:
+            self.task.cancel()
+            return
+        self._arm()
+
+    def woke(self) -> str | None:
+        """After a CancelledError: our reason, or None when the cancel came from outside."""
+        reason, self.reason = self.reason, None
+        if reason is None or self.task is None:
+            return None
+        if self.task.uncancel() > 0:  # a real cancellation arrived as well: honour it
+            return None
+        if reason == "heartbeat":
+            self.last_beat = self.loop.time()
+            self._arm()
+        return reason
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+
+
 async def _copy_body(resp: aiohttp.ClientResponse, out: web.StreamResponse, route: Any,
                      kind: StreamKind, ex: Exchange, aligned: bool, json_body: bool) -> str:
     """Pump the upstream body to the client; return the end reason."""
     loop = asyncio.get_running_loop()
     content = resp.content
     timeouts = route.timeouts
-    idle = timeouts.idle or math.inf
     start = loop.time()
-    total_deadline = start + timeouts.total if timeouts.total else math.inf
-    beat = route.heartbeat if aligned and route.heartbeat else math.inf
     tracker = BoundaryTracker() if aligned else None
+    clock = _Clock(loop, timeouts.idle or math.inf,
+                   start + timeouts.total if timeouts.total else math.inf,
+                   route.heartbeat if aligned and route.heartbeat else math.inf, tracker)
     ended = False
     marker = providers.end_marker(kind) if aligned else None
     meter = UsageMeter()
     last_block = b""
     crlf: bool | None = None  # the upstream's line ends, decided from its first complete block
-    last_data = last_beat = start
     reason = "done"
     write = out.write
-    while True:
-        now = loop.time()
-        wake = min(last_data + idle, total_deadline,
-                   last_beat + beat if tracker is not None and tracker.at_boundary else math.inf)
-        try:
-            if wake == math.inf:
+    try:
+        while True:
+            clock.reading = True
+            try:
                 chunk = await content.readany()
-            else:
-                async with asyncio.timeout_at(wake):
-                    chunk = await content.readany()
-        except TimeoutError:
-            now = loop.time()
-            if now >= total_deadline:
-                reason = "total_timeout"
+            except asyncio.CancelledError:
+                woke = clock.woke()
+                if woke is None:
+                    raise
+                if woke == "heartbeat":
+                    clock.reading = False
+                    await write(HEARTBEAT)
+                    ex.heartbeats += 1
+                    continue
+                reason = woke
                 break
-            if now >= last_data + idle:
-                reason = "idle_timeout"
+            except (aiohttp.ClientError, OSError):
+                reason = ex.stop_reason or "upstream_reset"
                 break
-            await write(HEARTBEAT)
-            ex.heartbeats += 1
-            last_beat = now
-            continue
-        except (aiohttp.ClientError, OSError):
-            reason = ex.stop_reason or "upstream_reset"
-            break
-        if not chunk:
-            if ex.stop_reason:
-                reason = ex.stop_reason
-            elif tracker is not None:
-                tail = tracker.tail
-                if ended or not kind.strict_end or (tail and providers.is_bare_error(tail)):
-                    if tail:
-                        await write(tail)
-                        ex.bytes_out += len(tail)
-                else:
-                    reason = "upstream_eof"
-            break
-        last_data = last_beat = loop.time()
-        if tracker is not None:
-            chunk = tracker.feed(chunk)
+            clock.reading = False
             if not chunk:
-                continue
-            if not ended and marker is not None and marker(chunk) is not None:
-                ended = True
-            meter.observe_events(chunk)
-            last_block = chunk
-            if crlf is None:
-                crlf = b"\r" in chunk
-        elif json_body:
-            meter.observe_body(chunk)
-        await write(chunk)
-        ex.bytes_out += len(chunk)
-
+                if ex.stop_reason:
+                    reason = ex.stop_reason
+                elif tracker is not None:
+                    tail = tracker.tail
+                    if ended or not kind.strict_end or (tail and providers.is_bare_error(tail)):
+                        if tail:
+                            await write(tail)
+                            ex.bytes_out += len(tail)
+                    else:
+                        reason = "upstream_eof"
+                break
+            if tracker is not None:
+                chunk = tracker.feed(chunk)
+                if not chunk:
+                    clock.last = loop.time()
+                    continue
+                if not ended and marker is not None and marker(chunk) is not None:
+                    ended = True
+                meter.observe_events(chunk)
+                last_block = chunk
+                if crlf is None:
+                    crlf = b"\r" in chunk
+            elif json_body:
+                meter.observe_body(chunk)
+            await write(chunk)
+            ex.bytes_out += len(chunk)
+            clock.last = loop.time()  # upstream silence counts from when relayd can read again
+    finally:
+        clock.stop()
     if tracker is not None:
         ex.events = tracker.blocks
     if reason != "done" and ended:

@@ -58,6 +58,8 @@ class UsageMeter:
             del tail[: len(tail) - _JSON_TAIL]
 
     def result(self, partial: bool) -> Usage | None:
+        if self._first is None and not self._tail:
+            return None
         found: list[dict[str, object]] = []
         for buf in (self._first, self._last, bytes(self._tail) if self._tail else None):
             if buf:

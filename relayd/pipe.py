@@ -462,7 +462,7 @@ async def _copy_body(resp: aiohttp.ClientResponse, out: web.StreamResponse, rout
                 if not chunk:
                     clock.last = loop.time()
                     continue
-                if not ended and marker is not None and marker(chunk) is not None:
+                if not ended and marker is not None and marker(chunk):
                     ended = True
                 meter.observe_events(chunk)
                 last_block = chunk

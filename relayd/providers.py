@@ -105,13 +105,28 @@ _ANTHROPIC_END = re.compile(rb'(?:^|[\r\n])event: ?(?:message_stop|error)[\r\n]'
 _GEMINI_END = re.compile(rb'"finishReason"|(?:^|[\r\n])data: ?\{"error"')
 
 
-def end_marker(kind: StreamKind) -> Callable[[bytes], object]:
-    """A search over released complete blocks that finds the provider's natural end."""
+def end_marker(kind: StreamKind) -> Callable[[bytes], bool]:
+    """A test over released complete blocks that finds the provider's natural end.
+
+    Runs once per released segment, so a substring pre-check (C speed, no regex state)
+    decides for nearly every event; the anchored regex only confirms candidates.
+    """
     if kind.provider == "anthropic":
-        return _ANTHROPIC_END.search
-    if kind.provider == "gemini":
-        return _GEMINI_END.search
-    return (_RESPONSES_END if kind.responses else _CHAT_END).search
+        rx, a, b = _ANTHROPIC_END, b"message_stop", b"error"
+    elif kind.provider == "gemini":
+        rx, a, b = _GEMINI_END, b"finishReason", b'{"error"'
+    elif kind.responses:
+        def responses(seg: bytes) -> bool:
+            return ((b"response.completed" in seg or b"response.incomplete" in seg
+                     or b"response.failed" in seg or b"error" in seg)
+                    and _RESPONSES_END.search(seg) is not None)
+        return responses
+    else:
+        rx, a, b = _CHAT_END, b"[DONE]", b"error"
+
+    def found(seg: bytes) -> bool:
+        return (a in seg or b in seg) and rx.search(seg) is not None
+    return found
 
 
 def is_bare_error(tail: bytes) -> bool:

@@ -44,7 +44,7 @@ class UsageMeter:
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
-        if _USAGE.search(segment) is not None:
+        if b'"usage' in segment and _USAGE.search(segment) is not None:
             if self._first is None:
                 self._first = segment
             else:

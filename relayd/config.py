@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping
 
@@ -89,6 +90,11 @@ class Upstream:
     tls: TLS = TLS()
     proxy: str | None = None
     breaker: Breaker = Breaker()
+
+    @cached_property
+    def origin(self) -> str:
+        """scheme://host[:port], computed once: every request joins its path onto it."""
+        return str(self.url.origin())
 
     @property
     def pool_key(self) -> tuple[Any, ...]:

@@ -50,8 +50,7 @@ class Exchange:
 
     __slots__ = ("request_id", "method", "path", "client", "route", "upstream", "attempts",
                  "status", "end_reason", "start", "ttfb", "bytes_in", "bytes_out", "events",
-                 "heartbeats", "injected", "usage", "streaming", "stop_reason", "_upstream_resp",
-                 "attempt_log")
+                 "heartbeats", "injected", "usage", "streaming", "stop_reason", "_upstream_resp")
 
     def __init__(self, request_id: str, method: str, path: str, client: str | None) -> None:
         self.request_id = request_id
@@ -61,7 +60,6 @@ class Exchange:
         self.route: str | None = None
         self.upstream: str | None = None
         self.attempts = 0
-        self.attempt_log: list[tuple[str, str]] = []  # (upstream, outcome)
         self.status = 0
         self.end_reason = "done"
         self.start = time.monotonic()
@@ -197,8 +195,7 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
         providers.set_auth(headers, up.provider, up.api_key)
         for k, v in up.headers:
             headers[k] = v
-        url = URL(str(up.url.origin()) + upstream_url(up.url.raw_path, match.rest, query),
-                  encoded=True)
+        url = URL(up.origin + upstream_url(up.url.raw_path, match.rest, query), encoded=True)
         last = i == len(candidates) - 1
         target.pool.acquire()
         try:
@@ -206,7 +203,6 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
         except _Failure as f:
             target.pool.release()
             target.pool.record(False)
-            ex.attempt_log.append((up.name, f.reason))
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=ex.request_id, upstream=up.name,
                         attempt=ex.attempts, reason=f.reason)
@@ -214,7 +210,6 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
             continue
         if resp.status in RETRY_STATUSES and not last and replayable:
             target.pool.record(False)
-            ex.attempt_log.append((up.name, f"status_{resp.status}"))
             metrics.attempt(up.name, f"status_{resp.status}")
             log.warning("upstream attempt failed", request_id=ex.request_id, upstream=up.name,
                         attempt=ex.attempts, reason=f"status {resp.status}")
@@ -229,7 +224,6 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
             last_failure = None
             continue
         target.pool.record(resp.status < 500 or resp.status in (501, 505))
-        ex.attempt_log.append((up.name, f"status_{resp.status}"))
         metrics.attempt(up.name, "ok" if resp.status < 400 else f"status_{resp.status}")
         break
 
@@ -302,7 +296,7 @@ async def _pump(request: web.BaseRequest, resp: aiohttp.ClientResponse, target: 
     encoding = resp.headers.get("Content-Encoding", "identity").lower()
     sse = ctype.startswith("text/event-stream")
     aligned = sse and encoding in ("", "identity")
-    kind = providers.stream_kind(up.provider, URL(match.rest or "/", encoded=True).path)
+    kind = providers.stream_kind(up.provider, match.rest or up.url.raw_path)
     out = web.StreamResponse(status=resp.status, reason=resp.reason,
                              headers=response_headers(resp, ex.request_id, sse))
     ok = False

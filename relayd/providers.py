@@ -96,37 +96,53 @@ def stream_kind(provider: str, upstream_path: str) -> StreamKind:
     return StreamKind(provider, upstream_path.rstrip("/").endswith("/responses"))
 
 
-_CHAT_END = re.compile(rb'(?:^|[\r\n])(?:data: ?\[DONE\]|data: ?\{"error"|event: ?error[\r\n])')
-_RESPONSES_END = re.compile(
-    rb'(?:^|[\r\n])event: ?(?:response\.(?:completed|incomplete|failed)|error)[\r\n]'
-    rb'|"type": ?"response\.(?:completed|incomplete|failed)"')
-_ANTHROPIC_END = re.compile(rb'(?:^|[\r\n])event: ?(?:message_stop|error)[\r\n]'
-                            rb'|"type": ?"message_stop"')
-_GEMINI_END = re.compile(rb'"finishReason"|(?:^|[\r\n])data: ?\{"error"')
+# Field lines that end a stream; they must start a line.  Each pattern begins with its
+# literal ("data:", "event:") so the regex engine can scan for it instead of trying
+# every position; the line-start condition is checked on the match.
+_CHAT_END = re.compile(rb'data: ?(?:\[DONE\]|\{"error")|event: ?error[\r\n]')
+_RESPONSES_END = re.compile(rb'event: ?(?:response\.(?:completed|incomplete|failed)|error)[\r\n]')
+_RESPONSES_TYPE = re.compile(rb'"type": ?"response\.(?:completed|incomplete|failed)"')
+_ANTHROPIC_END = re.compile(rb'event: ?(?:message_stop|error)[\r\n]')
+_ANTHROPIC_TYPE = re.compile(rb'"type": ?"message_stop"')
+_DATA_ERROR = re.compile(rb'data: ?\{"error"')
+
+
+def _starts_line(rx: re.Pattern[bytes], seg: bytes) -> bool:
+    """A match at the start of a line (segments always begin at a line start)."""
+    for m in rx.finditer(seg):
+        s = m.start()
+        if s == 0 or seg[s - 1] in b"\r\n":
+            return True
+    return False
 
 
 def end_marker(kind: StreamKind) -> Callable[[bytes], bool]:
     """A test over released complete blocks that finds the provider's natural end.
 
-    Runs once per released segment, so a substring pre-check (C speed, no regex state)
-    decides for nearly every event; the anchored regex only confirms candidates.
+    It runs once per released segment, so a substring pre-check (C speed) decides for
+    nearly every event; a regex only confirms candidates.
     """
     if kind.provider == "anthropic":
-        rx, a, b = _ANTHROPIC_END, b"message_stop", b"error"
-    elif kind.provider == "gemini":
-        rx, a, b = _GEMINI_END, b"finishReason", b'{"error"'
-    elif kind.responses:
+        def anthropic(seg: bytes) -> bool:
+            return ((b"message_stop" in seg or b"error" in seg)
+                    and (_starts_line(_ANTHROPIC_END, seg) or _ANTHROPIC_TYPE.search(seg) is not None))
+        return anthropic
+    if kind.provider == "gemini":
+        def gemini(seg: bytes) -> bool:
+            return b"finishReason" in seg or (b'{"error"' in seg and _starts_line(_DATA_ERROR, seg))
+        return gemini
+    if kind.responses:
         def responses(seg: bytes) -> bool:
+            if b"error" in seg and _starts_line(_RESPONSES_END, seg):
+                return True
             return ((b"response.completed" in seg or b"response.incomplete" in seg
-                     or b"response.failed" in seg or b"error" in seg)
-                    and _RESPONSES_END.search(seg) is not None)
+                     or b"response.failed" in seg)
+                    and (_starts_line(_RESPONSES_END, seg) or _RESPONSES_TYPE.search(seg) is not None))
         return responses
-    else:
-        rx, a, b = _CHAT_END, b"[DONE]", b"error"
 
-    def found(seg: bytes) -> bool:
-        return (a in seg or b in seg) and rx.search(seg) is not None
-    return found
+    def chat(seg: bytes) -> bool:
+        return (b"[DONE]" in seg or b"error" in seg) and _starts_line(_CHAT_END, seg)
+    return chat
 
 
 def is_bare_error(tail: bytes) -> bool:

@@ -112,7 +112,18 @@ class BoundaryTracker:
                     last = i
         if i >= n:
             return last
-        if buf.find(b"\r", i) < 0:
+        cr = buf.count(b"\r", i)
+        if cr and buf[n - 1] != 0x0D and cr == buf.count(b"\n", i) == buf.count(b"\r\n", i):
+            # CRLF only (Gemini): the same shortcut as LF-only, on "\r\n" pairs
+            j = buf.rfind(b"\r\n\r\n", i)
+            if j >= 0:
+                last = j + 4
+                self.blocks += buf.count(b"\r\n\r\n", i)
+            elif self._line_start and buf.startswith(b"\r\n", i):
+                last = i + 2
+            self._line_start = buf.endswith(b"\r\n")
+            return last
+        if not cr:
             j = buf.rfind(b"\n\n", i)
             if j >= 0:
                 last = j + 2

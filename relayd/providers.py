@@ -103,7 +103,7 @@ _CHAT_END = re.compile(rb'data: ?(?:\[DONE\]|\{"error")|event: ?error[\r\n]')
 _RESPONSES_END = re.compile(rb'event: ?(?:response\.(?:completed|incomplete|failed)|error)[\r\n]')
 _RESPONSES_TYPE = re.compile(rb'"type": ?"response\.(?:completed|incomplete|failed)"')
 _ANTHROPIC_END = re.compile(rb'event: ?(?:message_stop|error)[\r\n]')
-_ANTHROPIC_TYPE = re.compile(rb'"type": ?"message_stop"')
+_ANTHROPIC_STOP = re.compile(rb'"type": ?"message_stop"')
 _DATA_ERROR = re.compile(rb'data: ?\{"error"')
 
 
@@ -125,7 +125,7 @@ def end_marker(kind: StreamKind) -> Callable[[bytes], bool]:
     if kind.provider == "anthropic":
         def anthropic(seg: bytes) -> bool:
             return ((b"message_stop" in seg or b"error" in seg)
-                    and (_starts_line(_ANTHROPIC_END, seg) or _ANTHROPIC_TYPE.search(seg) is not None))
+                    and (_starts_line(_ANTHROPIC_END, seg) or _ANTHROPIC_STOP.search(seg) is not None))
         return anthropic
     if kind.provider == "gemini":
         def gemini(seg: bytes) -> bool:

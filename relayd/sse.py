@@ -113,24 +113,23 @@ class BoundaryTracker:
         if i >= n:
             return last
         cr = buf.count(b"\r", i)
-        if cr and buf[n - 1] != 0x0D and cr == buf.count(b"\n", i) == buf.count(b"\r\n", i):
-            # CRLF only (Gemini): the same shortcut as LF-only, on "\r\n" pairs
-            j = buf.rfind(b"\r\n\r\n", i)
-            if j >= 0:
-                last = j + 4
-                self.blocks += buf.count(b"\r\n\r\n", i)
-            elif self._line_start and buf.startswith(b"\r\n", i):
-                last = i + 2
-            self._line_start = buf.endswith(b"\r\n")
-            return last
         if not cr:
-            j = buf.rfind(b"\n\n", i)
+            pair, eol = b"\n\n", b"\n"
+        elif buf[n - 1] != 0x0D and cr == buf.count(b"\n", i) == buf.count(b"\r\n", i):
+            pair, eol = b"\r\n\r\n", b"\r\n"  # CRLF only (Gemini): the same shortcut on pairs
+        else:
+            pair = eol = b""
+        if pair:
+            if self._line_start and buf.startswith(eol, i):  # a blank line right at the start
+                last = i + len(eol)
+                if self._content:
+                    self.blocks += 1
+            j = buf.rfind(pair, i)
             if j >= 0:
-                last = j + 2
-                self.blocks += buf.count(b"\n\n", i)
-            elif self._line_start and buf[i] == 0x0A:
-                last = i + 1
-            self._line_start = buf[n - 1] == 0x0A
+                last = j + len(pair)
+                self.blocks += buf.count(pair, i)
+            self._content = last < n
+            self._line_start = buf.endswith(eol)
             return last
         line_begin = i if self._line_start else -1
         content = not self._line_start or self._content

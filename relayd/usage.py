@@ -14,7 +14,6 @@ import json
 import re
 from dataclasses import dataclass
 
-_USAGE = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
 _DECODER = json.JSONDecoder()
 _JSON_TAIL = 64 * 1024
 
@@ -44,7 +43,8 @@ class UsageMeter:
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
-        if b'"usage' in segment and _USAGE.search(segment) is not None:
+        # Literal forms only: every OpenAI chunk carries "usage":null, which must stay cheap.
+        if b'"usage":{' in segment or b'"usage": {' in segment or b'"usageMetadata"' in segment:
             if self._first is None:
                 self._first = segment
             else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 from typing import Any, AsyncIterator
 
@@ -265,13 +266,29 @@ async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str]
         raise _Failure("first_byte_timeout", 504,
                        f"upstream '{up.name}' sent no response headers within {_fmt(timeouts.first_byte)}") from None
     except aiohttp.ClientConnectorError as exc:
-        why = exc.strerror or type(exc.os_error).__name__
-        raise _Failure("connect_error", 502, f"cannot connect to upstream '{up.name}': {why}") from None
+        raise _Failure("connect_error", 502,
+                       f"cannot connect to upstream '{up.name}': {_connect_why(exc)}") from None
     except aiohttp.ClientResponseError as exc:
         raise _Failure("connect_error", 502, f"invalid response from upstream '{up.name}': {exc.message}") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure("connect_error", 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
+
+
+def _connect_why(exc: aiohttp.ClientConnectorError) -> str:
+    """A short reason for clients: no addresses, paths or library text."""
+    os_error = exc.os_error
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(os_error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(os_error, TimeoutError):
+        return "timed out"
+    if isinstance(os_error, socket.gaierror):
+        return "host name not resolved"
+    return "network error"
 
 
 def _short(exc: BaseException) -> str:

@@ -168,6 +168,8 @@ routes:
     s, h, o = await echo(port, "/o/v1/chat/completions")
     assert s == 502 and set(o["error"]) == {"message", "type", "param", "code"}
     assert o["error"]["code"] == "connect_error"
+    assert o["error"]["message"].startswith("cannot connect to upstream 'o': connection refused")
+    assert str(dead) not in o["error"]["message"]  # no internal addresses in client errors
     assert h["X-Request-Id"] in o["error"]["message"]
     assert "sk-secret" not in json.dumps(o) and "Traceback" not in json.dumps(o)
     s, _, a = await echo(port, "/a/v1/messages")

@@ -292,10 +292,14 @@ def _connect_why(exc: aiohttp.ClientConnectorError) -> str:
 
 
 def _short(exc: BaseException) -> str:
+    """Like _connect_why: what happened, without library text that may name hosts."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connection closed"
-    text = str(exc).split("\n")[0][:120]
-    return text or type(exc).__name__
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "incomplete request body"
+    if isinstance(exc, (ConnectionResetError, aiohttp.ClientOSError)):
+        return "connection reset"
+    return "request failed"
 
 
 def _fmt(seconds: float) -> str:

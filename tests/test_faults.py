@@ -123,24 +123,27 @@ async def test_fault_matrix(relay, fake, kind, fault, chunking):
         assert seqs == list(range(len(seqs)))
 
 
+def sdk_target(relay, kind: str, fault: str, api_path: str, fake) -> tuple[str, str]:
+    """(base URL for an SDK, scenario name) for one fault on one provider's route."""
+    sc, _, _, route = scenario_for(kind, fault, "random")
+    name = fake.add(f"sdk-{kind}-{fault}", sc)
+    return f"http://127.0.0.1:{relay.port}{route.split(api_path, 1)[0]}", name
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_openai_sdk_raises_on_chat_failure(relay, fake, fault):
-    sc, _, _, route = scenario_for("chat", fault, "random")
-    name = fake.add(f"sdk-chat-{fault}", sc)
-    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/chat/completions', 1)[0]}"
+    base, name = sdk_target(relay, "chat", fault, "/chat/completions", fake)
     client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
     with pytest.raises(openai.APIError) as ei:
         for _ in client.chat.completions.create(model="m", messages=[], stream=True):
             pass
     assert not isinstance(ei.value, openai.APIConnectionError)
-    assert REASON[fault] in str(ei.value.body) or REASON[fault] in ei.value.message or "relayd" in ei.value.message
+    assert ei.value.body["code"] == REASON[fault] and "relayd" in ei.value.message
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_openai_sdk_raises_on_responses_failure(relay, fake, fault):
-    sc, _, _, route = scenario_for("responses", fault, "random")
-    name = fake.add(f"sdk-resp-{fault}", sc)
-    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/responses', 1)[0]}"
+    base, name = sdk_target(relay, "responses", fault, "/responses", fake)
     client = openai.OpenAI(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
     with pytest.raises(openai.APIError) as ei:
         with client.responses.stream(model="m", input="x") as stream:
@@ -152,9 +155,7 @@ def test_openai_sdk_raises_on_responses_failure(relay, fake, fault):
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_anthropic_sdk_raises(relay, fake, fault):
-    sc, _, _, route = scenario_for("anthropic", fault, "random")
-    name = fake.add(f"sdk-ant-{fault}", sc)
-    base = f"http://127.0.0.1:{relay.port}{route.rsplit('/v1/messages', 1)[0]}"
+    base, name = sdk_target(relay, "anthropic", fault, "/v1/messages", fake)
     client = anthropic.Anthropic(base_url=base, api_key="x", max_retries=0, default_headers={"x-fake": name})
     with pytest.raises(anthropic.APIStatusError) as ei:
         with client.messages.stream(model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]) as s:
@@ -167,10 +168,8 @@ def test_anthropic_sdk_raises(relay, fake, fault):
 def test_google_genai_raises(relay, fake, fault):
     genai = pytest.importorskip("google.genai")
     from google.genai import errors, types
-    sc, _, _, route = scenario_for("gemini", fault, "random")
-    name = fake.add(f"sdk-gem-{fault}", sc)
-    base = f"http://127.0.0.1:{relay.port}{route.split('/v1beta', 1)[0]}/"
-    client = genai.Client(api_key="x", http_options=types.HttpOptions(base_url=base, headers={"x-fake": name}))
+    base, name = sdk_target(relay, "gemini", fault, "/v1beta", fake)
+    client = genai.Client(api_key="x", http_options=types.HttpOptions(base_url=base + "/", headers={"x-fake": name}))
     with pytest.raises(errors.APIError) as ei:
         for _ in client.models.generate_content_stream(model="m", contents="x"):
             pass

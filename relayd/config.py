@@ -110,7 +110,6 @@ class Route:
     strip_prefix: bool
     timeouts: Timeouts
     heartbeat: float
-    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,6 @@ class Listen:
 
 @dataclass(frozen=True)
 class Config:
-    source: str
     listen: Listen
     admin_listen: Listen | None
     shutdown_grace: float
@@ -478,7 +476,7 @@ def _route(w: _Walker, i: int, node: yaml.Node, upstreams: Mapping[str, Any],
             heartbeat = heartbeat if hb is None else hb
     if len(w.problems) != before or prefix is None:
         return None
-    return Route(prefix, names, bool(strip), timeouts, heartbeat, node.start_mark.line + 1)
+    return Route(prefix, names, bool(strip), timeouts, heartbeat)
 
 
 def _route_upstreams(w: _Walker, node: yaml.Node, path: str, upstreams: Mapping[str, Any]
@@ -569,7 +567,7 @@ def _build(w: _Walker, root: yaml.Node) -> Config | None:
                     routes.append(r)
     if w.problems:
         return None
-    return Config(source=w.file, listen=listen, admin_listen=admin, shutdown_grace=grace,
+    return Config(listen=listen, admin_listen=admin, shutdown_grace=grace,
                   log_level=level, access_log=access, timeouts=timeouts, heartbeat=heartbeat,
                   upstreams=MappingProxyType(upstreams), routes=tuple(routes))
 

@@ -20,6 +20,14 @@ from .config import Upstream
 
 # aiohttp would add these on its own; a proxy must send only what the client sent.
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+# asyncio keeps only weak references to tasks: hold closing pools until they are closed.
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(pool: "Pool") -> None:
+    task = asyncio.get_running_loop().create_task(pool.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 class Pool:
@@ -72,7 +80,7 @@ class Pool:
     def release(self) -> None:
         self.inflight -= 1
         if self.retired and self.inflight == 0:
-            asyncio.get_running_loop().create_task(self.close())
+            _close_later(self)
 
     async def close(self) -> None:
         if not self.closed:
@@ -102,7 +110,7 @@ class PoolRegistry:
             if key not in wanted:
                 pool.retired = True
                 if pool.inflight == 0:
-                    asyncio.get_running_loop().create_task(pool.close())
+                    _close_later(pool)
         self._pools = wanted
         return by_name
 

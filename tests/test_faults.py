@@ -269,3 +269,27 @@ async def test_chaos_streams_are_exact_or_prefix_plus_one_error(relay, fake):
     assert tally["exact"] >= n_clean            # every fault-free stream was byte-exact
     assert tally["error"] >= (300 - n_clean) // 2  # most faults hit before the end marker
     print(f"chaos: 300 streams, {n_clean} without fault, {tally}")
+
+
+async def test_sse_content_length_shortfall_counts_as_failure(relay, fake):
+    body = fixture("anthropic-messages.sse")
+    cut = block_ends(body)[4] + 7
+    sc = fake.add("cl-short", Scenario(body=body, content_length=True, fault="reset", fault_at=cut))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/anthropic/v1/messages", headers={"x-fake": sc}) as r:
+            assert "Content-Length" not in r.headers  # relayd re-frames SSE so it can add its event
+            got = await r.read()
+    prefix, last = split_prefix_and_last_block(got)
+    assert prefix == body[:block_ends(body)[4]]
+    check_error_event("anthropic", last, "upstream_reset")
+
+
+async def test_compressed_sse_failure_closes_connection(relay, fake):
+    import gzip
+    raw = gzip.compress(fixture("anthropic-messages.sse"))
+    sc = fake.add("gz-reset", Scenario(gzip_body=raw, fault="reset", fault_at=len(raw) // 2))
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/anthropic/v1/messages", headers={"x-fake": sc}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()

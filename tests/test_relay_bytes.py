@@ -85,3 +85,12 @@ async def test_streaming_is_incremental(shared, fake):
     # 6 events and [DONE], split per line with 100 ms between lines: ~1.3 s in all.
     assert t_all > 1.0
     assert t_first < 0.5, f"first event after {t_first:.2f}s of {t_all:.2f}s"
+
+
+async def test_megabyte_sse_lines_are_relayed_whole(shared, fake):
+    # one-api/new-api broke on 64 KiB lines; image and reasoning streams carry megabytes per line
+    big = b'data: {"b64":"' + b"A" * (3 * 1024 * 1024) + b'"}\n\n'
+    body = b'data: {"a":1}\n\n' + big + b"data: [DONE]\n\n"
+    sc = fake.add("mb-line", Scenario(body=body, chunking="lines"))
+    status, _, got = await fetch(shared.port, "/openai/v1/chat/completions", sc)
+    assert status == 200 and got == body

@@ -204,3 +204,27 @@ async def test_slow_reader_backpressure_keeps_memory_flat(relay, fake):
     # relayd stopped reading upstream: what the fake managed to send is bounded by socket buffers
     assert sent - received < 48 * 1024 * 1024, (sent, received)
     assert growth_mb < 32, f"relayd RSS grew {growth_mb:.1f} MB"
+
+
+async def test_50mb_upload_streams_without_buffering(relay, fake):
+    rss = lambda: int(next(l for l in open(f"/proc/{relay.proc.pid}/status") if l.startswith("VmRSS")).split()[1])
+    before = rss()
+    peak = before
+    h = hashlib.sha256()
+
+    async def gen():
+        nonlocal peak
+        block = os.urandom(1024 * 1024)
+        for i in range(50):
+            piece = block[i:] + block[:i]
+            h.update(piece)
+            yield piece
+            if i % 5 == 0:
+                peak = max(peak, rss())
+
+    fake.reset_stats()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, "/plain/v1/echo"), data=gen()) as r:
+            res = await r.json()
+    assert res["length"] == 50 * 1024 * 1024 and res["sha256"] == h.hexdigest()
+    assert (peak - before) / 1024 < 25, f"relayd RSS grew {(peak - before) / 1024:.0f} MB during a 50 MB upload"

@@ -200,6 +200,8 @@ async def test_slow_reader_backpressure_keeps_memory_flat(relay, fake):
                 await asyncio.sleep(0.06)  # about 1 MB/s
             sent = fake.sent[name]
     growth_mb = (peak - before) / 1024
+    print(f"backpressure: upstream sent {sent / 2**20:.1f} MiB, client read {received / 2**20:.1f} MiB "
+          f"in 3 s, relayd RSS growth {growth_mb:.1f} MiB")
     assert received < 8 * 1024 * 1024
     # relayd stopped reading upstream: what the fake managed to send is bounded by socket buffers
     assert sent - received < 48 * 1024 * 1024, (sent, received)

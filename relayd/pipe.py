@@ -40,6 +40,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
                         "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding",
                         "upgrade"})
 _REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id"}
+_RESPONSE_DROP_LENGTH = HOP_BY_HOP | {"content-length"}
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 REPLAY_LIMIT = 8 * 1024 * 1024
 _KEEP_ERROR_BODY = 1024 * 1024
@@ -93,34 +94,29 @@ class _Failure(Exception):
         self.reason, self.status, self.message = reason, status, message
 
 
-def _connection_tokens(headers: Any) -> set[str]:
-    tokens: set[str] = set()
+def end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of headers without hop-by-hop ones: those in `drop` and those Connection names."""
+    named: set[str] = set()
     for v in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in v.split(","))
-    return tokens
+        named.update(t.strip().lower() for t in v.split(","))
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk not in drop and lk not in named:
+            out.add(k, v)
+    return out
 
 
 def request_headers(request: web.BaseRequest, request_id: str) -> CIMultiDict[str]:
-    named = _connection_tokens(request.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in request.headers.items():
-        lk = k.lower()
-        if lk in _REQUEST_DROP or lk in named:
-            continue
-        out.add(k, v)
+    out = end_to_end(request.headers, _REQUEST_DROP)
     out["X-Request-Id"] = request_id
     return out
 
 
-def response_headers(resp: aiohttp.ClientResponse, request_id: str, sse: bool) -> CIMultiDict[str]:
-    named = _connection_tokens(resp.headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for k, v in resp.headers.items():
-        lk = k.lower()
-        if lk in HOP_BY_HOP or lk in named or (sse and lk == "content-length"):
-            continue
-        out.add(k, v)
-    if "x-request-id" not in out:
+def response_headers(resp: aiohttp.ClientResponse, request_id: str, drop_length: bool) -> CIMultiDict[str]:
+    """drop_length: relayd frames the body itself (SSE it may add to, replayed error bodies)."""
+    out = end_to_end(resp.headers, _RESPONSE_DROP_LENGTH if drop_length else HOP_BY_HOP)
+    if "x-request-id" not in out:  # never overwrite the provider's own id
         out["X-Request-Id"] = request_id
     return out
 
@@ -216,7 +212,8 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
                         attempt=ex.attempts, reason=f"status {resp.status}")
             try:
                 body = await resp.content.read(_KEEP_ERROR_BODY)
-                kept_error = (resp.status, resp.reason, CIMultiDict(resp.headers), body)
+                kept_error = (resp.status, resp.reason,
+                              response_headers(resp, ex.request_id, drop_length=True), body)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 kept_error = None
             resp.release()
@@ -233,11 +230,7 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
             status, reason, headers, body = kept_error
             ex.status = status
             ex.end_reason = last_failure.reason
-            h = CIMultiDict((k, v) for k, v in headers.items()
-                            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length")
-            if "x-request-id" not in h:
-                h["X-Request-Id"] = ex.request_id
-            return web.Response(status=status, reason=reason, headers=h, body=body)
+            return web.Response(status=status, reason=reason, headers=headers, body=body)
         f = last_failure or _Failure("connect_error", 502, "no upstream available")
         ex.status = f.status
         ex.end_reason = f.reason
@@ -319,7 +312,7 @@ async def _pump(request: web.BaseRequest, resp: aiohttp.ClientResponse, target: 
     aligned = sse and encoding in ("", "identity")
     kind = providers.stream_kind(up.provider, match.rest or up.url.raw_path)
     out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                             headers=response_headers(resp, ex.request_id, sse))
+                             headers=response_headers(resp, ex.request_id, drop_length=sse))
     ok = False
     try:
         await out.prepare(request)

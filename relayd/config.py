@@ -185,14 +185,21 @@ class _Walker:
         text = self.expand(node, path)
         if text is None:
             return False, None
-        if text == node.value:
+        if text != node.value:
+            if not node.style:  # plain scalar (None or '' depending on the loader): type it again
+                tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False))
+            else:
+                tag = "tag:yaml.org,2002:str"
+            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
+        try:
             return True, self._ctor.construct_object(node)
-        if not node.style:  # plain scalar (None or '' depending on the loader): type it again after interpolation
-            tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False))
-        else:
-            tag = "tag:yaml.org,2002:str"
-        fresh = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
-        return True, self._ctor.construct_object(fresh)
+        except Exception as exc:  # YAML's constructors fail in many ways on bad tagged values
+            if isinstance(exc, yaml.YAMLError):
+                problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+            else:
+                problem = f"not a valid !!{node.tag.rsplit(':', 1)[-1]}"
+            self.error(node, path, f"cannot read value: {problem}")
+            return False, None
 
     def mapping(self, node: yaml.Node, path: str, allowed: Iterable[str] | None
                 ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:

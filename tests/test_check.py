@@ -71,6 +71,11 @@ CASES = {
     "yaml tab": (GOOD.replace("    provider: openai", "\tprovider: openai"), 5, "", "YAML syntax error"),
     "missing url": (GOOD.replace("    url: https://api.openai.com\n", ""), 3, "upstreams.openai", "missing required key 'url'"),
     "routes not a list": (GOOD.split("routes:")[0] + "routes: {path: /x}\n", 7, "routes", "expected a list"),
+    "unsafe yaml tag": (GOOD.replace("127.0.0.1:8080", "!!python/object:os.system x"), 1, "listen",
+                        "cannot read value"),
+    "bad timestamp": (GOOD.replace("provider: openai", "provider: !!timestamp nope"), 5,
+                      "upstreams.openai.provider", "cannot read value: not a valid !!timestamp"),
+    "binary value": ("shutdown_grace: !!binary '%%'\n" + GOOD, 1, "shutdown_grace", "expected a duration"),
     "duplicate key": (GOOD.replace("    provider: openai\n", "    provider: openai\n    provider: anthropic\n"),
                       6, "upstreams.openai.provider", "duplicate key"),
 }

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relayd import config as cfg
 
@@ -187,3 +189,22 @@ def test_durations():
 def test_ipv6_listen():
     c = cfg.parse(GOOD.replace("127.0.0.1:8080", '"[::1]:8080"'), "t.yaml", {})
     assert c.listen.host == "::1" and c.listen.port == 8080
+
+
+_fragments = st.sampled_from([
+    "listen: ", "upstreams:", "routes:", "  - ", "  a: ", "{", "}", "[", "]", ": ", "\n", "  ", "- path: /x",
+    "url: http://h", "provider: openai", "upstream: a", "!!python/object:x ", "!!binary ", "!!timestamp ",
+    "&a ", "*a", "${X}", "${Y:-1}", "$$", "'", '"', "#", "\t", "1h", "-5", "0x1F", "~", "null", "yes", "\xff",
+    "timeouts: {idle: ", "headers: {A: ", "tls: {verify: ", "breaker: {failures: ", "? ", "|", ">", "---",
+])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.lists(_fragments, max_size=40).map("".join)))
+def test_parse_never_raises_anything_but_config_error(text):
+    try:
+        cfg.parse(text, "fuzz.yaml", {"X": "v"})
+    except cfg.ConfigError as exc:
+        assert exc.problems
+        for p in exc.problems:
+            assert str(p).startswith("fuzz.yaml:")

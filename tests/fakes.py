@@ -193,6 +193,8 @@ class FakeProvider:
         if sc.content_length:
             resp.content_length = len(body)
         await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
         if sc.first_delay:
             await asyncio.sleep(sc.first_delay)
         if sc.repeat > 1:

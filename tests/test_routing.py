@@ -306,3 +306,15 @@ async def test_expect_100_continue(shared):
         while b'"sha256"' not in rest:
             rest += s.recv(65536)
     assert hashlib.sha256(b"hello").hexdigest().encode() in rest
+
+
+@pytest.mark.parametrize("method,status", [("HEAD", 200), ("GET", 204), ("GET", 304)])
+def test_bodiless_responses_do_not_hang(shared, fake, method, status):
+    sc = fake.add(f"nobody-{method}-{status}", Scenario(body=b"" if status != 200 else b'{"a":1}',
+                                                       status=status, content_type="application/json",
+                                                       content_length=True))
+    out = _raw(shared.port, f"{method} /local/x HTTP/1.1\r\nHost: x\r\nx-fake: {sc}\r\n"
+                            f"Connection: close\r\n\r\n".encode())
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), out[:200]
+    assert body == b""

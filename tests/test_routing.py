@@ -83,10 +83,11 @@ async def test_hop_by_hop_not_forwarded_and_host_rewritten(shared, fake):
 async def test_response_hop_by_hop_dropped(shared, fake):
     sc = fake.add("hop", Scenario(body=b"{}", content_type="application/json",
                                   headers={"Connection": "X-Up-Hop", "X-Up-Hop": "1", "Keep-Alive": "timeout=1",
-                                           "X-Up-End": "kept"}))
+                                           "X-Up-End": "kept", "Server": "cloudflare"}))
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{shared.port}/local/x", headers={"x-fake": sc}) as r:
             assert r.headers["X-Up-End"] == "kept"
+            assert r.headers.getall("Server") == ["cloudflare"]  # the provider's, unchanged
             assert "X-Up-Hop" not in r.headers
             assert "Keep-Alive" not in r.headers
 

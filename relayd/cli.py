@@ -35,8 +35,6 @@ def check(path: str) -> int:
     except config_mod.ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        n = len(exc.problems)
-        print(f"{path}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
         return 1
     print(f"ok: {len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams")
     return 0

@@ -103,6 +103,7 @@ class FakeProvider:
         self.disconnects: list[float] = []
         self.completed: list[float] = []
         self.connections_made = 0
+        self.connections_lost = 0
         self.sent: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -132,9 +133,16 @@ class FakeProvider:
         server = web.Server(self._handle, handler_cancellation=True, access_log=None)
         fake = self
 
+        class Counted(web.RequestHandler):
+            __slots__ = ()
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                fake.connections_lost += 1
+                super().connection_lost(exc)
+
         def factory() -> web.RequestHandler:
             fake.connections_made += 1
-            return server()
+            return Counted(server, loop=fake._loop, access_log=None)
 
         srv = await self._loop.create_server(factory, "127.0.0.1", 0)
         self.port = srv.sockets[0].getsockname()[1]

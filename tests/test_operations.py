@@ -137,6 +137,7 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
         r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
                                         'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
                             .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1"))
+        lost_before = fake.connections_lost
         r.signal(signal.SIGHUP)
         assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
         made = fake.connections_made
@@ -144,8 +145,15 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
             async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
                 await resp.read()
         assert fake.connections_made == made  # the unchanged upstream kept its warm connection
+        assert fake.connections_lost == lost_before  # nothing closed while the stream is live
         got, _ = await long
         assert got == body  # the retired pool was not closed under the live stream
+        # ... and once its last stream ended, the retired pool closed its connection
+        for _ in range(100):
+            if fake.connections_lost > lost_before:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.connections_lost == lost_before + 1
 
 
 async def test_burst_of_sighups_applies_newest_file(fake, make_relayd):

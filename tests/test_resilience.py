@@ -17,10 +17,11 @@ from fakes import Scenario, fixture, free_port, sse_events
 
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory, fake):
-    port, dead = free_port(), free_port()
+    port, dead, admin = free_port(), free_port(), free_port()
     f = fake.url
     text = f"""
 listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
 shutdown_grace: 2
 defaults:
   timeouts: {{connect: 1, first_byte: 5, idle: 10, total: 60}}
@@ -49,10 +50,17 @@ routes:
     fake.add("s503", Scenario(body=b'{"error":{"message":"busy","type":"server_error","param":null,"code":null}}',
                               status=503, content_type="application/json"))
     r = Relayd(tmp_path_factory.mktemp("resil"), text)
-    r.port = port  # type: ignore[attr-defined]
+    r.port, r.admin = port, admin  # type: ignore[attr-defined]
     r.start()
     yield r
     r.stop()
+
+
+async def breaker_gauge(relay, upstream: str) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{relay.admin}/metrics") as r:
+            text = await r.text()
+    return next(l for l in text.splitlines() if l.startswith(f'relayd_breaker_open{{upstream="{upstream}"}}'))
 
 
 def url(relay, path: str) -> str:
@@ -143,6 +151,8 @@ async def test_circuit_breaker_skips_then_retries_after_cooldown(relay, fake):
         await asyncio.sleep(0.1)
         attempts = [a["attempts"] for a in relay.access() if a["path"] == "/breaker/v1/echo"]
         assert attempts[-1] == 1, attempts  # breaker open: dead upstream skipped
+        assert (await breaker_gauge(relay, "dead")).endswith(" 1.0")
+        assert (await breaker_gauge(relay, "good")).endswith(" 0.0")
         await asyncio.sleep(1.2)
         async with s.get(url(relay, "/breaker/v1/echo")) as r:
             assert r.status == 200

@@ -39,6 +39,8 @@ class Metrics:
                                 ["upstream", "outcome"], registry=r)
         self.breaker = Gauge("relayd_breaker_open", "1 while an upstream's circuit breaker is open",
                              ["upstream"], registry=r)
+        self.inflight = Gauge("relayd_upstream_inflight", "Requests holding an upstream's pool now",
+                              ["upstream"], registry=r)
         self.reloads = Counter("relayd_reloads_total", "Config reloads by result", ["result"],
                                registry=r)
         self.generation = Gauge("relayd_config_generation", "Generation of the config in use",
@@ -89,4 +91,5 @@ class Metrics:
     def render(self, pools: Iterable[Pool]) -> bytes:
         for p in pools:
             self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
+            self._child(self.inflight, p.upstream.name).set(p.inflight)
         return generate_latest(self.registry)

@@ -197,8 +197,11 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
         target.pool.acquire()
         try:
             resp = await _send(target, request.method, url, headers, data, timeouts)
-        except _Failure as f:
+        except BaseException as exc:  # a failure, or the client went away while we waited
             target.pool.release()
+            if not isinstance(exc, _Failure):
+                raise
+            f = exc
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=ex.request_id, upstream=up.name,
@@ -216,9 +219,13 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
                               response_headers(resp, ex.request_id, drop_length=True), body)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 kept_error = None
-            resp.release()
+            finally:
+                if resp.content.is_eof():
+                    resp.release()  # read to the end: the connection can be reused
+                else:
+                    resp.close()
+                target.pool.release()
             resp = None
-            target.pool.release()
             last_failure = None
             continue
         target.pool.record(resp.status < 500 or resp.status in (501, 505))

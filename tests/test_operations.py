@@ -403,3 +403,19 @@ async def test_access_log_off_and_log_level(fake, make_relayd):
     await asyncio.sleep(0.2)
     assert r.access() == []
     assert not any(l.get("level") == "info" for l in r.logs())
+
+
+async def test_pool_accounting_survives_client_disconnect_before_headers(fake, make_relayd):
+    """A request cancelled while waiting for upstream headers must release its pool."""
+    port, admin = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, admin))
+    slow = fake.add("slow-headers", Scenario(body=b"{}", content_type="application/json", header_delay=30))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /local/x HTTP/1.1\r\nHost: x\r\nx-fake: {slow}\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    assert metric(await get_metrics(admin), "relayd_upstream_inflight", upstream="generic") == 1
+    writer.transport.abort()  # client gone before the upstream answered
+    await asyncio.sleep(0.3)
+    # a leaked count would pin the pool open forever (a reload could never retire it)
+    assert metric(await get_metrics(admin), "relayd_upstream_inflight", upstream="generic") == 0

@@ -133,10 +133,8 @@ def end_marker(kind: StreamKind) -> Callable[[bytes], bool]:
         return gemini
     if kind.responses:
         def responses(seg: bytes) -> bool:
-            if b"error" in seg and _starts_line(_RESPONSES_END, seg):
-                return True
-            return ((b"response.completed" in seg or b"response.incomplete" in seg
-                     or b"response.failed" in seg)
+            return ((b"error" in seg or b"response.completed" in seg
+                     or b"response.incomplete" in seg or b"response.failed" in seg)
                     and (_starts_line(_RESPONSES_END, seg) or _RESPONSES_TYPE.search(seg) is not None))
         return responses
 

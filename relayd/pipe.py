@@ -197,17 +197,17 @@ async def relay(request: web.BaseRequest, match: Match, ex: Exchange, metrics: A
         target.pool.acquire()
         try:
             resp = await _send(target, request.method, url, headers, data, timeouts)
-        except BaseException as exc:  # a failure, or the client went away while we waited
+        except _Failure as f:
             target.pool.release()
-            if not isinstance(exc, _Failure):
-                raise
-            f = exc
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=ex.request_id, upstream=up.name,
                         attempt=ex.attempts, reason=f.reason)
             last_failure = f
             continue
+        except BaseException:  # the client went away while we waited: free the slot all the same
+            target.pool.release()
+            raise
         if resp.status in RETRY_STATUSES and not last and replayable:
             target.pool.record(False)
             metrics.attempt(up.name, f"status_{resp.status}")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -73,6 +73,21 @@ class Relayd:
                 return a
             time.sleep(0.02)
         return self.access()
+
+    def wait_access_where(self, pred: Callable[[dict[str, Any]], bool], n: int = 1,
+                          timeout: float = 5) -> list[dict[str, Any]]:
+        """Access lines matching pred, once there are n of them.
+
+        relayd writes the access line after the last byte went out, so a client can
+        finish reading before the line exists: tests wait for the line they mean
+        instead of taking whatever line happens to be last.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            a = [l for l in self.access() if pred(l)]
+            if len(a) >= n or time.monotonic() >= end:
+                return a
+            time.sleep(0.02)
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""

@@ -76,7 +76,7 @@ def test_anthropic_messages_stream_same_as_direct(shared, fake, name):
     def run(base: str) -> dict:
         client = anthropic.Anthropic(base_url=base, api_key="client-key", max_retries=0,
                                      default_headers={"x-fake": sc})
-        with client.messages.stream(model="claude-sonnet-4-5", max_tokens=100,
+        with client.messages.stream(model="claude-haiku-4-5", max_tokens=100,
                                     messages=[{"role": "user", "content": "hi"}]) as stream:
             for _ in stream:
                 pass

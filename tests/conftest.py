@@ -65,18 +65,9 @@ class Relayd:
     def access(self) -> list[dict[str, Any]]:
         return [l for l in self.logs() if l.get("event") == "access"]
 
-    def wait_access(self, n: int, timeout: float = 5) -> list[dict[str, Any]]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            a = self.access()
-            if len(a) >= n:
-                return a
-            time.sleep(0.02)
-        return self.access()
-
-    def wait_access_where(self, pred: Callable[[dict[str, Any]], bool], n: int = 1,
-                          timeout: float = 5) -> list[dict[str, Any]]:
-        """Access lines matching pred, once there are n of them.
+    def wait_access(self, n: int = 1, where: Callable[[dict[str, Any]], bool] | None = None,
+                    timeout: float = 5) -> list[dict[str, Any]]:
+        """Access lines (those matching `where`, if given), once there are n of them.
 
         relayd writes the access line after the last byte went out, so a client can
         finish reading before the line exists: tests wait for the line they mean
@@ -84,7 +75,7 @@ class Relayd:
         """
         end = time.monotonic() + timeout
         while True:
-            a = [l for l in self.access() if pred(l)]
+            a = [l for l in self.access() if where is None or where(l)]
             if len(a) >= n or time.monotonic() >= end:
                 return a
             time.sleep(0.02)

@@ -104,7 +104,7 @@ async def test_failover_dead_then_good(relay, fake):
             assert r.status == 200
             res = await r.json()
     assert res["sha256"] == hashlib.sha256(b"payload-1").hexdigest()
-    a = relay.wait_access_where(lambda l: l["path"] == "/dead-good/v1/echo")[-1]
+    a = relay.wait_access(where=lambda l: l["path"] == "/dead-good/v1/echo")[-1]
     assert a["attempts"] == 2 and a["upstream"] == "good"
     warn = [l for l in relay.logs() if l.get("event") == "upstream attempt failed" and l.get("request_id") == a["request_id"]]
     assert warn and warn[0]["reason"] == "connect_error"
@@ -148,7 +148,7 @@ async def test_circuit_breaker_skips_then_retries_after_cooldown(relay, fake):
         for _ in range(3):
             async with s.get(url(relay, "/breaker/v1/echo")) as r:
                 assert r.status == 200
-        lines = relay.wait_access_where(lambda l: l["path"] == "/breaker/v1/echo", n=3)
+        lines = relay.wait_access(3, where=lambda l: l["path"] == "/breaker/v1/echo")
         attempts = [a["attempts"] for a in lines]
         assert attempts[-1] == 1, attempts  # breaker open: dead upstream skipped
         assert (await breaker_gauge(relay, "dead")).endswith(" 1.0")
@@ -156,7 +156,7 @@ async def test_circuit_breaker_skips_then_retries_after_cooldown(relay, fake):
         await asyncio.sleep(1.2)
         async with s.get(url(relay, "/breaker/v1/echo")) as r:
             assert r.status == 200
-    lines = relay.wait_access_where(lambda l: l["path"] == "/breaker/v1/echo", n=4)
+    lines = relay.wait_access(4, where=lambda l: l["path"] == "/breaker/v1/echo")
     attempts = [a["attempts"] for a in lines]
     assert attempts[-1] == 2, attempts  # cooldown over: tried again (and failed over)
 

@@ -36,6 +36,32 @@ async def get_metrics(admin: int) -> str:
             return await r.text()
 
 
+async def wait_metric(admin: int, name: str, want: float, timeout: float = 5, **labels: str) -> float:
+    """The metric's value once it equals want (or its last value at the timeout).
+
+    Counters and gauges move when relayd gets to it, not when the client's read
+    returns, so a test polls instead of sleeping a guessed amount.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        got = metric(await get_metrics(admin), name, **labels)
+        if got == want or time.monotonic() >= end:
+            return got
+        await asyncio.sleep(0.02)
+
+
+async def upstream_has(fake, n: int, timeout: float = 5) -> None:
+    """Wait until the fake upstream has received n requests since its last reset_stats().
+
+    A test that must act while streams are live (reload, drain) waits for them to
+    reach the upstream rather than sleeping a guessed amount first.
+    """
+    end = time.monotonic() + timeout
+    while len(fake.requests) < n and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    assert len(fake.requests) >= n, fake.requests
+
+
 async def read_stream(port: int, path: str, scenario: str) -> tuple[bytes, list[float]]:
     """The body and the arrival time of each read."""
     times = []
@@ -133,7 +159,7 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
         body = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
         sc = fake.add("retire", Scenario(body=body, chunking="lines", delay=0.05))
         long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
-        await asyncio.sleep(0.3)
+        await upstream_has(fake, 1)
         r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
                                         'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
                             .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1"))
@@ -164,10 +190,14 @@ async def test_burst_of_sighups_applies_newest_file(fake, make_relayd):
         r.config.write_text(base + f"  - {{path: /v{i}, upstream: generic}}\n")
         r.signal(signal.SIGHUP)
     assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
-    await asyncio.sleep(0.5)
+    # the burst coalesces into few reloads; the last one reads the newest file
     async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://127.0.0.1:{port}/v9/echo") as resp:
-            assert resp.status == 200
+        for _ in range(100):
+            async with s.get(f"http://127.0.0.1:{port}/v9/echo") as resp:
+                if resp.status == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert resp.status == 200
 
 
 async def test_listen_change_needs_restart(fake, make_relayd):
@@ -193,10 +223,11 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd
     short = fake.add("drain-short", Scenario(body=short_body, chunking="lines", delay=0.05))
     long = fake.add("drain-long", Scenario(body=long_body, chunking="lines", delay=0.05))
     anth = fake.add("drain-anth", Scenario(body=fixture("anthropic-messages.sse"), chunking="cut:400", delay=10))
+    fake.reset_stats()
     t_short = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", short))
     t_long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", long))
     t_anth = asyncio.create_task(read_stream(port, "/anthropic/v1/messages", anth))
-    await asyncio.sleep(0.3)
+    await upstream_has(fake, 3)
     t0 = time.monotonic()
     r.signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
@@ -229,8 +260,9 @@ async def test_second_signal_exits_at_once(fake, make_relayd):
     port = free_port()
     r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 30"))
     sc = fake.add("forever", Scenario(body=b"data: 1\n\n" * 3, fault="stall", fault_at=9))
+    fake.reset_stats()
     task = asyncio.create_task(read_stream(port, "/local/x", sc))
-    await asyncio.sleep(0.3)
+    await upstream_has(fake, 1)
     r.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     assert r.proc.poll() is None  # still draining: the stream is inside its grace
@@ -385,11 +417,9 @@ async def test_active_streams_gauge_moves(fake, make_relayd):
     make_relayd(basic_config(fake.url, port, admin))
     sc = fake.add("gauge", Scenario(body=b"data: 1\n\n" * 20 + b"data: [DONE]\n\n", chunking="lines", delay=0.1))
     task = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
-    await asyncio.sleep(0.5)
-    assert metric(await get_metrics(admin), "relayd_active_streams", route="/openai") == 1
+    assert await wait_metric(admin, "relayd_active_streams", 1, route="/openai") == 1
     await task
-    await asyncio.sleep(0.1)
-    assert metric(await get_metrics(admin), "relayd_active_streams", route="/openai") == 0
+    assert await wait_metric(admin, "relayd_active_streams", 0, route="/openai") == 0
 
 
 async def test_access_log_off_and_log_level(fake, make_relayd):
@@ -413,9 +443,7 @@ async def test_pool_accounting_survives_client_disconnect_before_headers(fake, m
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET /local/x HTTP/1.1\r\nHost: x\r\nx-fake: {slow}\r\n\r\n".encode())
     await writer.drain()
-    await asyncio.sleep(0.3)
-    assert metric(await get_metrics(admin), "relayd_upstream_inflight", upstream="generic") == 1
+    assert await wait_metric(admin, "relayd_upstream_inflight", 1, upstream="generic") == 1
     writer.transport.abort()  # client gone before the upstream answered
-    await asyncio.sleep(0.3)
     # a leaked count would pin the pool open forever (a reload could never retire it)
-    assert metric(await get_metrics(admin), "relayd_upstream_inflight", upstream="generic") == 0
+    assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="generic") == 0

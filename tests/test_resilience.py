@@ -171,7 +171,7 @@ async def test_client_disconnect_closes_upstream_within_1s(relay, fake, phase):
     else:
         sc = Scenario(body=b'{"choices":[]}' * 10, content_type="application/json", fault="stall", fault_at=20)
     name = fake.add(f"disc-{phase}", sc)
-    fake.disconnects.clear()
+    fake.reset_stats()
     seen = len(relay.access())
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(f"POST /plain/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: {name}\r\n"
@@ -181,7 +181,11 @@ async def test_client_disconnect_closes_upstream_within_1s(relay, fake, phase):
         await reader.readuntil(b"\r\n\r\n")
         await reader.read(100)
     else:
-        await asyncio.sleep(0.3)
+        for _ in range(250):  # until the request is waiting at the upstream
+            if fake.requests:
+                break
+            await asyncio.sleep(0.02)
+        assert fake.requests
     t0 = time.monotonic()
     writer.transport.abort()
     for _ in range(100):

@@ -162,6 +162,17 @@ class FakeProvider:
         self.completed.clear()
         self.connections_made = 0
 
+    async def has_requests(self, n: int, timeout: float = 5) -> None:
+        """Wait until n requests arrived since the last reset_stats().
+
+        A test that must act while a request is live (reload, drain, disconnect)
+        waits for it to reach the upstream rather than sleeping a guessed amount.
+        """
+        end = time.monotonic() + timeout
+        while len(self.requests) < n and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert len(self.requests) >= n, f"{len(self.requests)} of {n} requests reached the upstream"
+
     def add(self, name: str, scenario: Scenario) -> str:
         self.scenarios[name] = scenario
         return name

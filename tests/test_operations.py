@@ -50,18 +50,6 @@ async def wait_metric(admin: int, name: str, want: float, timeout: float = 5, **
         await asyncio.sleep(0.02)
 
 
-async def upstream_has(fake, n: int, timeout: float = 5) -> None:
-    """Wait until the fake upstream has received n requests since its last reset_stats().
-
-    A test that must act while streams are live (reload, drain) waits for them to
-    reach the upstream rather than sleeping a guessed amount first.
-    """
-    end = time.monotonic() + timeout
-    while len(fake.requests) < n and time.monotonic() < end:
-        await asyncio.sleep(0.02)
-    assert len(fake.requests) >= n, fake.requests
-
-
 async def read_stream(port: int, path: str, scenario: str) -> tuple[bytes, list[float]]:
     """The body and the arrival time of each read."""
     times = []
@@ -159,7 +147,7 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
         body = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
         sc = fake.add("retire", Scenario(body=body, chunking="lines", delay=0.05))
         long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
-        await upstream_has(fake, 1)
+        await fake.has_requests(1)
         r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
                                         'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
                             .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1"))
@@ -227,7 +215,7 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd
     t_short = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", short))
     t_long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", long))
     t_anth = asyncio.create_task(read_stream(port, "/anthropic/v1/messages", anth))
-    await upstream_has(fake, 3)
+    await fake.has_requests(3)
     t0 = time.monotonic()
     r.signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
@@ -262,7 +250,7 @@ async def test_second_signal_exits_at_once(fake, make_relayd):
     sc = fake.add("forever", Scenario(body=b"data: 1\n\n" * 3, fault="stall", fault_at=9))
     fake.reset_stats()
     task = asyncio.create_task(read_stream(port, "/local/x", sc))
-    await upstream_has(fake, 1)
+    await fake.has_requests(1)
     r.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     assert r.proc.poll() is None  # still draining: the stream is inside its grace

@@ -181,11 +181,7 @@ async def test_client_disconnect_closes_upstream_within_1s(relay, fake, phase):
         await reader.readuntil(b"\r\n\r\n")
         await reader.read(100)
     else:
-        for _ in range(250):  # until the request is waiting at the upstream
-            if fake.requests:
-                break
-            await asyncio.sleep(0.02)
-        assert fake.requests
+        await fake.has_requests(1)  # the request is waiting at the upstream
     t0 = time.monotonic()
     writer.transport.abort()
     for _ in range(100):

@@ -50,6 +50,17 @@ async def wait_metric(admin: int, name: str, want: float, timeout: float = 5, **
         await asyncio.sleep(0.02)
 
 
+async def route_status(port: int, path: str, timeout: float = 5) -> int:
+    """GET path until it answers 200 (a reload made the route live) or timeout passes; the last status."""
+    end = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(f"http://127.0.0.1:{port}{path}") as resp:
+                if resp.status == 200 or time.monotonic() >= end:
+                    return resp.status
+            await asyncio.sleep(0.05)
+
+
 async def read_stream(port: int, path: str, scenario: str) -> tuple[bytes, list[float]]:
     """The body and the arrival time of each read."""
     times = []
@@ -101,13 +112,7 @@ async def test_reload_storm_keeps_every_stream_byte_exact(fake, make_relayd, tmp
     print(f"reload storm: 200 streams, 31 reloads, longest inter-chunk gap {worst * 1000:.0f} ms")
     assert wait_for(lambda: sum(1 for l in r.logs() if l.get("event") == "reload ok") >= 25)
     # the newest file (config_b) is applied: its new route is live
-    async with aiohttp.ClientSession() as s:
-        for _ in range(50):
-            async with s.get(f"http://127.0.0.1:{port}/extra/echo") as resp:
-                if resp.status == 200:
-                    break
-            await asyncio.sleep(0.05)
-        assert resp.status == 200
+    assert await route_status(port, "/extra/echo", timeout=2.5) == 200
     m = await get_metrics(admin)
     assert metric(m, "relayd_reloads_total", result="ok") >= 25
     assert metric(m, "relayd_config_generation") >= 26
@@ -179,13 +184,7 @@ async def test_burst_of_sighups_applies_newest_file(fake, make_relayd):
         r.signal(signal.SIGHUP)
     assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
     # the burst coalesces into few reloads; the last one reads the newest file
-    async with aiohttp.ClientSession() as s:
-        for _ in range(100):
-            async with s.get(f"http://127.0.0.1:{port}/v9/echo") as resp:
-                if resp.status == 200:
-                    break
-            await asyncio.sleep(0.05)
-        assert resp.status == 200
+    assert await route_status(port, "/v9/echo") == 200
 
 
 async def test_listen_change_needs_restart(fake, make_relayd):

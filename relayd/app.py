@@ -1,7 +1,10 @@
-"""App wiring: the request entry point, the admin endpoints, and the one swappable reference.
+"""App wiring: the request handler, the admin endpoints, and the one swappable reference.
 
-``App.table`` is the only thing a reload changes.  ``handle`` reads it once per request,
-so a request finishes on the table (routes, keys, pools) it started with.
+``App.table`` is the only thing a reload changes.  ``handle`` reads it once per request
+and holds it to the end, so a request finishes on the table (routes, keys, pools) it
+started with.  The handler is the one writer of the request's ``Exchange``: it runs the
+two phases — ``forward`` (before commit) and ``stream.Stream`` (after) — and records
+what they return.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import re
 import secrets
 from aiohttp import web
 
-from . import logs
+from . import logs, providers
 from .config import Config
+from .exchange import End, Exchange
+from .forward import Forwarded, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
-from .pipe import Exchange, relay
-from .providers import not_found_body
-from .routes import RouteTable
+from .routes import Match, RouteTable
+from .stream import Stream
 from .upstreams import PoolRegistry
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -37,10 +41,12 @@ class App:
         self.active: set[Exchange] = set()
         self.draining = False
         self.generation = 0
-        self.table: RouteTable = self.install(config)
+        self.table: RouteTable | None = None
+        self.install(config)
 
     @property
     def config(self) -> Config:
+        assert self.table is not None
         return self.table.config
 
     def install(self, config: Config) -> RouteTable:
@@ -49,12 +55,16 @@ class App:
         self.generation += 1
         table = RouteTable(config, pools, self.generation)
         logs.set_secrets(u.api_key for u in config.upstreams.values())
-        self.table = table
+        old, self.table = self.table, table
+        if old is not None:
+            old.supersede()
         self.metrics.generation.set(self.generation)
         return table
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         table = self.table
+        assert table is not None
+        table.enter()
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
             raw = request.rel_url.raw_path_qs
@@ -63,41 +73,81 @@ class App:
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, path,
                       peer[0] if peer else None)
         self.active.add(ex)
+        match: Match | None = None
+        body: RequestBody | None = None
+        st: Stream | None = None
         try:
             match = table.match(path)
             if match is None:
-                ex.status, ex.end_reason = 404, "done"
-                return web.Response(status=404, body=not_found_body(path),
+                ex.status = 404
+                return web.Response(status=404, body=providers.not_found_body(path),
                                     content_type="application/json",
                                     headers={"X-Request-Id": ex.request_id})
-            resp = await relay(request, match, ex, self.metrics, self.log)
+            ex.route = match.route.path
+            body = RequestBody(request, replay=len(match.targets) > 1)
+            fw = await forward(request, match, ex.request_id, body, self.metrics, self.log)
+            self._forwarded(ex, fw)
+            if fw.error is not None:
+                return fw.error
+            assert fw.resp is not None and fw.target is not None
+            try:
+                st = Stream(request, fw.resp, providers.get(fw.target.upstream.provider),
+                            match.route.timeouts, match.route.heartbeat, ex.request_id)
+                ex.stopper = st.stop
+                ex.streaming = True
+                self.metrics.stream_started(match.route.path)
+                ex.end = await st.relay()
+            finally:
+                fw.target.pool.release()
+                if st is None:
+                    fw.resp.close()
+                else:
+                    self.metrics.stream_ended(match.route.path)
             if self.draining:
-                resp.force_close()
-            return resp
-        except asyncio.CancelledError:
-            ex.end_reason = "client_gone"
-            raise
-        except ConnectionError:
-            ex.end_reason = "client_gone"
+                st.out.force_close()
+            return st.out
+        except (asyncio.CancelledError, ConnectionError):
+            ex.end = End.CLIENT_GONE
             raise
         except Exception:
             self.log.exception("internal error", request_id=ex.request_id)
-            ex.status, ex.end_reason = 500, "error"
-            return web.Response(status=500, content_type="application/json",
-                                body=b'{"error":{"message":"relayd internal error","type":"server_error","param":null,"code":null}}')
+            ex.end = End.ERROR
+            if st is not None and st.committed:
+                if request.transport is not None:
+                    request.transport.close()
+                return st.out
+            ex.status = 500
+            provider = providers.get(match.targets[0].upstream.provider if match else "generic")
+            return error_response(provider, 500, f"relayd internal error (request id {ex.request_id})",
+                                  "internal_error", ex.request_id)
         finally:
+            table.leave()
+            ex.stopper = None
+            if body is not None:
+                ex.bytes_in = body.bytes_in
+            if st is not None:
+                ex.bytes_out, ex.events, ex.heartbeats = st.bytes_out, st.events, st.heartbeats
+                ex.injected = st.injected
+                ex.usage = st.usage(partial=ex.end != End.DONE)
             self.active.discard(ex)
             self.metrics.finished(ex)
             if table.config.access_log:
                 self._access(ex)
 
+    @staticmethod
+    def _forwarded(ex: Exchange, fw: Forwarded) -> None:
+        ex.attempts, ex.upstream, ex.status, ex.end = fw.attempts, fw.upstream, fw.status, fw.reason
+        if fw.resp is not None:
+            ex.ttfb = ex.duration
+
     def _access(self, ex: Exchange) -> None:
         self.log.info(
             "access", request_id=ex.request_id, method=ex.method, path=ex.path, route=ex.route,
-            upstream=ex.upstream, attempts=ex.attempts, status=ex.status, end_reason=ex.end_reason,
+            upstream=ex.upstream, attempts=ex.attempts, status=ex.status, end_reason=str(ex.end),
             ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
             duration_ms=round(ex.duration * 1000, 1), bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
-            events=ex.events, heartbeats=ex.heartbeats, injected_error=ex.injected,
+            events=ex.events, heartbeats=ex.heartbeats,
+            injected_error=str(ex.injected) if ex.injected else None,
             client=ex.client, usage=ex.usage.as_log() if ex.usage else None)
 
     # -- admin listener
@@ -118,14 +168,14 @@ class App:
         return web.json_response({"status": "ready", "generation": self.generation})
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        body = self.metrics.render(self.registry.pools())
+        body = self.metrics.render(self.registry.pools(), len(self.active))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def status_line(self) -> str:
         streams = sum(1 for e in self.active if e.streaming)
         return f"config generation {self.generation}; {streams} active streams"
 
-    def stop_streams(self, reason: str) -> int:
+    def stop_streams(self, reason: End) -> int:
         n = 0
         for ex in list(self.active):
             ex.stop(reason)

@@ -25,6 +25,7 @@ from . import config as config_mod
 from . import logs
 from .app import App
 from .config import Config, ConfigError
+from .exchange import End
 
 
 def notify(message: str) -> bool:
@@ -140,7 +141,7 @@ class Daemon:
         while app.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if app.active:
-            n = app.stop_streams("shutdown")
+            n = app.stop_streams(End.SHUTDOWN)
             self.log.info("grace over: ending remaining requests", requests=n)
             end = time.monotonic() + 1
             while app.active and time.monotonic() < end:

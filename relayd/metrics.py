@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from .pipe import Exchange
+    from .exchange import Exchange
     from .upstreams import Pool
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -41,6 +41,8 @@ class Metrics:
                              ["upstream"], registry=r)
         self.inflight = Gauge("relayd_upstream_inflight", "Requests holding an upstream's pool now",
                               ["upstream"], registry=r)
+        self.requests_active = Gauge("relayd_requests_active",
+                                     "Requests being handled now, in any phase", registry=r)
         self.reloads = Counter("relayd_reloads_total", "Config reloads by result", ["result"],
                                registry=r)
         self.generation = Gauge("relayd_config_generation", "Generation of the config in use",
@@ -71,12 +73,12 @@ class Metrics:
         route = ex.route or "none"
         c = self._child
         c(self.requests, route, ex.upstream or "none", str(ex.status)).inc()
-        c(self.stream_end, route, ex.end_reason).inc()
+        c(self.stream_end, route, str(ex.end)).inc()
         if ex.ttfb is not None:
             c(self.ttfb, route).observe(ex.ttfb)
         c(self.duration, route).observe(ex.duration)
         if ex.injected:
-            c(self.injected, route, ex.injected).inc()
+            c(self.injected, route, str(ex.injected)).inc()
         if ex.heartbeats:
             self.heartbeats.inc(ex.heartbeats)
         c(self.bytes, route, "in").inc(ex.bytes_in)
@@ -88,7 +90,8 @@ class Metrics:
             if usage.output:
                 c(self.tokens, route, "output").inc(usage.output)
 
-    def render(self, pools: Iterable[Pool]) -> bytes:
+    def render(self, pools: Iterable[Pool], active: int) -> bytes:
+        self.requests_active.set(active)
         for p in pools:
             self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
             self._child(self.inflight, p.upstream.name).set(p.inflight)

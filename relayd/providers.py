@@ -1,10 +1,17 @@
-"""Provider rules: auth headers, error bodies, injected error events, end markers.
+"""Provider rules, one record per provider: auth, error bodies, error events, stream ends.
 
-Everything that differs between OpenAI, Anthropic, Azure, Gemini and generic
-OpenAI-compatible servers lives here, so that the pipe stays provider-agnostic.  Error
-shapes follow what each official SDK raises on (see tests/fixtures/error-formats.md):
-a client talking to relayd must get the same exception type it would get from the
-provider itself.
+Everything that differs between OpenAI, Azure, Anthropic, Gemini and generic
+OpenAI-compatible servers lives here; no other module names a provider.  Error shapes
+follow what each official SDK raises on (tests/fixtures/error-formats.md): a client
+talking to relayd gets the exception type it would get from the provider itself.
+
+The endpoint table says, per provider and upstream path, what a *natural* end of an SSE
+stream looks like.  A clean close before it is a truncation and gets one injected error
+event; a clean close on an endpoint the table does not know is a natural end (as on a
+``generic`` route), because relayd cannot tell a finished unknown stream from a cut one
+and must not turn a success into a failure.  Transport failures (reset, short body,
+timeouts, shutdown) get the event on every SSE endpoint.  A stream whose provider
+already sent its own error event never gets a second one.
 """
 
 from __future__ import annotations
@@ -12,177 +19,273 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from multidict import CIMultiDict
 
+from .exchange import End
+
+# Every header a client may put its provider credential in; all are removed when relayd
+# sets the upstream's own key, so a client key never reaches a provider.
 CLIENT_CREDENTIALS = ("Authorization", "x-api-key", "api-key", "x-goog-api-key")
 
-# Why each end reason happened, as a client-facing sentence (no secrets, no tracebacks).
-REASON_TEXT = {
-    "upstream_reset": "upstream connection reset after {bytes} bytes",
-    "upstream_eof": "upstream closed the stream after {bytes} bytes without its end marker",
-    "idle_timeout": "no data from upstream for {idle}",
-    "total_timeout": "stream exceeded the total time limit of {total}",
-    "shutdown": "relayd is shutting down; the stream was ended",
+# Why a stream was ended, as a client-facing sentence (no secrets, no tracebacks).
+REASON_TEXT: Mapping[End, str] = {
+    End.UPSTREAM_RESET: "upstream connection reset after {bytes} bytes",
+    End.UPSTREAM_EOF: "upstream closed the stream after {bytes} bytes without its end marker",
+    End.IDLE_TIMEOUT: "no data from upstream for {idle}",
+    End.TOTAL_TIMEOUT: "stream exceeded the total time limit of {total}",
+    End.SEND_TIMEOUT: "client accepted no data for {send}",
+    End.SHUTDOWN: "relayd is shutting down; the stream was ended",
+    End.ERROR: "relayd internal error",
 }
-
-
-def set_auth(headers: CIMultiDict[str], provider: str, api_key: str | None) -> None:
-    """Replace client credentials with the upstream's key; without a key, pass them through."""
-    if not api_key:
-        return
-    for name in CLIENT_CREDENTIALS:
-        headers.popall(name, None)
-    if provider == "anthropic":
-        headers["x-api-key"] = api_key
-    elif provider == "azure":
-        headers["api-key"] = api_key
-    elif provider == "gemini":
-        headers["x-goog-api-key"] = api_key
-    else:
-        headers["Authorization"] = f"Bearer {api_key}"
 
 
 def _dumps(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-# --------------------------------------------------------------------------- HTTP errors
-
-_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
-                  500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
-                  504: "DEADLINE_EXCEEDED"}
-_ANTHROPIC_TYPE = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-                   429: "rate_limit_error", 500: "api_error", 502: "api_error",
-                   503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
-_OPENAI_TYPE = {400: "invalid_request_error", 404: "not_found", 413: "invalid_request_error",
-                502: "server_error", 503: "server_error", 504: "timeout"}
+def _timeout(reason: End) -> bool:
+    return reason in (End.IDLE_TIMEOUT, End.TOTAL_TIMEOUT, End.SEND_TIMEOUT)
 
 
-def error_body(provider: str, status: int, message: str, code: str) -> bytes:
-    """A JSON error body in the provider's own HTTP error shape."""
-    if provider == "anthropic":
-        return _dumps({"type": "error",
-                       "error": {"type": _ANTHROPIC_TYPE.get(status, "api_error"),
-                                 "message": message}})
-    if provider == "gemini":
-        return _dumps({"error": {"code": status, "message": message,
-                                 "status": _GEMINI_STATUS.get(status, "UNKNOWN")}})
-    return _dumps({"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error"),
-                             "param": None, "code": code}})
+# --------------------------------------------------------------------------- end tests
 
+def end_test(events: tuple[str, ...] = (), data: tuple[str, ...] = (),
+             fields: tuple[str, ...] = ()) -> Callable[[bytes], bool]:
+    """A test over released runs of complete SSE blocks: did the stream end here?
 
-def not_found_body(path: str) -> bytes:
-    return _dumps({"error": {"message": f"no route for {path}", "type": "not_found"}})
-
-
-# --------------------------------------------------------------------------- stream errors
-
-@dataclass(frozen=True)
-class StreamKind:
-    """How one response stream ends naturally and how relayd reports its failure."""
-
-    provider: str
-    responses: bool  # OpenAI Responses API (…/responses)
-
-    @property
-    def strict_end(self) -> bool:
-        """Whether a clean close without the end marker counts as a failure."""
-        return self.provider != "generic"
-
-
-def stream_kind(provider: str, upstream_path: str) -> StreamKind:
-    return StreamKind(provider, upstream_path.rstrip("/").endswith("/responses"))
-
-
-# Field lines that end a stream; they must start a line.  Each pattern begins with its
-# literal ("data:", "event:") so the regex engine can scan for it instead of trying
-# every position; the line-start condition is checked on the match.
-_CHAT_END = re.compile(rb'data: ?(?:\[DONE\]|\{"error")|event: ?error[\r\n]')
-_RESPONSES_END = re.compile(rb'event: ?(?:response\.(?:completed|incomplete|failed)|error)[\r\n]')
-_RESPONSES_TYPE = re.compile(rb'"type": ?"response\.(?:completed|incomplete|failed)"')
-_ANTHROPIC_END = re.compile(rb'event: ?(?:message_stop|error)[\r\n]')
-_ANTHROPIC_STOP = re.compile(rb'"type": ?"message_stop"')
-_DATA_ERROR = re.compile(rb'data: ?\{"error"')
-
-
-def _starts_line(rx: re.Pattern[bytes], seg: bytes) -> bool:
-    """A match at the start of a line (segments always begin at a line start)."""
-    for m in rx.finditer(seg):
-        s = m.start()
-        if s == 0 or seg[s - 1] in b"\r\n":
-            return True
-    return False
-
-
-def end_marker(kind: StreamKind) -> Callable[[bytes], bool]:
-    """A test over released complete blocks that finds the provider's natural end.
-
-    It runs once per released segment, so a substring pre-check (C speed) decides for
-    nearly every event; a regex only confirms candidates.
+    ``events`` are event names, found as an ``event:`` line or a JSON ``"type"``;
+    ``data`` are data-line payload prefixes (``[DONE]``); ``fields`` are literal JSON
+    fragments whose presence ends the stream (Gemini's ``"finishReason"``).  The
+    provider's own error (``event: error``, ``"type":"error"``, ``data: {"error"``)
+    always ends it.  A substring pre-check decides for nearly every event at C speed; a
+    regex only confirms candidates.
     """
-    if kind.provider == "anthropic":
-        def anthropic(seg: bytes) -> bool:
-            return ((b"message_stop" in seg or b"error" in seg)
-                    and (_starts_line(_ANTHROPIC_END, seg) or _ANTHROPIC_STOP.search(seg) is not None))
-        return anthropic
-    if kind.provider == "gemini":
-        def gemini(seg: bytes) -> bool:
-            return b"finishReason" in seg or (b'{"error"' in seg and _starts_line(_DATA_ERROR, seg))
-        return gemini
-    if kind.responses:
-        def responses(seg: bytes) -> bool:
-            return ((b"error" in seg or b"response.completed" in seg
-                     or b"response.incomplete" in seg or b"response.failed" in seg)
-                    and (_starts_line(_RESPONSES_END, seg) or _RESPONSES_TYPE.search(seg) is not None))
-        return responses
+    names = (*events, "error")
+    alt = "|".join(re.escape(n) for n in names).encode()
+    line_rx = re.compile(rb"event: ?(?:" + alt + rb")[\r\n]|data: ?(?:\{\"error\""
+                         + b"".join(b"|" + re.escape(d.encode()) for d in data) + rb")")
+    type_rx = re.compile(rb'"type": ?"(?:' + alt + rb')"')
+    literals = tuple({n.encode() for n in names} | {d.encode() for d in data})
+    found = tuple(f.encode() for f in fields)
 
-    def chat(seg: bytes) -> bool:
-        return (b"[DONE]" in seg or b"error" in seg) and _starts_line(_CHAT_END, seg)
-    return chat
+    def ends(seg: bytes) -> bool:
+        for f in found:
+            if f in seg:
+                return True
+        for lit in literals:
+            if lit in seg:
+                break
+        else:
+            return False
+        for m in line_rx.finditer(seg):  # field lines must start a line
+            s = m.start()
+            if s == 0 or seg[s - 1] in b"\r\n":
+                return True
+        return type_rx.search(seg) is not None
+    return ends
 
 
-def is_bare_error(tail: bytes) -> bool:
-    """Gemini's own mid-stream error: bare JSON after the last event (upstream content)."""
-    return tail.lstrip().startswith(b"{") and b'"error"' in tail
+# --------------------------------------------------------------------------- error events
 
+EventMaker = Callable[[End, str, bytes], list[bytes]]  # (reason, message, last block) -> lines
 
 _SEQ = re.compile(rb'"sequence_number": ?(\d+)')
 
 
-def last_sequence_number(block: bytes) -> int | None:
-    found = _SEQ.findall(block)
-    return int(found[-1]) if found else None
+def _openai_error(reason: End, message: str) -> dict[str, object]:
+    return {"message": message, "type": "timeout" if _timeout(reason) else "server_error",
+            "param": None, "code": str(reason)}
 
 
-def error_event(kind: StreamKind, reason: str, message: str, *, seq: int | None = None,
-                crlf: bool = False) -> bytes:
-    """Exactly one SSE event, in the provider's mid-stream error format.
+def _chat_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    """``data: {"error": …}`` and no ``[DONE]``: a client that ignores the error still
+    sees a truncated stream, not a complete one."""
+    return [b"data: " + _dumps({"error": _openai_error(reason, message)})]
 
-    Chat-style streams get ``data: {"error": …}`` and no ``[DONE]`` (so a client that
-    ignores the error still sees a truncated stream, not a complete one).
-    """
-    timeout = reason.endswith("timeout")
-    if kind.provider == "anthropic":
-        etype = "timeout_error" if timeout else ("overloaded_error" if reason == "shutdown"
-                                                 else "api_error")
-        lines = [b"event: error",
-                 b"data: " + _dumps({"type": "error", "error": {"type": etype, "message": message}})]
-    elif kind.provider == "gemini":
-        code, status = (504, "DEADLINE_EXCEEDED") if timeout else (503, "UNAVAILABLE")
-        lines = [b"data: " + _dumps({"error": {"code": code, "message": message, "status": status}})]
-    elif kind.responses:
-        etype = "timeout" if timeout else "server_error"
-        inner = {"type": etype, "code": reason, "message": message, "param": None}
-        # Flat fields for strict schema readers, nested "error" so openai-python raises.
-        lines = [b"event: error",
-                 b"data: " + _dumps({"type": "error", "sequence_number": (seq + 1) if seq is not None else 0,
-                                     "code": reason, "message": message, "param": None,
-                                     "error": inner})]
-    else:
-        etype = "timeout" if timeout else "server_error"
-        lines = [b"data: " + _dumps({"error": {"message": message, "type": etype,
-                                               "param": None, "code": reason}})]
-    eol = b"\r\n" if crlf else b"\n"
-    return eol.join(lines) + eol + eol
+
+def _responses_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    """Flat fields for strict schema readers, nested ``error`` so openai-python raises;
+    ``sequence_number`` continues the stream's own numbering."""
+    found = _SEQ.findall(last)
+    seq = int(found[-1]) + 1 if found else 0
+    inner = _openai_error(reason, message)
+    return [b"event: error",
+            b"data: " + _dumps({"type": "error", "sequence_number": seq, "code": str(reason),
+                                "message": message, "param": None, "error": inner})]
+
+
+def _typed_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    """OpenAI's typed event streams (audio, images): an ``error`` event."""
+    return [b"event: error",
+            b"data: " + _dumps({"type": "error", "error": _openai_error(reason, message)})]
+
+
+def _anthropic_type(status_or_reason: int | End) -> str:
+    if isinstance(status_or_reason, End):
+        if _timeout(status_or_reason):
+            return "timeout_error"
+        return "overloaded_error" if status_or_reason == End.SHUTDOWN else "api_error"
+    return _ANTHROPIC_TYPE.get(status_or_reason, "api_error")
+
+
+def _anthropic_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    return [b"event: error", b"data: " + _dumps(
+        {"type": "error", "error": {"type": _anthropic_type(reason), "message": message}})]
+
+
+def _gemini_error(reason: End, message: str) -> dict[str, object]:
+    code, status = (504, "DEADLINE_EXCEEDED") if _timeout(reason) else (503, "UNAVAILABLE")
+    return {"error": {"code": code, "message": message, "status": status}}
+
+
+def _gemini_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    return [b"data: " + _dumps(_gemini_error(reason, message))]
+
+
+def _interactions_event(reason: End, message: str, last: bytes) -> list[bytes]:
+    return [b"event: error", b"data: " + _dumps(_gemini_error(reason, message))]
+
+
+# --------------------------------------------------------------------------- endpoints
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One kind of SSE stream: how it ends naturally and how its failure is reported."""
+
+    name: str
+    path: re.Pattern[str] | None  # searched in the upstream path; None: the provider's fallback
+    natural_end: bool             # False: a clean close counts as the natural end
+    ends: Callable[[bytes], bool]
+    event: EventMaker
+
+    def error_event(self, reason: End, message: str, last: bytes, crlf: bool) -> bytes:
+        """Exactly one SSE event, in this endpoint's mid-stream error format."""
+        eol = b"\r\n" if crlf else b"\n"
+        return eol.join(self.event(reason, message, last)) + eol + eol
+
+
+def _ep(name: str, path: str | None, event: EventMaker, **end: tuple[str, ...]) -> Endpoint:
+    return Endpoint(name, re.compile(path) if path else None, path is not None,
+                    end_test(**end), event)
+
+
+_DONE = ("[DONE]",)
+_RESPONSES = ("response.completed", "response.incomplete", "response.failed")
+_OPENAI = (
+    _ep("chat", r"/chat/completions$", _chat_event, data=_DONE),
+    _ep("completions", r"/completions$", _chat_event, data=_DONE),
+    _ep("responses", r"/responses$", _responses_event, events=_RESPONSES),
+    _ep("responses.resume", r"/responses/[^/]+$", _responses_event, events=_RESPONSES),
+    _ep("assistants.runs", r"/threads/(?:[^/]+/)?runs(?:/[^/]+/submit_tool_outputs)?$",
+        _chat_event, events=("done",), data=_DONE),
+    _ep("audio.speech", r"/audio/speech$", _typed_event, events=("speech.audio.done",)),
+    _ep("audio.transcriptions", r"/audio/transcriptions$", _typed_event,
+        events=("transcript.text.done",)),
+    _ep("images.generations", r"/images/generations$", _typed_event,
+        events=("image_generation.completed",)),
+    _ep("images.edits", r"/images/edits$", _typed_event, events=("image_edit.completed",)),
+)
+_ANTHROPIC = (
+    _ep("messages", r"/messages$", _anthropic_event, events=("message_stop",)),
+    # Legacy text completions: the last `completion` event carries a non-null stop_reason.
+    _ep("complete", r"/complete$", _anthropic_event, fields=('"stop_reason":"', '"stop_reason": "')),
+)
+_GEMINI = (
+    _ep("streamGenerateContent", r"(?::|%3[aA])streamGenerateContent$", _gemini_event,
+        fields=('"finishReason"', '"blockReason"')),
+    _ep("interactions", r"/interactions(?:/[^/]+)?$", _interactions_event,
+        events=("interaction.completed", "interaction.complete")),
+)
+
+
+# --------------------------------------------------------------------------- providers
+
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                  404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                  502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 502: "api_error",
+                   503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+_OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error",
+                403: "invalid_request_error", 404: "not_found", 413: "invalid_request_error",
+                431: "invalid_request_error", 502: "server_error", 503: "server_error",
+                504: "timeout"}
+
+
+def _openai_body(status: int, message: str, code: str) -> bytes:
+    return _dumps({"error": {"message": message, "type": _OPENAI_TYPE.get(status, "server_error"),
+                             "param": None, "code": code}})
+
+
+def _anthropic_body(status: int, message: str, code: str) -> bytes:
+    return _dumps({"type": "error", "error": {"type": _anthropic_type(status), "message": message}})
+
+
+def _gemini_body(status: int, message: str, code: str) -> bytes:
+    return _dumps({"error": {"code": status, "message": message,
+                             "status": _GEMINI_STATUS.get(status, "UNKNOWN")}})
+
+
+def _tail_is_json_error(tail: bytes) -> bool:
+    """Gemini's own mid-stream error: bare JSON after the last event (upstream content)."""
+    return tail.lstrip().startswith(b"{") and b'"error"' in tail
+
+
+def _never(tail: bytes) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    auth_header: str                         # where the upstream key goes
+    auth_prefix: str                         # e.g. "Bearer "
+    body: Callable[[int, str, str], bytes]   # (status, message, code) -> HTTP error body
+    crlf: bool                               # line ends for an event before any upstream block
+    endpoints: tuple[Endpoint, ...]
+    fallback: Endpoint                       # an SSE endpoint the table does not know
+    tail_is_error: Callable[[bytes], bool] = _never  # unterminated tail that is the provider's error
+
+    def endpoint(self, upstream_path: str) -> Endpoint:
+        for ep in self.endpoints:
+            assert ep.path is not None
+            if ep.path.search(upstream_path):
+                return ep
+        return self.fallback
+
+    def set_auth(self, headers: CIMultiDict[str], api_key: str | None) -> None:
+        """Replace client credentials with the upstream's key; without a key, pass them on."""
+        if not api_key:
+            return
+        for name in CLIENT_CREDENTIALS:
+            headers.popall(name, None)
+        headers[self.auth_header] = self.auth_prefix + api_key
+
+    def error_body(self, status: int, message: str, code: str) -> bytes:
+        return self.body(status, message, code)
+
+
+_OPENAI_FALLBACK = _ep("unknown", None, _chat_event)
+PROVIDERS: Mapping[str, Provider] = {
+    "openai": Provider("openai", "Authorization", "Bearer ", _openai_body, False, _OPENAI,
+                       _OPENAI_FALLBACK),
+    "azure": Provider("azure", "api-key", "", _openai_body, False, _OPENAI, _OPENAI_FALLBACK),
+    "anthropic": Provider("anthropic", "x-api-key", "", _anthropic_body, False, _ANTHROPIC,
+                          _ep("unknown", None, _anthropic_event)),
+    "gemini": Provider("gemini", "x-goog-api-key", "", _gemini_body, True, _GEMINI,
+                       _ep("unknown", None, _gemini_event), _tail_is_json_error),
+    "generic": Provider("generic", "Authorization", "Bearer ", _openai_body, False, (),
+                        _OPENAI_FALLBACK),
+}
+NAMES = tuple(PROVIDERS)
+
+
+def get(name: str) -> Provider:
+    return PROVIDERS[name]
+
+
+def not_found_body(path: str) -> bytes:
+    return _dumps({"error": {"message": f"no route for {path}", "type": "not_found"}})

@@ -2,7 +2,9 @@
 
 A table is built once per config generation and never changes; a request takes the
 table current when it arrives and keeps it to the end, so a reload can never change
-where a running request goes or which key it uses.
+where a running request goes or which key it uses.  A request holds its table
+(``enter``/``leave``) for its whole life, and a table holds its pools: the pools of a
+generation stay open while anyone can still use them.
 """
 
 from __future__ import annotations
@@ -32,11 +34,35 @@ class RouteTable:
     def __init__(self, config: Config, pools: dict[str, Pool], generation: int) -> None:
         self.config = config
         self.generation = generation
+        self.users = 0          # requests holding this table
+        self.current = True     # the table new requests get
+        self._pools = tuple({id(p): p for p in pools.values()}.values())
+        for p in self._pools:
+            p.ref()
         # Longest prefix first, so the first hit is the best one.
         self._routes = sorted(
             ((r, tuple(Target(config.upstreams[n], pools[n]) for n in r.upstreams))
              for r in config.routes),
             key=lambda rt: len(rt[0].path), reverse=True)
+
+    def enter(self) -> None:
+        self.users += 1
+
+    def leave(self) -> None:
+        self.users -= 1
+        if not self.users and not self.current:
+            self._retire()
+
+    def supersede(self) -> None:
+        """A newer table took over: let go of the pools once the last request left."""
+        self.current = False
+        if not self.users:
+            self._retire()
+
+    def _retire(self) -> None:
+        pools, self._pools = self._pools, ()
+        for p in pools:
+            p.unref()
 
     def match(self, raw_path: str) -> Match | None:
         """Match on the raw (still percent-encoded) path, so what is forwarded is what came in."""

@@ -2,9 +2,12 @@
 
 A pool is keyed by what decides its connections (url origin, pool size, keepalive, TLS,
 proxy).  A reload asks the registry for pools again: unchanged upstreams get their warm
-pool back; pools no longer wanted are retired and closed once their last in-flight
-request has ended, never under a live stream.  The passive circuit breaker lives on the
-pool, so it survives reloads with it.
+pool back; pools no longer wanted are retired.  A retired pool closes when no route
+table that uses it is still live — the current table, or an old one a request still
+holds (``routes.RouteTable.enter``/``leave``).  Counting tables rather than attempts
+means a request that is still reading its upload, or whose first failover attempt is
+in flight, can never find its next upstream's pool closed under it.  The passive
+circuit breaker lives on the pool, so it survives reloads with it.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Pool:
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**16)
-        self.inflight = 0
+        self.inflight = 0  # requests using the pool now (a gauge; not what keeps it open)
+        self.tables = 0    # live route tables that hand out this pool
         self.retired = False
         self.closed = False
         self.failures = 0
@@ -79,7 +83,13 @@ class Pool:
 
     def release(self) -> None:
         self.inflight -= 1
-        if self.retired and self.inflight == 0:
+
+    def ref(self) -> None:
+        self.tables += 1
+
+    def unref(self) -> None:
+        self.tables -= 1
+        if self.retired and self.tables == 0:
             _close_later(self)
 
     async def close(self) -> None:
@@ -109,7 +119,7 @@ class PoolRegistry:
         for key, pool in self._pools.items():
             if key not in wanted:
                 pool.retired = True
-                if pool.inflight == 0:
+                if pool.tables == 0:
                     _close_later(pool)
         self._pools = wanted
         return by_name

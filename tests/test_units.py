@@ -52,13 +52,13 @@ def test_request_id_rules():
 
 def test_error_bodies_per_provider():
     import json
-    o = json.loads(providers.error_body("openai", 502, "m", "connect_error"))
+    o = json.loads(providers.get("openai").error_body(502, "m", "connect_error"))
     assert o == {"error": {"message": "m", "type": "server_error", "param": None, "code": "connect_error"}}
-    a = json.loads(providers.error_body("anthropic", 504, "m", "x"))
+    a = json.loads(providers.get("anthropic").error_body(504, "m", "x"))
     assert a == {"type": "error", "error": {"type": "timeout_error", "message": "m"}}
-    g = json.loads(providers.error_body("gemini", 504, "m", "x"))
+    g = json.loads(providers.get("gemini").error_body(504, "m", "x"))
     assert g == {"error": {"code": 504, "message": "m", "status": "DEADLINE_EXCEEDED"}}
-    az = json.loads(providers.error_body("azure", 502, "m", "c"))
+    az = json.loads(providers.get("azure").error_body(502, "m", "c"))
     assert set(az["error"]) == {"message", "type", "param", "code"}
 
 

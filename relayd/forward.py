@@ -1,0 +1,245 @@
+"""Before commit: from a matched request to an open upstream response, or an error.
+
+Until the first response byte goes to the client nothing is promised, so everything
+can still be retried: this phase reads (and, for failover, buffers) the request body,
+picks upstreams in route order past open breakers, sends, classifies each failure, and
+fails over.  It returns either an upstream response with its status and headers read
+(the point of no return is the caller's ``prepare``) or a complete provider-format error
+response.  No provider is named here; ``providers`` answers everything that differs.
+
+Failures become short client messages that never carry upstream bytes, addresses or
+library text (they can hold a host name, a key echoed by a broken upstream, a path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from . import headers as hdrs
+from . import providers
+from .exchange import End
+from .routes import Match, Target, upstream_url
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+REPLAY_LIMIT = 8 * 1024 * 1024
+_KEEP_ERROR_BODY = 1024 * 1024
+
+
+class _Failure(Exception):
+    """An attempt that produced no usable response."""
+
+    def __init__(self, reason: End, status: int, message: str) -> None:
+        self.reason, self.status, self.message = reason, status, message
+
+
+@dataclass
+class Forwarded:
+    """What the phase did: an open upstream response, or the response to send instead."""
+
+    attempts: int = 0
+    upstream: str | None = None
+    resp: aiohttp.ClientResponse | None = None
+    target: Target | None = None
+    error: web.Response | None = None
+    reason: End = End.DONE
+    status: int = 0
+
+
+@dataclass
+class RequestBody:
+    """The request body as it goes upstream, and how much of it came in."""
+
+    request: web.BaseRequest
+    replay: bool  # buffer it so another upstream can be tried
+    bytes_in: int = 0
+    data: Any = None
+    replayable: bool = True
+    _head: bytes = field(default=b"", repr=False)
+
+    async def prepare(self) -> None:
+        request = self.request
+        if not request.body_exists:
+            return
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        content = request.content
+        if self.replay:
+            buf = bytearray()
+            while len(buf) <= REPLAY_LIMIT:
+                chunk = await content.readany()
+                if not chunk:
+                    self.bytes_in = len(buf)
+                    self.data = bytes(buf)
+                    return
+                buf += chunk
+            self._head = bytes(buf)
+            self.bytes_in = len(buf)
+        self.replayable = False
+        self.data = self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        content = self.request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return
+            self.bytes_in += len(chunk)
+            yield chunk
+
+
+def _order(targets: tuple[Target, ...]) -> list[Target]:
+    """Route order, skipping upstreams whose breaker is open while another is available."""
+    closed = [t for t in targets if not t.pool.breaker_open]
+    return closed or list(targets)
+
+
+async def forward(request: web.BaseRequest, match: Match, request_id: str, body: RequestBody,
+                  metrics: Any, log: Any) -> Forwarded:
+    route = match.route
+    provider = providers.get(match.targets[0].upstream.provider)
+    query = request.raw_path.partition("?")[2]
+    base_headers = hdrs.for_upstream(request.headers, request_id)
+    out = Forwarded()
+    await body.prepare()
+
+    kept_error: web.Response | None = None
+    last_failure: _Failure | None = None
+    candidates = _order(match.targets)
+    for i, target in enumerate(candidates):
+        if i > 0 and not body.replayable:
+            break
+        up = target.upstream
+        out.upstream = up.name
+        out.attempts += 1
+        headers = CIMultiDict(base_headers)
+        providers.get(up.provider).set_auth(headers, up.api_key)
+        for k, v in up.headers:
+            headers[k] = v
+        url = URL(up.origin + upstream_url(up.url.raw_path, match.rest, query), encoded=True)
+        last = i == len(candidates) - 1
+        target.pool.acquire()
+        try:
+            resp = await _send(target, request.method, url, headers, body.data, route.timeouts)
+        except _Failure as f:
+            target.pool.release()
+            target.pool.record(False)
+            metrics.attempt(up.name, f.reason)
+            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
+                        attempt=out.attempts, reason=f.reason)
+            last_failure = f
+            continue
+        except BaseException:  # the client went away while we waited: free the slot all the same
+            target.pool.release()
+            raise
+        if resp.status in RETRY_STATUSES and not last and body.replayable:
+            target.pool.record(False)
+            metrics.attempt(up.name, f"status_{resp.status}")
+            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
+                        attempt=out.attempts, reason=f"status {resp.status}")
+            try:
+                kept_error = await _keep(resp, request_id)
+            finally:
+                target.pool.release()
+            last_failure = None
+            continue
+        target.pool.record(resp.status < 500 or resp.status in (501, 505))
+        metrics.attempt(up.name, "ok" if resp.status < 400 else f"status_{resp.status}")
+        out.resp, out.target, out.status = resp, target, resp.status
+        return out
+
+    if kept_error is not None and last_failure is not None:
+        # Every upstream failed; the last real provider answer says more than relayd can.
+        out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
+        return out
+    f = last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available")
+    out.status, out.reason = f.status, f.reason
+    out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
+                               f.reason, request_id)
+    return out
+
+
+def error_response(provider: providers.Provider, status: int, message: str, code: str,
+                   request_id: str) -> web.Response:
+    return web.Response(status=status, body=provider.error_body(status, message, code),
+                        content_type="application/json", headers={"X-Request-Id": request_id})
+
+
+async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response | None:
+    """A retryable error answer, kept to relay as is should every other upstream fail."""
+    try:
+        body = await resp.content.read(_KEEP_ERROR_BODY)
+        return web.Response(status=resp.status, reason=resp.reason, body=body,
+                            headers=hdrs.for_client(resp.headers, request_id, drop_length=True))
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    finally:
+        if resp.content.is_eof():
+            resp.release()  # read to the end: the connection can be reused
+        else:
+            resp.close()
+
+
+async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str], data: Any,
+                timeouts: Any) -> aiohttp.ClientResponse:
+    up = target.upstream
+    ct = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None)
+    try:
+        async with asyncio.timeout(timeouts.first_byte or None):
+            return await target.pool.session.request(
+                method, url, headers=headers, data=data, timeout=ct, allow_redirects=False,
+                proxy=up.proxy, compress=None)
+    except aiohttp.ConnectionTimeoutError:
+        raise _Failure(End.CONNECT_ERROR, 504,
+                       f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None
+    except TimeoutError:
+        raise _Failure(End.FIRST_BYTE_TIMEOUT, 504,
+                       f"upstream '{up.name}' sent no response headers within {fmt(timeouts.first_byte)}") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise _Failure(End.CONNECT_ERROR, 502,
+                       f"cannot connect to upstream '{up.name}': {_connect_why(exc)}") from None
+    except aiohttp.ClientResponseError:
+        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _Failure(End.CONNECT_ERROR, 502,
+                       f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
+
+
+def _connect_why(exc: aiohttp.ClientConnectorError) -> str:
+    """A short reason for clients: no addresses, paths or library text."""
+    os_error = exc.os_error
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(os_error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(os_error, TimeoutError):
+        return "timed out"
+    if isinstance(os_error, socket.gaierror):
+        return "host name not resolved"
+    return "network error"
+
+
+def _short(exc: BaseException) -> str:
+    """Like _connect_why: what happened, without library text that may name hosts."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "incomplete request body"
+    if isinstance(exc, (ConnectionResetError, aiohttp.ClientOSError)):
+        return "connection reset"
+    return "request failed"
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:g}s" if seconds >= 1 or seconds == 0 else f"{seconds * 1000:g}ms"

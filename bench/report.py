@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+ADDED_FLOOR_MS = 0.1
 TARGETS = ("relayd", "relayd+log", "nginx", "direct")
 
 # (key, label, unit) in table order; a figure missing for a target prints as "-".
@@ -86,7 +87,9 @@ def table(med: dict[str, dict[str, float]]) -> list[list[str]]:
     for key, label, unit in ROWS:
         vals = [med.get(t, {}).get(key) for t in TARGETS]
         r, n = med.get("relayd", {}).get(key), med.get("nginx", {}).get(key)
-        ratio = f"{r / n:.2f}" if r is not None and n not in (None, 0) and (n > 0) else "-"
+        # An "added" figure of nginx within noise of zero makes a ratio meaningless.
+        floor = ADDED_FLOOR_MS if "added" in key else 0.0
+        ratio = f"{r / n:.2f}" if r is not None and n is not None and n > floor else "-"
         rows.append([f"{label} [{unit}]"] + [fmt(v) for v in vals] + [ratio])
     return rows
 

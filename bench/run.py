@@ -208,6 +208,8 @@ def notes_for(cfg: dict[str, Any], quick: bool, nofile: int, workers: bool, elap
         f"6: 4 connections x {cfg['bulk_mb'] // 4} MB, application/octet-stream, 256 KiB chunks",
         f"7: {cfg['gone']} samples per round: client closes after the first event; time until the upstream's "
         "connection_lost",
+        f"ratio relayd/nginx left out ('-') where nginx's added figure is under {report.ADDED_FLOOR_MS} ms "
+        "(within noise of direct)",
         "8: relayd+log = relayd with access_log: true, log to a file; cost = CPU relayd+log / relayd - 1",
     ]
 

@@ -25,8 +25,10 @@ check: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-test
-	$(PY) bench/run.py
+# bench: relayd vs nginx vs direct (installs nginx if missing); BENCH_ARGS=--quick for a smoke run,
+# BENCH_ARGS='--profile streams500' (or json) for py-spy top frames.  Results: bench/results/.
+bench: $(VENV)/.installed
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,7 +17,7 @@ from aiohttp import web
 from . import logs, providers
 from .config import Config
 from .exchange import End, Exchange
-from .forward import Forwarded, RequestBody, error_response, forward
+from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
 from .routes import Match, RouteTable
 from .stream import Stream
@@ -38,6 +38,7 @@ class App:
         self.log = logs.get()
         self.metrics = Metrics()
         self.registry = PoolRegistry()
+        self.replay = ReplayBudget()
         self.active: set[Exchange] = set()
         self.draining = False
         self.generation = 0
@@ -84,7 +85,7 @@ class App:
                                     content_type="application/json",
                                     headers={"X-Request-Id": ex.request_id})
             ex.route = match.route.path
-            body = RequestBody(request, replay=len(match.targets) > 1)
+            body = RequestBody(request, len(match.targets) > 1, self.replay, table.config.limits)
             fw = await forward(request, match, ex.request_id, body, self.metrics, self.log)
             self._forwarded(ex, fw)
             if fw.error is not None:

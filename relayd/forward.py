@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -29,7 +29,6 @@ from .exchange import End
 from .routes import Match, Target, upstream_url
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
-REPLAY_LIMIT = 8 * 1024 * 1024
 _KEEP_ERROR_BODY = 1024 * 1024
 
 
@@ -53,33 +52,70 @@ class Forwarded:
     status: int = 0
 
 
-@dataclass
-class RequestBody:
-    """The request body as it goes upstream, and how much of it came in."""
+class ReplayBudget:
+    """Bytes of request bodies held in memory for failover, across the whole process.
 
-    request: web.BaseRequest
-    replay: bool  # buffer it so another upstream can be tried
-    bytes_in: int = 0
-    data: Any = None
-    replayable: bool = True
-    _head: bytes = field(default=b"", repr=False)
+    Buffering is what makes failover possible, and also what a crowd of slow uploads
+    could use to pin memory; past the budget a request simply gets one attempt with its
+    body streamed, which is what a one-upstream route does anyway.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, n: int, limit: int) -> bool:
+        if self.used + n > limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class RequestBody:
+    """The request body as it goes upstream, and how much of it came in.
+
+    With ``replay`` the body is buffered (up to ``replay_body`` and while the process
+    budget lasts) so another upstream can be tried; otherwise, or past either limit, it
+    streams and the request gets one attempt.  Reading it counts against ``first_byte``
+    like the rest of the wait for a response.
+    """
+
+    def __init__(self, request: web.BaseRequest, replay: bool, budget: ReplayBudget,
+                 limits: Any) -> None:
+        self.request = request
+        self.replay = replay
+        self.budget, self.limits = budget, limits
+        self.bytes_in = 0
+        self.data: Any = None
+        self.replayable = True
+        self.complete = True   # every byte the client announced has arrived
+        self._held = 0         # bytes of the budget this body holds
+        self._head = b""
 
     async def prepare(self) -> None:
         request = self.request
         if not request.body_exists:
             return
+        self.complete = False
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        content = request.content
         if self.replay:
+            content = request.content
             buf = bytearray()
-            while len(buf) <= REPLAY_LIMIT:
+            cap = self.limits.replay_body
+            while True:
                 chunk = await content.readany()
                 if not chunk:
                     self.bytes_in = len(buf)
                     self.data = bytes(buf)
+                    self.complete = True
                     return
                 buf += chunk
+                if len(buf) > cap or not self.budget.take(len(chunk), self.limits.replay_memory):
+                    break
+                self._held += len(chunk)
             self._head = bytes(buf)
             self.bytes_in = len(buf)
         self.replayable = False
@@ -92,9 +128,17 @@ class RequestBody:
         while True:
             chunk = await content.readany()
             if not chunk:
+                self.complete = True
                 return
             self.bytes_in += len(chunk)
             yield chunk
+
+    def release(self) -> None:
+        """The body is no longer needed for a retry: give its bytes back to the budget."""
+        self.budget.give(self._held)
+        self._held = 0
+        if self.replayable:
+            self.data = None
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
@@ -105,12 +149,32 @@ def _order(targets: tuple[Target, ...]) -> list[Target]:
 
 async def forward(request: web.BaseRequest, match: Match, request_id: str, body: RequestBody,
                   metrics: Any, log: Any) -> Forwarded:
-    route = match.route
     provider = providers.get(match.targets[0].upstream.provider)
+    out = Forwarded()
+    try:
+        return await _attempts(request, match, request_id, body, metrics, log, out, provider)
+    except _Failure as f:  # the client's body did not arrive in time
+        out.status, out.reason = f.status, f.reason
+        out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
+                                   f.reason, request_id)
+        out.error.force_close()  # the unread rest of the body makes the connection unusable
+        return out
+    finally:
+        body.release()
+
+
+async def _attempts(request: web.BaseRequest, match: Match, request_id: str, body: RequestBody,
+                    metrics: Any, log: Any, out: Forwarded, provider: providers.Provider
+                    ) -> Forwarded:
+    route = match.route
     query = request.raw_path.partition("?")[2]
     base_headers = hdrs.for_upstream(request.headers, request_id)
-    out = Forwarded()
-    await body.prepare()
+    timeouts = route.timeouts
+    try:
+        async with asyncio.timeout(timeouts.first_byte or None):
+            await body.prepare()
+    except TimeoutError:
+        raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
 
     kept_error: web.Response | None = None
     last_failure: _Failure | None = None
@@ -129,13 +193,15 @@ async def forward(request: web.BaseRequest, match: Match, request_id: str, body:
         last = i == len(candidates) - 1
         target.pool.acquire()
         try:
-            resp = await _send(target, request.method, url, headers, body.data, route.timeouts)
+            resp = await _send(target, request.method, url, headers, body, timeouts)
         except _Failure as f:
             target.pool.release()
+            if f.reason == End.BODY_TIMEOUT:
+                raise  # the client's fault, not the upstream's: no breaker, no failover
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f.reason)
+                        attempt=out.attempts, reason=f.reason, cause=f.message)
             last_failure = f
             continue
         except BaseException:  # the client went away while we waited: free the slot all the same
@@ -145,7 +211,8 @@ async def forward(request: web.BaseRequest, match: Match, request_id: str, body:
             target.pool.record(False)
             metrics.attempt(up.name, f"status_{resp.status}")
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f"status {resp.status}")
+                        attempt=out.attempts, reason=f"status_{resp.status}",
+                        cause=f"upstream answered {resp.status}")
             try:
                 kept_error = await _keep(resp, request_id)
             finally:
@@ -168,10 +235,14 @@ async def forward(request: web.BaseRequest, match: Match, request_id: str, body:
     return out
 
 
+def _body_late(timeouts: Any) -> str:
+    return f"the request body did not arrive within {fmt(timeouts.first_byte)}"
+
+
 def error_response(provider: providers.Provider, status: int, message: str, code: str,
                    request_id: str) -> web.Response:
     return web.Response(status=status, body=provider.error_body(status, message, code),
-                        content_type="application/json", headers={"X-Request-Id": request_id})
+                        content_type="application/json", headers=provider.error_headers(request_id))
 
 
 async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response | None:
@@ -189,19 +260,21 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response |
             resp.close()
 
 
-async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str], data: Any,
-                timeouts: Any) -> aiohttp.ClientResponse:
+async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str],
+                body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
     up = target.upstream
     ct = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
-            return await target.pool.session.request(
-                method, url, headers=headers, data=data, timeout=ct, allow_redirects=False,
+            resp = await target.pool.session.request(
+                method, url, headers=headers, data=body.data, timeout=ct, allow_redirects=False,
                 proxy=up.proxy, compress=None)
     except aiohttp.ConnectionTimeoutError:
         raise _Failure(End.CONNECT_ERROR, 504,
                        f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None
     except TimeoutError:
+        if not body.complete:
+            raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
         raise _Failure(End.FIRST_BYTE_TIMEOUT, 504,
                        f"upstream '{up.name}' sent no response headers within {fmt(timeouts.first_byte)}") from None
     except aiohttp.ClientConnectorError as exc:
@@ -212,6 +285,10 @@ async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str]
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
+    if hdrs.has_control_chars(resp.headers):
+        resp.close()
+        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")
+    return resp
 
 
 def _connect_why(exc: aiohttp.ClientConnectorError) -> str:

@@ -3,12 +3,22 @@
 A proxy forwards end-to-end headers and drops hop-by-hop ones: the fixed list and every
 header the ``Connection`` header names.  relayd sets ``X-Request-Id`` itself (one id
 per request, in logs and in both directions) but never overwrites the provider's own.
+
+Header values keep their bytes.  aiohttp's parsers decode values as UTF-8 with
+``surrogateescape``, so a non-UTF-8 obs-text byte (``caf\xe9``) becomes a lone
+surrogate — which aiohttp's C serializer silently drops.  nginx passes such bytes on;
+so does relayd: ``_serialize_headers`` below replaces aiohttp's serializer (one
+module attribute, both directions) and sends any value that is not pure ASCII through
+a path that turns the surrogates back into the original bytes.  ASCII values, nearly
+all of them, still take the C path; ``str.isascii`` is O(1).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from aiohttp import http_writer
 from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -16,6 +26,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
                         "upgrade"})
 _REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id"}
 _RESPONSE_DROP_LENGTH = HOP_BY_HOP | {"content-length"}
+_CTL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # field-value may hold HTAB and obs-text, no CTLs
 
 
 def end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
@@ -48,3 +59,34 @@ def for_client(headers: Any, request_id: str, drop_length: bool) -> CIMultiDict[
 def media_type(value: str) -> str:
     """``Text/Event-Stream; charset=utf-8`` → ``text/event-stream`` (RFC 9110 §8.3.1)."""
     return value.partition(";")[0].strip().lower()
+
+
+def has_control_chars(headers: Any) -> bool:
+    """A header value with a control character: a malformed message (RFC 9110 §5.5).
+
+    ``str.isprintable`` clears nearly every value at C speed; only values it flags (tabs,
+    obs-text, controls) get the exact test.
+    """
+    for v in headers.values():
+        if not v.isprintable() and _CTL.search(v):
+            return True
+    return False
+
+
+_c_serialize = http_writer._serialize_headers
+
+
+def _serialize_headers(status_line: str, headers: Any) -> bytes:
+    for v in headers.values():
+        if not v.isascii():
+            break
+    else:
+        return _c_serialize(status_line, headers)  # type: ignore[no-any-return]
+    lines = [status_line, *(f"{k}: {v}" for k, v in headers.items())]
+    for line in lines:
+        if _CTL.search(line):
+            raise ValueError("control character in a header: refusing to send it")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+http_writer._serialize_headers = _serialize_headers

@@ -248,6 +248,7 @@ class Provider:
     endpoints: tuple[Endpoint, ...]
     fallback: Endpoint                       # an SSE endpoint the table does not know
     tail_is_error: Callable[[bytes], bool] = _never  # unterminated tail that is the provider's error
+    id_header: str | None = None             # where the provider's SDK reads a request id
 
     def endpoint(self, upstream_path: str) -> Endpoint:
         for ep in self.endpoints:
@@ -267,6 +268,14 @@ class Provider:
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return self.body(status, message, code)
 
+    def error_headers(self, request_id: str) -> dict[str, str]:
+        """Headers of relayd's own error responses: its name and the request id, where the
+        provider's SDK looks for it (the Anthropic SDK reads ``request-id``)."""
+        out = {"X-Request-Id": request_id, "Server": "relayd"}
+        if self.id_header:
+            out[self.id_header] = request_id
+        return out
+
 
 _OPENAI_FALLBACK = _ep("unknown", None, _chat_event)
 PROVIDERS: Mapping[str, Provider] = {
@@ -274,7 +283,7 @@ PROVIDERS: Mapping[str, Provider] = {
                        _OPENAI_FALLBACK),
     "azure": Provider("azure", "api-key", "", _openai_body, False, _OPENAI, _OPENAI_FALLBACK),
     "anthropic": Provider("anthropic", "x-api-key", "", _anthropic_body, False, _ANTHROPIC,
-                          _ep("unknown", None, _anthropic_event)),
+                          _ep("unknown", None, _anthropic_event), id_header="request-id"),
     "gemini": Provider("gemini", "x-goog-api-key", "", _gemini_body, True, _GEMINI,
                        _ep("unknown", None, _gemini_event), _tail_is_json_error),
     "generic": Provider("generic", "Authorization", "Bearer ", _openai_body, False, (),

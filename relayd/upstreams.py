@@ -13,11 +13,13 @@ circuit breaker lives on the pool, so it survives reloads with it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 from .config import Upstream
 
@@ -31,6 +33,49 @@ def _close_later(pool: "Pool") -> None:
     task = asyncio.get_running_loop().create_task(pool.close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+class _Guarded(ResponseHandler):
+    """An upstream connection that is closed, never reused, when it speaks out of turn.
+
+    aiohttp parses whatever an idle pooled connection receives and queues it as a
+    response, so an upstream that writes an unsolicited response after a complete one
+    would hand it to the next request — one client could read another's data.  nginx
+    closes an idle upstream connection that receives bytes; so does this: bytes while no
+    request is waiting for a response, or a second final response to one request, close
+    the connection, and ``should_close`` keeps it out of the pool.
+    """
+
+    _awaiting = False  # a request was sent and its response has not ended yet
+    _finals = 0        # final (non-1xx) responses parsed for the current request
+
+    def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
+        self._awaiting, self._finals = True, 0
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self._awaiting and not self.upgraded:
+            self._poisoned()
+            return
+        super().data_received(data)
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        message, payload = data
+        if message.code >= 200:
+            self._finals += 1
+            if self._finals > 1:
+                self._poisoned()
+                return
+            payload.on_eof(self._ended)
+        super().feed_data(data, size)
+
+    def _ended(self) -> None:
+        self._awaiting = False
+
+    def _poisoned(self) -> None:
+        self._should_close = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Pool:
@@ -50,6 +95,8 @@ class Pool:
         self.connector = aiohttp.TCPConnector(
             limit=upstream.max_connections, limit_per_host=0,
             keepalive_timeout=upstream.keepalive or 0.001, ssl=ssl_ctx, ttl_dns_cache=60)
+        # The one private hook used: aiohttp has no public protocol-factory option.
+        self.connector._factory = functools.partial(_Guarded, loop=self.connector._loop)
         self.session = aiohttp.ClientSession(
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),

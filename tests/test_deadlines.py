@@ -1,0 +1,182 @@
+"""Every phase has a deadline: slow uploads, clients that stop reading, the whole stream.
+
+Reproductions from the hardening issue, on a real relayd subprocess: a client that
+stops reading must not hold a stream and an upstream connection forever, a failover
+route must not wait forever for a stalled upload, and a client that leaves mid-stream
+is logged with what it really received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+
+import aiohttp
+
+from fakes import Scenario, fixture, free_port
+from test_operations import wait_metric
+
+
+def config(port: int, admin: int, fake_url: str, timeouts: str, limits: str = "") -> str:
+    return f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+{limits}
+defaults:
+  timeouts: {{{timeouts}}}
+  heartbeat: 0
+upstreams:
+  a: {{url: "{fake_url}", provider: openai}}
+  b: {{url: "{fake_url}", provider: openai}}
+  bad: {{url: "{fake_url}", provider: openai, headers: {{x-fake: always503}}}}
+routes:
+  - {{path: /one, upstream: a}}
+  - {{path: /two, upstream: [a, b]}}
+  - {{path: /bad-then-good, upstream: [bad, b]}}
+"""
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    return 0
+
+
+async def stalled_reader(port: int, path: str, scenario: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Sends a request, reads the response head, then never reads again (tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nx-fake: {scenario}\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    reader._transport.pause_reading()  # type: ignore[attr-defined]
+    return reader, writer
+
+
+async def test_client_that_stops_reading_is_ended_by_the_send_timeout(fake, make_relayd):
+    """The issue's reproduction: a non-reading client no longer pins the stream forever."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60"))
+    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
+    sc = fake.add("flood", Scenario(body=event, repeat=20_000))  # 80 MB if anyone read it
+    fake.reset_stats()
+    start = time.monotonic()
+    conns = [await stalled_reader(port, "/one/v1/chat/completions", sc) for _ in range(5)]
+    lines = r.wait_access(5, where=lambda l: l["end_reason"] == "send_timeout", timeout=10)
+    took = time.monotonic() - start
+    assert len(lines) == 5, [l["end_reason"] for l in r.access()]
+    assert took < 6
+    assert all(l["injected_error"] is None for l in lines)  # nobody is reading: nothing to inject
+    # the upstream connections were released at once (cancelled, not pooled)
+    assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="a") == 0
+    for _, w in conns:
+        w.close()
+
+
+async def test_stalled_readers_hold_bounded_memory(fake, make_relayd):
+    """Per stalled reader relayd holds its socket buffers and about one read, not megabytes."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 60, send: 60s, total: 120"))
+    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
+    sc = fake.add("flood2", Scenario(body=event, repeat=5_000))
+    await (await stalled_reader(port, "/one/v1/chat/completions", sc))[1].drain()  # warm up
+    base = rss_kib(r.proc.pid)
+    conns = [await stalled_reader(port, "/one/v1/chat/completions", sc) for _ in range(40)]
+    await asyncio.sleep(1.0)  # let every stream fill its buffers (growth is what is measured)
+    per_stream = (rss_kib(r.proc.pid) - base) / 40
+    print(f"stalled readers: {per_stream:.0f} KiB of relayd RSS per stream")
+    assert per_stream < 300
+    for _, w in conns:
+        w.close()
+
+
+async def test_total_timeout_fires_while_the_client_is_not_reading(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, send: 60s, total: 1500ms"))
+    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
+    sc = fake.add("flood3", Scenario(body=event, repeat=20_000))
+    _, w = await stalled_reader(port, "/one/v1/chat/completions", sc)
+    lines = r.wait_access(1, where=lambda l: l["end_reason"] == "total_timeout", timeout=6)
+    assert lines and lines[0]["duration_ms"] < 4000
+    w.close()
+
+
+async def stalled_upload(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 1000\r\n\r\n{\"partial\":".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def test_stalled_upload_is_answered_within_first_byte_on_every_route(fake, make_relayd):
+    """The issue's reproduction: on a failover route a stalled upload used to wait forever."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 1s, idle: 5, total: 30"))
+    for path in ("/two/v1/echo", "/one/v1/echo"):
+        start = time.monotonic()
+        reader, writer = await stalled_upload(port, path)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert time.monotonic() - start < 3
+        body = await asyncio.wait_for(reader.read(), 5)  # and the connection is closed after it
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+        writer.close()
+    lines = r.wait_access(2, where=lambda l: l["end_reason"] == "body_timeout")
+    assert len(lines) == 2
+
+
+async def test_replay_memory_cap_falls_back_to_one_streamed_attempt(fake, make_relayd):
+    """Past the process-wide replay budget a request gets one attempt instead of buffering."""
+    fake.add("always503", Scenario(body=b'{"error":{"message":"busy","type":"server_error","param":null,"code":null}}',
+                                   status=503, content_type="application/json"))
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 5, total: 30",
+                           limits="limits: {replay_memory: 64KiB}"))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/bad-then-good/v1/echo", data=b"x" * 1000) as resp:
+            assert resp.status == 200  # small body: buffered, failed over
+        async with s.post(f"http://127.0.0.1:{port}/bad-then-good/v1/echo", data=os.urandom(200_000)) as resp:
+            assert resp.status == 503  # over the budget: one attempt, the upstream's answer as is
+    lines = r.wait_access(2)
+    assert [l["attempts"] for l in lines[-2:]] == [2, 1]
+    assert lines[-1]["bytes_in"] == 200_000
+
+
+async def test_streamed_upload_counts_bytes_in(fake, make_relayd):
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 5, total: 30"))
+
+    async def gen():
+        for _ in range(10):
+            yield b"z" * 10_000
+
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/one/v1/echo", data=gen()) as resp:
+            assert (await resp.json())["length"] == 100_000
+    assert r.wait_access(1)[-1]["bytes_in"] == 100_000
+
+
+async def test_abandoned_stream_logs_what_it_really_relayed(fake, make_relayd):
+    """The issue's reproduction: a client that read events and left was logged with 0."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, total: 60"))
+    body = fixture("anthropic-messages.sse")
+    sc = fake.add("slow-anthropic", Scenario(body=body, chunking="lines", delay=0.05))
+    got = bytearray()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/one/v1/messages", headers={"x-fake": sc}) as resp:
+            while got.count(b"\n\n") < 4:
+                got += await resp.content.readany()
+    line = r.wait_access(1, where=lambda l: l["end_reason"] == "client_gone")[0]
+    assert line["events"] >= 4 and line["bytes_out"] >= len(got)
+    assert line["usage"] is not None and line["usage"]["partial"] is True
+    assert line["usage"]["input_tokens"]  # message_start carried it before the client left

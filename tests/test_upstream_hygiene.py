@@ -1,0 +1,176 @@
+"""Upstreams that misbehave at the byte level, driven by raw asyncio servers.
+
+Each upstream here is a plain ``asyncio.start_server`` that writes exactly the bytes a
+broken or hostile server would: unsolicited responses on idle keep-alive connections,
+malformed status lines, control bytes in headers, non-UTF-8 header bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from fakes import free_port
+from test_operations import get_metrics, metric
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawUpstream:
+    """A raw HTTP/1.1 server: `handler(reader, writer, n)` answers the n-th request."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests = 0
+        self.connections = 0
+        self.closed = 0
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "RawUpstream":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                self.requests += 1
+                await self.handler(reader, writer, self.requests)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed += 1
+            writer.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def config(port: int, admin: int, url: str, provider: str = "openai", extra: str = "",
+           timeouts: str = "connect: 2, first_byte: 3, idle: 5, total: 30") -> str:
+    return f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+defaults:
+  timeouts: {{{timeouts}}}
+upstreams:
+  u: {{url: "{url}", provider: {provider}, api_key: "sk-hygiene-SECRET", breaker: {{failures: 2, cooldown: 30s}}}}
+{extra}
+routes:
+  - {{path: /u, upstream: u}}
+"""
+
+
+async def get(port: int, path: str = "/u/v1/x") -> tuple[int, bytes, aiohttp.typedefs.LooseHeaders]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+            return r.status, await r.read(), r.headers
+
+
+async def test_unsolicited_response_on_idle_connection_is_never_relayed(make_relayd):
+    """The issue's reproduction: a response written 200 ms after a complete one."""
+    async def handler(reader, writer, n):
+        writer.write(ok(b'{"n":%d}' % n))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(ok(b'{"evil":true}'))  # nobody asked
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        seen = []
+        for _ in range(3):
+            status, body, _ = await get(port)
+            seen.append(json.loads(body))
+            await asyncio.sleep(0.4)  # the stray response has arrived on the idle connection
+        assert all("evil" not in b for b in seen), seen
+        assert [b["n"] for b in seen] == sorted(b["n"] for b in seen)
+        assert up.connections == 3  # each poisoned connection was closed, never reused
+
+
+async def test_two_responses_in_one_segment_close_the_connection(make_relayd):
+    async def handler(reader, writer, n):
+        writer.write(ok(b'{"n":%d}' % n) + ok(b'{"evil":true}'))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        for _ in range(3):
+            status, body, _ = await get(port)
+            assert status == 200 and b"evil" not in body
+
+
+async def test_malformed_status_line_gives_a_fixed_502_without_upstream_bytes(make_relayd):
+    """A broken upstream echoing the key in its status line: none of it reaches the client."""
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 2OO sk-hygiene-SECRET oops\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url, provider="anthropic"))
+        for _ in range(2):
+            status, body, headers = await get(port)
+            assert status == 502
+            err = json.loads(body)
+            assert err["type"] == "error" and err["error"]["type"] == "api_error"
+            assert err["error"]["message"].startswith("invalid response from upstream 'u'")
+            assert b"SECRET" not in body and b"oops" not in body and b"2OO" not in body
+            assert headers["request-id"] == headers["X-Request-Id"]  # where the Anthropic SDK looks
+        m = await get_metrics(admin)
+        assert metric(m, "relayd_breaker_open", upstream="u") == 1  # two failures trip it
+        assert "SECRET" not in "".join(json.dumps(l) for l in r.logs())
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"a\x7fb", b"a\rb", b"a\x00b"])
+async def test_control_byte_in_upstream_header_is_a_502_not_a_500(make_relayd, value):
+    async def handler(reader, writer, n):
+        writer.write(ok(b"{}", b"X-Odd: " + value + b"\r\n"))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        status, body, _ = await get(port)
+        assert status == 502, body
+        assert json.loads(body)["error"]["message"].startswith("invalid response from upstream 'u'")
+
+
+async def test_obs_text_in_upstream_header_passes_byte_exact(make_relayd):
+    """nginx passes 8-bit header bytes on; so does relayd (no UTF-8 decoding losses)."""
+    async def handler(reader, writer, n):
+        writer.write(ok(b"{}", b"X-Latin: caf\xe9\r\nX-Utf: caf\xc3\xa9\r\n"))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert b"\r\nX-Latin: caf\xe9\r\n" in head and b"\r\nX-Utf: caf\xc3\xa9\r\n" in head

@@ -9,7 +9,6 @@ time, so every reload re-reads them.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import re
@@ -37,18 +36,8 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _existing_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise ValueError(f"file not found: {path}")
-
-
 def _proxy(v: str) -> None:
     parse_url(v)
-
-
-def _credential_name(v: str) -> None:
-    if not v or "/" in v or v in (".", ".."):
-        raise ValueError(f"bad credential name {v!r} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,7 @@ class Timeouts:
 @dataclass(frozen=True)
 class TLS:
     verify: bool = setting(True, Y.boolean, "verify HTTPS upstreams")
-    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=_existing_file), "PEM bundle")
+    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=Y.existing_file), "PEM bundle")
 
 
 @dataclass(frozen=True)
@@ -94,7 +83,7 @@ class Upstream:
     provider: str = setting(REQUIRED, Y.choice(PROVIDERS, "provider"), " | ".join(PROVIDERS))
     api_key: str | None = setting(None, Y.string(empty_is_none=True, secret=True), "never logged", repr=False)
     api_key_file: str | None = setting(None, Y.string(empty_is_none=True), "file holding the key", repr=False)
-    api_key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=_credential_name),
+    api_key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=Y.file_name),
                                          "systemd LoadCredential= name", repr=False)
     max_connections: int = setting(1000, Y.integer(1, 100_000), "pool size")
     pool_wait: float | None = setting(None, Y.typed(parse_duration, nullable=True),
@@ -117,46 +106,8 @@ class Upstream:
                 self.tls, self.proxy)
 
 
-def _secret_source(w: Walker, items: Items, path: str, names: tuple[str, str, str]) -> str | None:
-    """The value of whichever of (literal, file, credential) keys is set, read now."""
-    given = [n for n in names if n in items and items[n][1].value not in ("", "~", "null")]
-    if len(given) > 1:
-        w.error(items[given[1]][0], Y.join(path, given[1]),
-                f"set at most one of {', '.join(names)} (also set: {given[0]})")
-        return None
-    if not given or given[0] == names[0]:
-        return None
-    name, node = given[0], items[given[0]][1]
-    ok, ref = w.text(node, Y.join(path, name))
-    if not ok or not ref:
-        return None
-    if name == names[2]:
-        base = w.env.get("CREDENTIALS_DIRECTORY")
-        if not base:
-            w.error(node, Y.join(path, name), "$CREDENTIALS_DIRECTORY is not set (systemd sets it "
-                                              "for LoadCredential=; set it to test by hand)")
-            return None
-        ref = os.path.join(base, ref)
-    try:
-        with open(ref, "rb") as f:
-            value = f.read().decode("utf-8").rstrip("\r\n")
-    except OSError as exc:
-        w.error(node, Y.join(path, name), f"cannot read {ref}: {exc.strerror or exc}")
-        return None
-    except UnicodeDecodeError:
-        w.error(node, Y.join(path, name), f"{ref} is not UTF-8 text")
-        return None
-    w.secrets.add(value)
-    bad = Y.controls(value)
-    if not value or bad is not None:
-        w.error(node, Y.join(path, name), f"{ref} is empty" if not value else
-                f"{ref} contains control character 0x{bad:02x} (value not shown)")
-        return None
-    return value
-
-
 def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
-    loaded = _secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
+    loaded = Y.secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
     if loaded is not None:
         v["api_key"] = loaded
 
@@ -263,53 +214,29 @@ def _finish_listener_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any
 
 @dataclass(frozen=True)
 class ListenerTLS:
-    cert: str = setting(REQUIRED, Y.string(check=_existing_file), "PEM certificate chain")
-    key: str = setting(REQUIRED, Y.string(check=_existing_file), "PEM private key (unencrypted)")
-
-
-def _network(w: Walker, node: yaml.Node, path: str, default: Any) -> _NETWORK | None:
-    ok, text = w.text(node, path)
-    if not ok or text is None:
-        return None
-    try:
-        return ipaddress.ip_network(text.strip())
-    except ValueError:
-        try:
-            fixed = ipaddress.ip_network(text.strip(), strict=False)
-            w.error(node, path, f"{w.hold(node, text)} has host bits set; did you mean '{fixed}'?")
-        except ValueError:
-            w.error(node, path, f"bad address or CIDR {w.hold(node, text)} (e.g. 10.0.0.0/8, ::1)")
-    return None
-
-
-def _sha256_hex(w: Walker, node: yaml.Node, path: str, default: Any) -> bytes:
-    ok, text = w.text(node, path, nullable=True)
-    if ok and text and re.fullmatch(r"[0-9a-fA-F]{64}", text):
-        return bytes.fromhex(text)
-    if ok and text:
-        w.error(node, path, "expected 64 hex digits (the sha256 of the key, e.g. from sha256sum)")
-    return b""
+    cert: str = setting(REQUIRED, Y.string(check=Y.existing_file), "PEM certificate chain")
+    key: str = setting(REQUIRED, Y.string(check=Y.existing_file), "PEM private key (unencrypted)")
 
 
 @dataclass(frozen=True)
 class Client:
     name: str
     key: str | None = setting(None, Y.string(empty_is_none=True, secret=True), "the client's key", repr=False)
-    key_sha256: bytes = setting(b"", _sha256_hex, "sha256 of the key, 64 hex digits", repr=False)
+    key_sha256: bytes = setting(b"", Y.sha256_hex, "sha256 of the key, 64 hex digits", repr=False)
     routes: tuple[str, ...] | None = setting(None, Y.listof(Y.string()), "route paths; default: all")
     key_file: str | None = setting(None, Y.string(empty_is_none=True), "file holding the key", repr=False)
-    key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=_credential_name),
+    key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=Y.file_name),
                                      "systemd LoadCredential= name", repr=False)
 
 
 def _finish_client(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
-    loaded = _secret_source(w, items, path, ("key", "key_file", "key_credential"))
+    loaded = Y.secret_source(w, items, path, ("key", "key_file", "key_credential"))
     if loaded is not None:
         v["key"] = loaded
     if v["key"] is not None:
         if "key_sha256" in items:
             w.error(items["key_sha256"][0], Y.join(path, "key_sha256"), "set either a key or key_sha256")
-        v["key_sha256"] = hashlib.sha256(v["key"].encode()).digest()
+        v["key_sha256"] = Y.digest(v["key"])
     elif not v["key_sha256"] and not [n for n in ("key", "key_file", "key_credential") if n in items]:
         w.error(node, path, "needs one of key, key_file, key_credential, key_sha256")
     elif not v["key_sha256"]:
@@ -349,8 +276,8 @@ class Config:
     defaults: Defaults = setting(Defaults(), Y.remember("defaults", Y.nested(Defaults)), "timeouts, heartbeat")
     limits: Limits = setting(Limits(), Y.nested(Limits, _finish_limits), "client-side limits")
     tls: ListenerTLS | None = setting(None, Y.nested(ListenerTLS, _finish_listener_tls), "serve HTTPS")
-    allow: tuple[_NETWORK, ...] = setting((), Y.listof(_network), "client networks; empty: all")
-    admin_allow: tuple[_NETWORK, ...] = setting((), Y.listof(_network), "admin networks; empty: all")
+    allow: tuple[_NETWORK, ...] = setting((), Y.listof(Y.network), "client networks; empty: all")
+    admin_allow: tuple[_NETWORK, ...] = setting((), Y.listof(Y.network), "admin networks; empty: all")
     upstreams: Mapping[str, Upstream] = setting(REQUIRED, _upstreams, "name: {url, provider, ...}")
     routes: tuple[Route, ...] = setting(REQUIRED, _routes, "list of {path, upstream, ...}")
     clients: tuple[Client, ...] = setting((), _clients, "name: {key | key_file | ..., routes}")

@@ -208,8 +208,11 @@ def _finish_listener_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(v["cert"], v["key"], password=no_password)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        why = str(exc) if isinstance(exc, ValueError) else getattr(exc, "reason", None) or exc.strerror
-        w.error(node, path, f"cannot load the certificate and key: {why or 'not a PEM pair'}")
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else getattr(exc, "strerror", None)
+        why = str(exc) if isinstance(exc, ValueError) else {
+            "KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(
+            str(reason), "not a PEM certificate chain and its private key" + (f" ({reason})" if reason else ""))
+        w.error(node, path, f"cannot load cert and key: {why}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -284,7 +284,7 @@ class Config:
     upstreams: Mapping[str, Upstream] = setting(REQUIRED, _upstreams, "name: {url, provider, ...}")
     routes: tuple[Route, ...] = setting(REQUIRED, _routes, "list of {path, upstream, ...}")
     clients: tuple[Client, ...] = setting((), _clients, "name: {key | key_file | ..., routes}")
-    secrets: frozenset[str] = frozenset()
+    secrets: frozenset[str] = field(default=frozenset(), repr=False)  # for log scrubbing
     warnings: tuple[str, ...] = ()
 
     @property

@@ -12,18 +12,9 @@ import pytest
 
 from relayd import config as cfg
 from relayd import yamlconf
+from test_check import GOOD
 
-BASE = """\
-listen: 127.0.0.1:8080
-upstreams:
-  openai:
-    url: https://api.openai.com
-    provider: openai
-    api_key: ${K:-}
-routes:
-  - path: /openai
-    upstream: openai
-"""
+BASE = GOOD.replace("OPENAI_API_KEY", "K")  # the check tests' config, key from ${K:-}
 
 
 def parse(text: str, env: dict[str, str] | None = None) -> cfg.Config:

@@ -1,32 +1,73 @@
 """Command line: ``relayd run``, ``relayd check``, ``relayd --version``.
 
 Whatever the input, the user sees a sentence, never a traceback: config problems are
-printed one per line as ``FILE:LINE: field.path: why``.
+printed one per line as ``FILE:LINE: field.path: why``, warnings as ``warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import os
 import sys
+from typing import Any
 
 from . import __version__
 from . import config as config_mod
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
+SEARCH_ORDER = f"-c/positional argument, $RELAYD_CONFIG, {DEFAULT_CONFIG}"
+MORE_HELP = ("Config reference: README.md (\"Configuration reference\"); "
+             "annotated examples: config/examples/*.yaml.")
+
+
+def _workers(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer between 1 and 256, got {text!r}")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="relayd", description="Streaming reverse proxy for AI provider APIs.")
+    p = argparse.ArgumentParser(prog="relayd", description="Streaming reverse proxy for AI provider APIs.",
+                                epilog=MORE_HELP)
     p.add_argument("--version", action="version", version=f"relayd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    default = os.environ.get("RELAYD_CONFIG") or DEFAULT_CONFIG
     for name, text in (("run", "run the daemon in the foreground"),
-                       ("check", "validate a config file and exit")):
-        c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("-c", "--config", default=default,
-                       help=f"config file (default: $RELAYD_CONFIG, then {DEFAULT_CONFIG}; now {default})")
+                       ("check", "validate a config file and exit (0: ok, 1: errors; warnings on stderr)")):
+        c = sub.add_parser(name, help=text, description=text, epilog=MORE_HELP)
+        c.add_argument("file", nargs="?", metavar="FILE", help=f"config file (search order: {SEARCH_ORDER})")
+        c.add_argument("-c", "--config", metavar="FILE", help="config file, same as the positional FILE")
+        if name == "run":
+            c.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
+                           help="worker processes (default: the config's workers, else auto)")
+            c.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                           help="event loop (default: auto, uvloop when installed)")
     return p
+
+
+def resolve(args: argparse.Namespace) -> str | None:
+    """(config path, or None after printing why), following SEARCH_ORDER."""
+    if args.file and args.config and args.file != args.config:
+        print(f"relayd: two config files given ({args.file} and -c {args.config}); give one",
+              file=sys.stderr)
+        return None
+    for path, source in ((args.file or args.config, "-c/positional argument"),
+                         (os.environ.get("RELAYD_CONFIG"), "$RELAYD_CONFIG"),
+                         (DEFAULT_CONFIG, "default")):
+        if path:
+            break
+    if not os.path.exists(path):
+        print(f"relayd: config file not found: {path} (from {source}; looked at: {SEARCH_ORDER})",
+              file=sys.stderr)
+        return None
+    return path
 
 
 def check(path: str) -> int:
@@ -36,20 +77,37 @@ def check(path: str) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
+    for warning in cfg.warnings:
+        print(f"warning: {path}: {warning}", file=sys.stderr)
     print(f"ok: {len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "check":
-            return check(args.config)
-        if args.command == "run":
-            from .lifecycle import run
-            return run(args.config)
-        _parser().print_help()
+def _run(path: str, args: argparse.Namespace) -> int:
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print("relayd: --loop uvloop: uvloop is not installed (pip install uvloop, or use --loop auto)",
+              file=sys.stderr)
         return 2
+    from .lifecycle import run
+    accepted = inspect.signature(run).parameters
+    wanted: dict[str, Any] = {"workers": args.workers, "loop": args.loop}
+    for name in [k for k, v in wanted.items() if k not in accepted and v not in (None, "auto")]:
+        print(f"relayd: warning: --{name} is not supported by this build's daemon yet; ignored",
+              file=sys.stderr)  # said out loud, not silently dropped
+    return run(path, **{k: v for k, v in wanted.items() if k in accepted})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command not in ("check", "run"):
+            parser.print_help()
+            return 2
+        path = resolve(args)
+        if path is None:
+            return 1
+        return check(path) if args.command == "check" else _run(path, args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the last line of defence: a sentence, not a traceback

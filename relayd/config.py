@@ -1,15 +1,10 @@
-"""Config loading and validation.
+"""relayd's config schema: every key declared once, on its dataclass field, with its default.
 
-The YAML is composed into nodes (not loaded into dicts) so that every problem can be
-reported as ``FILE:LINE: field.path: why``; the walker collects *all* problems of a file
-before failing, because an operator fixing a config wants the whole list at once.
-``${VAR}`` / ``${VAR:-default}`` work anywhere, even inside flow mappings such as
-``{Org: ${ORG:-}}``: before composing, each one is swapped for an inert placeholder, and
-placeholders are expanded per scalar afterwards, so line numbers stay true and a value
-can never change the document's structure.
-
-The result is a tree of frozen dataclasses: a reload builds a new tree and swaps one
-reference, so nothing may mutate a config another request is still using.
+The generic work (line numbers, ``${VAR}``, typed readers, unknown keys) is in
+``yamlconf``; this module says which keys exist and how they relate.  The result is a tree
+of frozen dataclasses: a reload builds a new tree and swaps one reference, so nothing may
+mutate a config another request is still using.  Credential files are read here, at load
+time, so every reload re-reads them.
 """
 
 from __future__ import annotations
@@ -17,79 +12,87 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 from yarl import URL
 
+from . import yamlconf as Y
+from .yamlconf import key as setting
+from .yamlconf import (REQUIRED, ConfigError, Items, Listen, Problem, Walker, parse_duration,
+                       parse_listen, parse_size, parse_url, redact_url)
+
+__all__ = ["Config", "Upstream", "Route", "Timeouts", "TLS", "Breaker", "Listen", "Limits", "Client",
+           "ListenerTLS", "Defaults", "ConfigError", "Problem", "parse", "load", "parse_duration",
+           "parse_size", "parse_listen", "parse_url", "redact_url"]
+
 PROVIDERS = ("openai", "anthropic", "gemini", "azure", "generic")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TIMEOUT_KEYS = ("connect", "first_byte", "idle", "total")
-DEFAULT_TIMEOUTS = {"connect": 10.0, "first_byte": 300.0, "idle": 120.0, "total": 3600.0}
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
-_PLACEHOLDER = re.compile(r"__relayd_var_(\d+)__")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    line: int
-    path: str
-    why: str
-
-    def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}: {where}{self.why}"
-
-
-class ConfigError(Exception):
-    """Every problem found in one config file."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
+def _proxy(v: str) -> None:
+    parse_url(v)
 
 
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds; 0 disables a timeout."""
 
-    connect: float = DEFAULT_TIMEOUTS["connect"]
-    first_byte: float = DEFAULT_TIMEOUTS["first_byte"]
-    idle: float = DEFAULT_TIMEOUTS["idle"]
-    total: float = DEFAULT_TIMEOUTS["total"]
+    connect: float = setting(10.0, Y.duration, "TCP connect to the upstream")
+    first_byte: float = setting(300.0, Y.duration, "request sent until response headers")
+    idle: float = setting(120.0, Y.duration, "longest silence between upstream body chunks")
+    total: float = setting(3600.0, Y.duration, "the whole response body")
+    send: float = setting(60.0, Y.duration, "longest stall writing to the client")
 
 
 @dataclass(frozen=True)
 class TLS:
-    verify: bool = True
-    ca_file: str | None = None
+    verify: bool = setting(True, Y.boolean, "verify HTTPS upstreams")
+    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=Y.existing_file), "PEM bundle")
 
 
 @dataclass(frozen=True)
 class Breaker:
-    failures: int = 5
-    cooldown: float = 30.0
+    failures: int = setting(5, Y.integer(1, 1_000_000), "consecutive failures that open it")
+    cooldown: float = setting(30.0, Y.duration, "how long it stays open")
+
+
+def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    read = Y.string(nullable=True, secret=True)
+    for name, (k, v) in (w.mapping(node, path, None) or {}).items():
+        if not _HEADER_NAME.match(name):
+            w.error(k, Y.join(path, name), "not a valid HTTP header name")
+            continue
+        value = read(w, v, Y.join(path, name), None)
+        if value:  # a header that interpolates to empty is simply not set
+            out.append((name, value))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    url: URL
-    provider: str
-    api_key: str | None = field(default=None, repr=False)
-    max_connections: int = 100
-    keepalive: float = 60.0
-    headers: tuple[tuple[str, str], ...] = ()
-    tls: TLS = TLS()
-    proxy: str | None = None
-    breaker: Breaker = Breaker()
+    url: URL = setting(REQUIRED, Y.url, "http or https")
+    provider: str = setting(REQUIRED, Y.choice(PROVIDERS, "provider"), " | ".join(PROVIDERS))
+    api_key: str | None = setting(None, Y.string(empty_is_none=True, secret=True), "never logged", repr=False)
+    api_key_file: str | None = setting(None, Y.string(empty_is_none=True), "file holding the key", repr=False)
+    api_key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=Y.file_name),
+                                         "systemd LoadCredential= name", repr=False)
+    max_connections: int = setting(1000, Y.integer(1, 100_000), "pool size")
+    pool_wait: float | None = setting(None, Y.typed(parse_duration, nullable=True),
+                                  "wait for a pooled connection; null: the route's first_byte")
+    keepalive: float = setting(60.0, Y.duration, "idle pooled connection lifetime")
+    headers: tuple[tuple[str, str], ...] = setting((), _headers, "static upstream headers", repr=False)
+    tls: TLS = setting(TLS(), Y.nested(TLS), "verify, ca_file")
+    proxy: str | None = setting(None, Y.string(empty_is_none=True, check=_proxy), "egress HTTP proxy")
+    breaker: Breaker = setting(Breaker(), Y.nested(Breaker), "passive circuit breaker")
 
     @cached_property
     def origin(self) -> str:
@@ -103,402 +106,53 @@ class Upstream:
                 self.tls, self.proxy)
 
 
-@dataclass(frozen=True)
-class Route:
-    path: str
-    upstreams: tuple[str, ...]
-    strip_prefix: bool
-    timeouts: Timeouts
-    heartbeat: float
+def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    loaded = Y.secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
+    if loaded is not None:
+        v["api_key"] = loaded
 
 
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Config:
-    listen: Listen
-    admin_listen: Listen | None
-    shutdown_grace: float
-    log_level: str
-    access_log: bool
-    timeouts: Timeouts
-    heartbeat: float
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-
-
-# --------------------------------------------------------------------------- walking
-
-
-class _Walker:
-    """Turns composed YAML nodes into typed values, recording problems instead of raising."""
-
-    def __init__(self, file: str, env: Mapping[str, str]):
-        self.file = file
-        self.env = env
-        self.problems: list[Problem] = []
-        self.vars: list[tuple[str | None, str | None]] = []
-        self._ctor = yaml.SafeLoader("")
-
-    def error(self, node: yaml.Node | None, path: str, why: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append(Problem(self.file, line, path, why))
-
-    # -- interpolation
-
-    def expand(self, node: yaml.ScalarNode, path: str) -> str | None:
-        text = node.value
-        if "__relayd_var_" not in text:
-            return text
-        missing: list[str] = []
-
-        def sub(m: re.Match[str]) -> str:
-            name, default = self.vars[int(m.group(1))]
-            if name is None:  # "$$"
-                return "$"
-            value = self.env.get(name)
-            if value is None or (value == "" and default is not None):
-                if default is None:
-                    missing.append(name)
-                    return ""
-                return default
-            return value
-
-        out = _PLACEHOLDER.sub(sub, text)
-        for name in missing:
-            self.error(node, path, f"environment variable {name} is not set "
-                                   f"(write ${{{name}:-}} for an optional value)")
-        return None if missing else out
-
-    def scalar(self, node: yaml.Node, path: str) -> tuple[bool, Any]:
-        """(ok, python value) of a scalar node after interpolation."""
-        if not isinstance(node, yaml.ScalarNode):
-            self.error(node, path, f"expected a single value, got a {_kind(node)}")
-            return False, None
-        text = self.expand(node, path)
-        if text is None:
-            return False, None
-        if text != node.value:
-            if not node.style:  # plain scalar (None or '' depending on the loader): type it again
-                tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False))
-            else:
-                tag = "tag:yaml.org,2002:str"
-            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
-        try:
-            return True, self._ctor.construct_object(node)
-        except Exception as exc:  # YAML's constructors fail in many ways on bad tagged values
-            if isinstance(exc, yaml.YAMLError):
-                problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
-            else:
-                problem = f"not a valid !!{node.tag.rsplit(':', 1)[-1]}"
-            self.error(node, path, f"cannot read value: {problem}")
-            return False, None
-
-    def mapping(self, node: yaml.Node, path: str, allowed: Iterable[str] | None
-                ) -> dict[str, tuple[yaml.Node, yaml.Node]] | None:
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
-            return {}
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, path, f"expected a mapping, got a {_kind(node)}")
-            return None
-        allowed_set = set(allowed) if allowed is not None else None
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for knode, vnode in node.value:
-            ok, key = self.scalar(knode, path)
-            if not ok:
-                continue
-            key = str(key)
-            sub = _join(path, key)
-            if allowed_set is not None and key not in allowed_set:
-                self.error(knode, sub, f"unknown key (allowed: {', '.join(sorted(allowed_set))})")
-                continue
-            if key in out:
-                self.error(knode, sub, "duplicate key")
-                continue
-            out[key] = (knode, vnode)
-        return out
-
-    def typed(self, node: yaml.Node, path: str, check: Callable[[Any], Any], what: str) -> Any:
-        ok, value = self.scalar(node, path)
-        if not ok:
-            return None
-        try:
-            return check(value)
-        except (TypeError, ValueError) as exc:
-            reason = str(exc) or f"expected {what}, got {value!r}"
-            self.error(node, path, reason)
-            return None
-
-    def string(self, node: yaml.Node, path: str, nullable: bool = False) -> Any:
-        def check(v: Any) -> Any:
-            if v is None and nullable:
-                return None
-            if isinstance(v, bool) or v is None or isinstance(v, (list, dict)):
-                raise ValueError(f"expected a string, got {_show(v)}")
-            return str(v)
-        return self.typed(node, path, check, "a string")
-
-    def boolean(self, node: yaml.Node, path: str) -> Any:
-        def check(v: Any) -> bool:
-            if not isinstance(v, bool):
-                raise ValueError(f"expected true or false, got {_show(v)}")
-            return v
-        return self.typed(node, path, check, "a boolean")
-
-    def integer(self, node: yaml.Node, path: str, lo: int, hi: int) -> Any:
-        def check(v: Any) -> int:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"expected an integer, got {_show(v)}")
-            if not lo <= v <= hi:
-                raise ValueError(f"must be between {lo} and {hi}, got {v}")
-            return v
-        return self.typed(node, path, check, "an integer")
-
-    def duration(self, node: yaml.Node, path: str) -> Any:
-        return self.typed(node, path, parse_duration, "a duration")
-
-
-def parse_duration(v: Any) -> float:
-    """Seconds as a number, or a string with a unit: ``500ms``, ``30s``, ``5m``, ``1h``."""
-    if isinstance(v, bool) or v is None:
-        raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {_show(v)}")
-    if isinstance(v, (int, float)):
-        seconds = float(v)
-    elif isinstance(v, str):
-        m = _DURATION.match(v)
-        if not m:
-            raise ValueError(f"bad duration {v!r} (use seconds, or '500ms' '30s' '5m' '1h')")
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-    else:
-        raise ValueError(f"expected a duration, got {_show(v)}")
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"duration must be a finite number >= 0, got {v!r}")
-    return seconds
-
-
-def parse_listen(v: Any) -> Listen:
-    if not isinstance(v, str):
-        raise ValueError(f"expected host:port, got {_show(v)}")
-    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", v.strip())
-    if not m:
-        raise ValueError(f"bad listen address {v!r} (use host:port, or [::1]:port for IPv6)")
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if m.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"bad IPv6 address {host!r} in {v!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
-    return Listen(host, port)
-
-
-def parse_url(v: Any) -> URL:
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"expected a URL, got {_show(v)}")
-    try:
-        url = URL(v)
-    except (ValueError, TypeError):
-        raise ValueError(f"bad URL {v!r}") from None
-    if url.scheme not in ("http", "https"):
-        raise ValueError(f"bad URL {v!r}: scheme must be http or https")
-    if not url.host:
-        raise ValueError(f"bad URL {v!r}: no host")
-    if url.raw_query_string or url.raw_fragment:
-        raise ValueError(f"bad URL {v!r}: must not carry a query or fragment")
-    if url.user or url.password:
-        raise ValueError("bad URL: credentials in the URL are not allowed (use api_key or headers)")
-    try:
-        url.port
-    except ValueError:
-        raise ValueError(f"bad URL {v!r}: bad port") from None
-    return url
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "list"
-    return "value"
-
-
-def _show(v: Any) -> str:
-    if v is None:
-        return "nothing (null)"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (list, dict)):
-        return "a list" if isinstance(v, list) else "a mapping"
-    return repr(v)
-
-
-# --------------------------------------------------------------------------- sections
-
-
-def _timeouts(w: _Walker, node: yaml.Node, path: str, base: Timeouts) -> Timeouts:
-    items = w.mapping(node, path, TIMEOUT_KEYS)
-    if items is None:
-        return base
-    values = {k: getattr(base, k) for k in TIMEOUT_KEYS}
-    for key, (_, vnode) in items.items():
-        d = w.duration(vnode, _join(path, key))
-        if d is not None:
-            values[key] = d
-    return Timeouts(**values)
-
-
-def _upstream(w: _Walker, name: str, knode: yaml.Node, node: yaml.Node) -> Upstream | None:
-    path = f"upstreams.{name}"
-    items = w.mapping(node, path, ("url", "provider", "api_key", "max_connections", "keepalive",
-                                   "headers", "tls", "proxy", "breaker"))
-    if items is None:
-        return None
-    before = len(w.problems)
-    if "url" not in items:
-        w.error(knode, path, "missing required key 'url'")
-    if "provider" not in items:
-        w.error(knode, path, f"missing required key 'provider' ({' | '.join(PROVIDERS)})")
-    args: dict[str, Any] = {"name": name}
-    for key, (k, v) in items.items():
-        sub = _join(path, key)
-        if key == "url":
-            args["url"] = w.typed(v, sub, parse_url, "a URL")
-        elif key == "provider":
-            p = w.string(v, sub)
-            if p is not None and p not in PROVIDERS:
-                w.error(v, sub, f"unknown provider {p!r} (use {' | '.join(PROVIDERS)})")
-            args["provider"] = p
-        elif key == "api_key":
-            key_value = w.string(v, sub, nullable=True)
-            args["api_key"] = key_value or None
-        elif key == "max_connections":
-            args["max_connections"] = w.integer(v, sub, 1, 100_000)
-        elif key == "keepalive":
-            args["keepalive"] = w.duration(v, sub)
-        elif key == "headers":
-            args["headers"] = _headers(w, v, sub)
-        elif key == "tls":
-            args["tls"] = _tls(w, v, sub)
-        elif key == "proxy":
-            proxy = w.string(v, sub, nullable=True)
-            if proxy:
-                try:
-                    parse_url(proxy)
-                except ValueError as exc:
-                    w.error(v, sub, str(exc))
-            args["proxy"] = proxy or None
-        elif key == "breaker":
-            args["breaker"] = _breaker(w, v, sub)
-    if len(w.problems) != before:
-        return None
-    return Upstream(**{k: v for k, v in args.items() if v is not None})
-
-
-def _headers(w: _Walker, node: yaml.Node, path: str) -> tuple[tuple[str, str], ...]:
+def _upstreams(w: Walker, node: yaml.Node, path: str, default: Any) -> Mapping[str, Upstream]:
     items = w.mapping(node, path, None)
-    out: list[tuple[str, str]] = []
-    for key, (k, v) in (items or {}).items():
-        sub = _join(path, key)
-        if not _HEADER_NAME.match(key):
-            w.error(k, sub, "not a valid HTTP header name")
-            continue
-        value = w.string(v, sub, nullable=True)
-        if value is None or value == "":
-            continue  # a header that interpolates to empty is simply not set
-        if "\r" in value or "\n" in value:
-            w.error(v, sub, "header value must not contain line breaks")
-            continue
-        out.append((key, value))
-    return tuple(out)
-
-
-def _tls(w: _Walker, node: yaml.Node, path: str) -> TLS:
-    items = w.mapping(node, path, ("verify", "ca_file"))
-    verify, ca_file = True, None
-    for key, (_, v) in (items or {}).items():
-        if key == "verify":
-            verify = w.boolean(v, _join(path, key))
-        else:
-            ca_file = w.string(v, _join(path, key), nullable=True) or None
-            if ca_file and not os.path.isfile(ca_file):
-                w.error(v, _join(path, key), f"file not found: {ca_file}")
-    return TLS(verify=bool(verify) if verify is not None else True, ca_file=ca_file)
-
-
-def _breaker(w: _Walker, node: yaml.Node, path: str) -> Breaker:
-    items = w.mapping(node, path, ("failures", "cooldown"))
-    values: dict[str, Any] = {}
-    for key, (_, v) in (items or {}).items():
-        sub = _join(path, key)
-        values[key] = w.integer(v, sub, 1, 1_000_000) if key == "failures" else w.duration(v, sub)
-    return Breaker(**{k: v for k, v in values.items() if v is not None})
-
-
-def _route(w: _Walker, i: int, node: yaml.Node, upstreams: Mapping[str, Any],
-           timeouts: Timeouts, heartbeat: float, seen: dict[str, int]) -> Route | None:
-    path = f"routes[{i}]"
-    items = w.mapping(node, path, ("path", "upstream", "strip_prefix", "timeouts", "heartbeat"))
     if items is None:
-        return None
-    before = len(w.problems)
-    for required in ("path", "upstream"):
-        if required not in items:
-            w.error(node, path, f"missing required key '{required}'")
-    prefix, names, strip = None, (), True
-    for key, (_, v) in items.items():
-        sub = _join(path, key)
-        if key == "path":
-            prefix = w.string(v, sub)
-            if prefix is not None:
-                if not prefix.startswith("/"):
-                    w.error(v, sub, f"route path must start with '/', got {prefix!r}")
-                elif "?" in prefix or "#" in prefix or " " in prefix:
-                    w.error(v, sub, "route path must not contain '?', '#' or spaces")
-                prefix = prefix.rstrip("/") or "/"
-                if prefix in seen:
-                    w.error(v, sub, f"duplicate route path {prefix!r} (first at line {seen[prefix]})")
-                else:
-                    seen[prefix] = v.start_mark.line + 1
-        elif key == "upstream":
-            names = _route_upstreams(w, v, sub, upstreams)
-        elif key == "strip_prefix":
-            strip = w.boolean(v, sub)
-        elif key == "timeouts":
-            timeouts = _timeouts(w, v, sub, timeouts)
-        elif key == "heartbeat":
-            hb = w.duration(v, sub)
-            heartbeat = heartbeat if hb is None else hb
-    if len(w.problems) != before or prefix is None:
-        return None
-    return Route(prefix, names, bool(strip), timeouts, heartbeat)
+        return MappingProxyType({})
+    if not items:
+        w.error(node, path, "no upstreams defined")
+    w.ctx["declared"] = set(items)
+    out = {name: w.build(Upstream, v, Y.join(path, name), extra={"name": name}, finish=_finish_upstream,
+                         at=k) for name, (k, v) in items.items()}
+    return MappingProxyType(out)
 
 
-def _route_upstreams(w: _Walker, node: yaml.Node, path: str, upstreams: Mapping[str, Any]
-                     ) -> tuple[str, ...]:
-    entries = list(enumerate(node.value)) if isinstance(node, yaml.SequenceNode) else [(None, node)]
-    if not entries:
-        w.error(node, path, "needs at least one upstream")
+def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | None:
+    ok, prefix = w.text(node, path)
+    if not ok or prefix is None:
+        return None
+    if not prefix.startswith("/"):
+        w.error(node, path, f"route path must start with '/', got {w.hold(node, prefix)}")
+    elif "?" in prefix or "#" in prefix or " " in prefix:
+        w.error(node, path, "route path must not contain '?', '#' or spaces")
+    prefix = prefix.rstrip("/") or "/"
+    seen: dict[str, int] = w.ctx.setdefault("route_lines", {})
+    if prefix in seen:
+        w.error(node, path, f"duplicate route path {w.hold(node, prefix)} (first at line {seen[prefix]})")
+    else:
+        seen[prefix] = node.start_mark.line + 1
+    return prefix
+
+
+def _route_upstreams(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[str, ...]:
+    declared: set[str] = w.ctx.get("declared", set())
     names: list[str] = []
-    for j, n in entries:
-        sub = path if j is None else f"{path}[{j}]"
-        name = w.string(n, sub)
-        if name is None:
+    entries = w.sequence(node, path) if isinstance(node, yaml.SequenceNode) else [(path, node)]
+    if entries == []:
+        w.error(node, path, "needs at least one upstream")
+    for sub, n in entries or []:
+        ok, name = w.text(n, sub)
+        if not ok or name is None:
             continue
-        if name not in upstreams:
-            w.error(n, sub, f"unknown upstream {name!r}")
+        if name not in declared:
+            w.error(n, sub, f"unknown upstream {w.hold(n, name)}{Y.suggest(name, declared)}")
         elif name in names:
             w.error(n, sub, f"upstream {name!r} listed twice")
         else:
@@ -506,119 +160,188 @@ def _route_upstreams(w: _Walker, node: yaml.Node, path: str, upstreams: Mapping[
     return tuple(names)
 
 
-def _build(w: _Walker, root: yaml.Node) -> Config | None:
-    top = w.mapping(root, "", ("listen", "admin_listen", "shutdown_grace", "log_level",
-                               "access_log", "defaults", "upstreams", "routes"))
-    if top is None:
-        return None
-    listen = Listen("127.0.0.1", 8080)
-    admin: Listen | None = None
-    grace, level, access = 30.0, "info", True
-    timeouts, heartbeat = Timeouts(), 15.0
-    for key, (_, v) in top.items():
-        if key == "listen":
-            listen = w.typed(v, key, parse_listen, "host:port") or listen
-        elif key == "admin_listen":
-            ok, raw = w.scalar(v, key)
-            if ok and raw not in (None, ""):
-                admin = w.typed(v, key, parse_listen, "host:port")
-        elif key == "shutdown_grace":
-            g = w.duration(v, key)
-            grace = grace if g is None else g
-        elif key == "log_level":
-            lv = w.string(v, key)
-            if lv is not None and lv.lower() not in LOG_LEVELS:
-                w.error(v, key, f"unknown log level {lv!r} (use {' | '.join(LOG_LEVELS)})")
-            elif lv is not None:
-                level = lv.lower()
-        elif key == "access_log":
-            a = w.boolean(v, key)
-            access = access if a is None else a
-    if "defaults" in top:
-        d = w.mapping(top["defaults"][1], "defaults", ("timeouts", "heartbeat"))
-        for key, (_, v) in (d or {}).items():
-            if key == "timeouts":
-                timeouts = _timeouts(w, v, "defaults.timeouts", timeouts)
-            else:
-                hb = w.duration(v, "defaults.heartbeat")
-                heartbeat = heartbeat if hb is None else hb
+@dataclass(frozen=True)
+class Route:
+    path: str = setting(REQUIRED, _route_path, "prefix starting with '/'")
+    upstreams: tuple[str, ...] = setting(REQUIRED, _route_upstreams, "a name or a failover list",
+                                     name="upstream")
+    strip_prefix: bool = setting(True, Y.boolean, "remove the prefix before forwarding")
+    timeouts: Timeouts = setting(Timeouts(), Y.nested(Timeouts), "overrides defaults.timeouts")
+    heartbeat: float = setting(15.0, Y.duration, "overrides defaults.heartbeat")
 
-    upstreams: dict[str, Upstream] = {}
-    declared: set[str] = set()
-    if "upstreams" not in top:
-        w.error(root, "upstreams", "missing required section")
-    else:
-        items = w.mapping(top["upstreams"][1], "upstreams", None) or {}
-        if not items and isinstance(top["upstreams"][1], (yaml.MappingNode, yaml.ScalarNode)):
-            w.error(top["upstreams"][1], "upstreams", "no upstreams defined")
-        for name, (k, v) in items.items():
-            declared.add(name)
-            up = _upstream(w, name, k, v)
-            if up is not None:
-                upstreams[name] = up
 
-    routes: list[Route] = []
-    if "routes" not in top:
-        w.error(root, "routes", "missing required section")
-    else:
-        rnode = top["routes"][1]
-        if not isinstance(rnode, yaml.SequenceNode):
-            w.error(rnode, "routes", f"expected a list of routes, got a {_kind(rnode)}")
-        else:
-            if not rnode.value:
-                w.error(rnode, "routes", "no routes defined")
-            seen: dict[str, int] = {}
-            for i, n in enumerate(rnode.value):
-                r = _route(w, i, n, dict.fromkeys(declared), timeouts, heartbeat, seen)
-                if r is not None:
-                    routes.append(r)
-    if w.problems:
+@dataclass(frozen=True)
+class Defaults:
+    timeouts: Timeouts = setting(Timeouts(), Y.nested(Timeouts), "connect, first_byte, idle, total, send")
+    heartbeat: float = setting(15.0, Y.duration, "upstream silence before an SSE comment; 0 = off")
+
+
+def _routes(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[Route, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        w.error(node, path, f"expected a list of routes, got a {Y.kind(node)}")
+        return ()
+    if not node.value:
+        w.error(node, path, "no routes defined")
+    d: Defaults = w.ctx.get("defaults") or Defaults()
+    base = {"timeouts": d.timeouts, "heartbeat": d.heartbeat}
+    return tuple(w.build(Route, n, sub, base=base) for sub, n in w.sequence(node, path) or [])
+
+
+def _finish_limits(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    if v["replay_body"] > v["replay_memory"]:
+        w.error(items.get("replay_body", (node, node))[1], Y.join(path, "replay_body"),
+                "must not be larger than replay_memory")
+
+
+@dataclass(frozen=True)
+class Limits:
+    client_header: float = setting(60.0, Y.duration, "time a client gets to send its request headers")
+    client_keepalive: float = setting(75.0, Y.duration, "idle client connection lifetime")
+    max_request_headers: int = setting(64 << 10, Y.size(1024, 1 << 30), "total request header bytes")
+    replay_body: int = setting(8 << 20, Y.size(), "request body buffered for failover, per request")
+    replay_memory: int = setting(256 << 20, Y.size(), "all failover buffers of the process")
+
+
+def _finish_listener_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    def no_password() -> str:
+        raise ValueError("the key is encrypted (relayd needs an unencrypted key file)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(v["cert"], v["key"], password=no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else getattr(exc, "strerror", None)
+        why = str(exc) if isinstance(exc, ValueError) else {
+            "KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(
+            str(reason), "not a PEM certificate chain and its private key" + (f" ({reason})" if reason else ""))
+        w.error(node, path, f"cannot load cert and key: {why}")
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    cert: str = setting(REQUIRED, Y.string(check=Y.existing_file), "PEM certificate chain")
+    key: str = setting(REQUIRED, Y.string(check=Y.existing_file), "PEM private key (unencrypted)")
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str
+    key: str | None = setting(None, Y.string(empty_is_none=True, secret=True), "the client's key", repr=False)
+    key_sha256: bytes = setting(b"", Y.sha256_hex, "sha256 of the key, 64 hex digits", repr=False)
+    routes: tuple[str, ...] | None = setting(None, Y.listof(Y.string()), "route paths; default: all")
+    key_file: str | None = setting(None, Y.string(empty_is_none=True), "file holding the key", repr=False)
+    key_credential: str | None = setting(None, Y.string(empty_is_none=True, check=Y.file_name),
+                                     "systemd LoadCredential= name", repr=False)
+
+
+def _finish_client(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    loaded = Y.secret_source(w, items, path, ("key", "key_file", "key_credential"))
+    if loaded is not None:
+        v["key"] = loaded
+    if v["key"] is not None:
+        if "key_sha256" in items:
+            w.error(items["key_sha256"][0], Y.join(path, "key_sha256"), "set either a key or key_sha256")
+        v["key_sha256"] = Y.digest(v["key"])
+    elif not v["key_sha256"] and not [n for n in ("key", "key_file", "key_credential") if n in items]:
+        w.error(node, path, "needs one of key, key_file, key_credential, key_sha256")
+    elif not v["key_sha256"]:
+        w.error(node, path, "the key is empty")
+    if v["routes"] is not None:
+        v["routes"] = tuple(p.rstrip("/") or "/" for p in v["routes"])
+
+
+def _clients(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[Client, ...]:
+    items = w.mapping(node, path, None) or {}
+    out = [w.build(Client, v, Y.join(path, n), extra={"name": n}, finish=_finish_client, at=k)
+           for n, (k, v) in items.items()]
+    w.ctx["client_nodes"] = {n: v for n, (_, v) in items.items()}
+    return tuple(out)
+
+
+def _workers(v: Any) -> int | None:
+    if v == "auto":
         return None
-    return Config(listen=listen, admin_listen=admin, shutdown_grace=grace,
-                  log_level=level, access_log=access, timeouts=timeouts, heartbeat=heartbeat,
-                  upstreams=MappingProxyType(upstreams), routes=tuple(routes))
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+        raise ValueError(f"expected auto or an integer between 1 and 256, got {Y.show(v)}")
+    return v
+
+
+def _admin_listen(v: Any) -> Listen | None:
+    return None if v == "" else parse_listen(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    listen: Listen = setting(Listen("127.0.0.1", 8080), Y.listen, "host:port")
+    admin_listen: Listen | None = setting(None, Y.typed(_admin_listen, nullable=True), "health and metrics")
+    workers: int | None = setting(None, Y.typed(_workers), "auto (None) or 1-256 processes")
+    shutdown_grace: float = setting(30.0, Y.duration, "seconds in-flight requests get on SIGTERM")
+    log_level: str = setting("info", Y.choice(LOG_LEVELS, "log level", fold=True), " | ".join(LOG_LEVELS))
+    access_log: bool = setting(True, Y.boolean, "one JSON line per request")
+    defaults: Defaults = setting(Defaults(), Y.remember("defaults", Y.nested(Defaults)), "timeouts, heartbeat")
+    limits: Limits = setting(Limits(), Y.nested(Limits, _finish_limits), "client-side limits")
+    tls: ListenerTLS | None = setting(None, Y.nested(ListenerTLS, _finish_listener_tls), "serve HTTPS")
+    allow: tuple[_NETWORK, ...] = setting((), Y.listof(Y.network), "client networks; empty: all")
+    admin_allow: tuple[_NETWORK, ...] = setting((), Y.listof(Y.network), "admin networks; empty: all")
+    upstreams: Mapping[str, Upstream] = setting(REQUIRED, _upstreams, "name: {url, provider, ...}")
+    routes: tuple[Route, ...] = setting(REQUIRED, _routes, "list of {path, upstream, ...}")
+    clients: tuple[Client, ...] = setting((), _clients, "name: {key | key_file | ..., routes}")
+    secrets: frozenset[str] = field(default=frozenset(), repr=False)  # for log scrubbing
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.defaults.timeouts
+
+    @property
+    def heartbeat(self) -> float:
+        return self.defaults.heartbeat
+
+
+def _loopback(listen: Listen) -> bool:
+    if listen.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(listen.host).is_loopback
+    except ValueError:
+        return False
+
+
+def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    listen, admin, warnings = v["listen"], v["admin_listen"], []
+    if admin is not None:
+        wild = ("0.0.0.0", "::", "")
+        if admin.port == listen.port and (admin.host == listen.host or wild.count(admin.host)
+                                          or wild.count(listen.host)):
+            w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
+                                                              f"give the admin endpoints their own port")
+        elif not _loopback(admin):
+            warnings.append(f"admin_listen {admin} is not a loopback address: /metrics and "
+                            f"/readyz are reachable from the network (restrict with admin_allow)")
+    if not _loopback(listen) and not v["clients"] and any(u.api_key for u in v["upstreams"].values()):
+        warnings.append(f"listen {listen} is not a loopback address, upstreams have API keys and there "
+                        f"is no clients: section: anyone who can reach {listen} spends your keys")
+    routes = {r.path for r in v["routes"]}
+    owners: dict[bytes, str] = {}
+    for c in v["clients"]:
+        cnode = w.ctx["client_nodes"][c.name]
+        for p in c.routes or ():
+            if p not in routes:
+                w.error(cnode, f"clients.{c.name}.routes", f"no route with path {p!r}"
+                                                           f"{Y.suggest(p, routes)}")
+        if c.key_sha256 in owners:
+            w.error(cnode, f"clients.{c.name}", f"same key as client {owners[c.key_sha256]!r}")
+        owners.setdefault(c.key_sha256, c.name)
+        if c.key:
+            w.secrets.add(c.key)
+    w.secrets.update(u.api_key for u in v["upstreams"].values() if u.api_key)
+    v["secrets"] = frozenset(s for s in w.secrets if s)
+    v["warnings"] = tuple(warnings)
 
 
 def parse(text: str, file: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate config text; raise ConfigError listing every problem."""
-    w = _Walker(file, os.environ if env is None else env)
-
-    def hide(m: re.Match[str]) -> str:
-        w.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
-        return f"__relayd_var_{len(w.vars) - 1}__"
-
-    text = _VAR.sub(hide, text)
-    try:
-        docs = list(yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        why = " ".join(x for x in (exc.context, exc.problem) if x)
-        raise ConfigError([Problem(file, line, "", f"YAML syntax error: {why}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(file, 1, "", f"YAML error: {exc}")]) from None
-    docs = [d for d in docs if d is not None]
-    if not docs:
-        raise ConfigError([Problem(file, 1, "", "config is empty")])
-    if len(docs) > 1:
-        raise ConfigError([Problem(file, docs[1].start_mark.line + 1, "",
-                                   "more than one YAML document in the file")])
-    config = _build(w, docs[0])
-    if config is None:
-        w.problems.sort(key=lambda p: p.line)
-        raise ConfigError(w.problems)
-    return config
+    return Walker(file, os.environ if env is None else env).run(
+        text, lambda w, root: w.build(Config, root, "", finish=_finish_config))
 
 
 def load(path: str, env: Mapping[str, str] | None = None) -> Config:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError([Problem(path, 0, "", f"cannot read config: {exc.strerror or exc}")]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError([Problem(path, line, "", "config is not valid UTF-8")]) from None
-    return parse(text, path, env)
+    return parse(Y.read_file(path), path, env)

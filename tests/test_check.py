@@ -48,7 +48,7 @@ def test_check_ok(tmp_path):
 CASES = {
     "unknown key": (GOOD.replace("    provider: openai\n", "    provider: openai\n    retries: 3\n"),
                     6, "upstreams.openai.retries", "unknown key"),
-    "unknown top key": ("lisen: 1\n" + GOOD, 1, "lisen", "unknown key"),
+    "unknown top key": ("lisen: 1\n" + GOOD, 1, "lisen", "unknown key; did you mean 'listen'?"),
     "wrong type": (GOOD.replace("url: https://api.openai.com", "url: https://api.openai.com\n    max_connections: lots"),
                    5, "upstreams.openai.max_connections", "expected an integer"),
     "wrong type bool": (GOOD + "    strip_prefix: maybe\n", 10, "routes[0].strip_prefix", "expected true or false"),
@@ -59,7 +59,13 @@ CASES = {
     "bad listen": (GOOD.replace("127.0.0.1:8080", "localhost"), 1, "listen", "bad listen address"),
     "bad listen port": (GOOD.replace("127.0.0.1:8080", "127.0.0.1:99999"), 1, "listen", "port"),
     "unknown provider": (GOOD.replace("provider: openai", "provider: openia"), 5, "upstreams.openai.provider",
-                         "unknown provider 'openia'"),
+                         "unknown provider 'openia'; did you mean 'openai'?"),
+    "bad size": ("limits: {replay_body: 8MB}\n" + GOOD, 1, "limits.replay_body", "KB/MB/GB are not accepted"),
+    "bad workers": ("workers: 0\n" + GOOD, 1, "workers", "expected auto or an integer between 1 and 256"),
+    "client route": (GOOD + "clients: {a: {key: k, routes: [/nope]}}\n", 10, "clients.a.routes",
+                     "no route with path '/nope'"),
+    "api key control char": (GOOD.replace("${OPENAI_API_KEY:-}", '"a\\tb\\x1bc"'), 6, "upstreams.openai.api_key",
+                             "control character 0x1b"),
     "unknown upstream": (GOOD.replace("upstream: openai", "upstream: opena"), 9, "routes[0].upstream",
                          "unknown upstream 'opena'"),
     "unknown upstream in list": (GOOD.replace("upstream: openai", "upstream: [openai, nope]"), 9,
@@ -124,11 +130,83 @@ def test_check_never_tracebacks_on_garbage(tmp_path, garbage):
     assert err.strip() and "relayd.yaml:" in err
 
 
+def relayd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "relayd", *args], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, **(env or {})}, cwd=cwd)
+    assert "Traceback" not in r.stdout + r.stderr
+    return r
+
+
+ORDER = "looked at: -c/positional argument, $RELAYD_CONFIG, /etc/relayd/relayd.yaml)"
+
+
 def test_check_missing_file(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(tmp_path / "nope.yaml")],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1
-    assert "nope.yaml" in r.stderr and "Traceback" not in r.stderr
+    missing = str(tmp_path / "nope.yaml")
+    for args, env, source in ((["-c", missing], {}, "-c/positional argument"),
+                              ([missing], {}, "-c/positional argument"),
+                              ([], {"RELAYD_CONFIG": missing}, "$RELAYD_CONFIG")):
+        r = relayd("check", *args, env=env)
+        assert r.returncode == 1
+        assert r.stderr.strip() == f"relayd: config file not found: {missing} (from {source}; {ORDER}", r.stderr
+        assert ":0:" not in r.stderr
+
+
+def test_unreadable_config_has_no_line_zero(tmp_path):
+    r = relayd("check", str(tmp_path))  # a directory
+    assert r.returncode == 1 and ":0:" not in r.stderr and "cannot read config" in r.stderr
+
+
+def test_check_positional_and_c_agree(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text(GOOD)
+    assert relayd("check", str(p)).stdout.strip() == "ok: 1 routes, 1 upstreams"
+    assert relayd("check", str(p), "-c", str(p)).returncode == 0
+    r = relayd("check", str(p), "-c", str(tmp_path / "y.yaml"))
+    assert r.returncode == 1 and "two config files given" in r.stderr
+
+
+def test_help_points_at_the_docs():
+    for args in ([], ["run"], ["check"]):
+        r = relayd(*args, "--help")
+        assert r.returncode == 0 and "README.md" in r.stdout and "config/examples/" in r.stdout, r.stdout
+    assert "--workers" in relayd("run", "--help").stdout and "--loop" in relayd("run", "--help").stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--workers", "0"], "argument --workers: expected auto or an integer between 1 and 256, got '0'"),
+    (["--workers", "many"], "argument --workers"),
+    (["--loop", "trio"], "argument --loop: invalid choice: 'trio'"),
+])
+def test_run_options_are_validated(tmp_path, args, words):
+    r = relayd("run", *args, str(tmp_path / "x.yaml"))
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+
+
+def test_check_warnings_exit_zero(tmp_path):
+    text = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080") + "admin_listen: 0.0.0.0:9090\n"
+    code, out, err = run_check(tmp_path, text, env={"OPENAI_API_KEY": "sk-test-warn"})
+    assert code == 0 and out.strip() == "ok: 1 routes, 1 upstreams"
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(l.startswith("warning: ") for l in lines), lines
+    assert "admin_listen 0.0.0.0:9090 is not a loopback address" in err
+    assert "anyone who can reach 0.0.0.0:8080 spends your keys" in err
+    assert "sk-test-warn" not in err
+    code, _, err = run_check(tmp_path, GOOD + "admin_listen: 127.0.0.1:8080\n")
+    assert code == 1 and ":10: admin_listen: 127.0.0.1:8080 overlaps listen" in err
+
+
+@pytest.mark.parametrize("url", ["https://user:hunter2@api.openai.com:bad/", "https://user:hunter2@h/?q=1",
+                                 "ftp://user:hunter2@h/", "https://user:hunter2@h:70000/"])
+def test_check_never_prints_url_credentials(tmp_path, url):
+    code, _, err = run_check(tmp_path, GOOD.replace("https://api.openai.com", url))
+    assert code == 1 and "upstreams.openai.url: bad URL" in err and "hunter2" not in err, err
+
+
+def test_check_never_prints_secret_variables(tmp_path):
+    text = "shutdown_grace: ${OPENAI_API_KEY}\n" + GOOD
+    code, _, err = run_check(tmp_path, text, env={"OPENAI_API_KEY": "sk-live-abc123"})
+    assert code == 1 and "sk-live-abc123" not in err
+    assert "shutdown_grace: bad duration (value from ${OPENAI_API_KEY} hidden)" in err, err
 
 
 def test_config_env_default_path(tmp_path):
@@ -196,6 +274,8 @@ _fragments = st.sampled_from([
     "url: http://h", "provider: openai", "upstream: a", "!!python/object:x ", "!!binary ", "!!timestamp ",
     "&a ", "*a", "${X}", "${Y:-1}", "$$", "'", '"', "#", "\t", "1h", "-5", "0x1F", "~", "null", "yes", "\xff",
     "timeouts: {idle: ", "headers: {A: ", "tls: {verify: ", "breaker: {failures: ", "? ", "|", ">", "---",
+    "workers: ", "limits: {replay_body: ", "8MiB", "clients:", "key: ", "key_sha256: ", "allow: [", "10.0.0.0/8",
+    "api_key_file: ", "api_key_credential: ", "routes: [", "admin_listen: ", "127.0.0.1:1", "0x", "\x01",
 ])
 
 

@@ -1,0 +1,294 @@
+"""Typed values and readers for schemas built on the walker.
+
+A reader is ``read(walker, node, path, default) -> value``: it records problems on the
+walker instead of raising, so one pass finds every mistake in a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from .walker import (ConfigError, Finish, Items, Problem, Reader, Walker, controls, is_null, join, redact_url,
+                     show, suggest)
+
+__all__ = ["parse_duration", "parse_size", "Listen", "parse_listen", "parse_url", "typed", "string",
+           "integer", "size", "boolean", "duration", "listen", "url", "choice", "nested", "listof",
+           "remember", "existing_file", "file_name", "network", "sha256_hex", "secret_source", "digest",
+           "read_file"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_duration(v: Any) -> float:
+    """Seconds as a number, or a string with a unit: ``500ms``, ``30s``, ``5m``, ``1h``."""
+    m = _DURATION.match(v) if isinstance(v, str) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = float(v)
+    elif m:
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    elif isinstance(v, str):
+        raise ValueError(f"bad duration {v!r} (use seconds, or '500ms' '30s' '5m' '1h')")
+    else:
+        raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {show(v)}")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"duration must be a finite number >= 0, got {v!r}")
+    return seconds
+
+
+def parse_size(v: Any) -> int:
+    """Bytes as an integer, or a string with a binary unit: ``512B``, ``64KiB``, ``8MiB``, ``1GiB``."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    m = _SIZE.match(v) if isinstance(v, str) else None
+    if not m or (m.group(2) and m.group(2).lower() not in _UNITS):
+        raise ValueError(f"bad size {show(v)} (bytes, or a number with a binary unit B, KiB, MiB, "
+                         f"GiB; 1 KiB = 1024 bytes; KB/MB/GB are not accepted)")
+    return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(v: Any) -> Listen:
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", v.strip()) if isinstance(v, str) else None
+    if not m:
+        raise ValueError(f"bad listen address {show(v)} (use host:port, or [::1]:port for IPv6)")
+    host, port = m.group(1) or m.group(3), int(m.group(2) or m.group(4))
+    try:
+        if m.group(1):
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"bad IPv6 address {host!r} in {v!r}") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    return Listen(host, port)
+
+
+def parse_url(v: Any) -> Any:
+    """An http(s) yarl.URL without credentials, query or fragment; errors never echo those."""
+    from yarl import URL
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a URL, got {show(v)}")
+    safe = repr(redact_url(v))
+    try:
+        url = URL(v)
+        url.port  # noqa: B018 - a bad port only shows when asked for
+    except (ValueError, TypeError):
+        raise ValueError(f"bad URL {safe}") from None
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"bad URL {safe}: scheme must be http or https")
+    if not url.host:
+        raise ValueError(f"bad URL {safe}: no host")
+    if url.user or url.password or "@" in v:
+        raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed (use api_key or headers)")
+    if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
+        raise ValueError(f"bad URL {safe}: must not carry a query or fragment")
+    return url
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def typed(check: Callable[[Any], Any], nullable: bool = False) -> Reader:
+    """A YAML-typed scalar passed through check (a parse_* function, say)."""
+    def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        return None if nullable and is_null(node) else w.typed(node, path, check)
+    return read
+
+
+def string(nullable: bool = False, secret: bool = False, empty_is_none: bool = False,
+           check: Callable[[str], Any] | None = None) -> Reader:
+    """A string as written. secret: never printed, no control characters."""
+    def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        ok, v = w.text(node, path, nullable or empty_is_none)
+        if secret and ok:
+            w.mark_secret(node, v)
+            if (bad := controls(v or "")) is not None:
+                w.error(node, path, f"contains control character 0x{bad:02x} (not allowed; value not shown)")
+                return None
+        if not ok or (empty_is_none and not v) or v is None:
+            return None
+        try:
+            check and check(v)
+        except ValueError as exc:
+            w.error(node, path, str(exc).replace(repr(v), w.hold(node, v)))
+        return v
+    return read
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {show(v)}")
+    return v
+
+
+def integer(lo: int, hi: int) -> Reader:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {show(v)}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {v}")
+        return v
+    return typed(check)
+
+
+def size(lo: int = 0, hi: int = 1 << 40) -> Reader:
+    def check(v: Any) -> int:
+        if not lo <= (n := parse_size(v)) <= hi:
+            raise ValueError(f"must be between {lo} and {hi} bytes, got {show(v)}")
+        return n
+    return typed(check)
+
+
+boolean, duration, listen, url = typed(_bool), typed(parse_duration), typed(parse_listen), typed(parse_url)
+
+
+def choice(options: Iterable[str], what: str = "value", fold: bool = False) -> Reader:
+    """One of a fixed set of words, with a 'did you mean' when it is close to one."""
+    opts = tuple(options)
+
+    def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        ok, v = w.text(node, path)
+        if ok and v is not None and (v.lower() if fold else v) in opts:
+            return v.lower() if fold else v
+        if ok and v is not None:
+            w.error(node, path, f"unknown {what} {w.hold(node, v)}{suggest(v, opts)} (use {' | '.join(opts)})")
+        return None
+    return read
+
+
+def nested(cls: type, finish: Finish | None = None) -> Reader:
+    """A sub-mapping built as cls; keys left out keep the inherited (default) values; null: default."""
+    def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        if is_null(node):
+            return default
+        base = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)} \
+            if isinstance(default, cls) else None
+        return w.build(cls, node, path, base=base, finish=finish)
+    return read
+
+
+def listof(item: Reader) -> Reader:
+    """A list (a single value counts as a list of one) read into a tuple."""
+    def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        single = isinstance(node, yaml.ScalarNode) and not is_null(node)
+        entries = [(path, node)] if single else w.sequence(node, path)
+        return None if entries is None else tuple(item(w, n, p, None) for p, n in entries)
+    return read
+
+
+def remember(name: str, read: Reader) -> Reader:
+    """A reader whose result later sections may look at, as ``w.ctx[name]``."""
+    def wrapped(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+        w.ctx[name] = read(w, node, path, default)
+        return w.ctx[name]
+    return wrapped
+
+
+def existing_file(path: str) -> None:
+    """A check for string(): the file must exist now (not only when first used)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"file not found: {path!r}")
+
+
+def file_name(v: str) -> None:
+    """A check for string(): a bare file name, no directory part."""
+    if not v or "/" in v or v in (".", ".."):
+        raise ValueError(f"bad credential name {v!r} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
+
+
+def network(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
+    """An IP network in CIDR form (a bare address is a /32 or /128)."""
+    ok, text = w.text(node, path)
+    if not ok or text is None:
+        return None
+    try:
+        return ipaddress.ip_network(text.strip())
+    except ValueError:
+        try:
+            fixed = ipaddress.ip_network(text.strip(), strict=False)
+            w.error(node, path, f"{w.hold(node, text)} has host bits set; did you mean '{fixed}'?")
+        except ValueError:
+            w.error(node, path, f"bad address or CIDR {w.hold(node, text)} (e.g. 10.0.0.0/8, ::1)")
+    return None
+
+
+def sha256_hex(w: Walker, node: yaml.Node, path: str, default: Any) -> bytes:
+    """A sha256 digest written as 64 hex digits (never printed: it names a key)."""
+    ok, text = w.text(node, path, nullable=True)
+    if ok and text and re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return bytes.fromhex(text)
+    if ok and text:
+        w.error(node, path, "expected 64 hex digits (the sha256 of the key, e.g. from sha256sum)")
+    return b""
+
+
+def secret_source(w: Walker, items: Items, path: str, names: tuple[str, str, str]) -> str | None:
+    """A secret from whichever of (literal, FILE, systemd credential NAME) keys is set.
+
+    Files are read now, so a reload re-reads them; one trailing newline is dropped. The
+    literal key is read by its own reader: None here means "not from a file".
+    """
+    given = [n for n in names if n in items and not is_null(items[n][1])]
+    if len(given) > 1:
+        w.error(items[given[1]][0], join(path, given[1]),
+                f"set at most one of {', '.join(names)} (also set: {given[0]})")
+    if len(given) != 1 or given[0] == names[0]:
+        return None
+    sub, node = join(path, given[0]), items[given[0]][1]
+    ok, ref = w.text(node, sub)
+    if not ok or not ref:
+        return None
+    if given[0] == names[2]:
+        if not w.env.get("CREDENTIALS_DIRECTORY"):
+            w.error(node, sub, "$CREDENTIALS_DIRECTORY is not set (systemd sets it for "
+                               "LoadCredential=; set it yourself to run by hand)")
+            return None
+        ref = os.path.join(w.env["CREDENTIALS_DIRECTORY"], ref)
+    try:
+        with open(ref, "rb") as f:
+            value = f.read().decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not UTF-8 text"
+        w.error(node, sub, f"cannot read {ref}: {why}")
+        return None
+    w.secrets.add(value)
+    if not value or (bad := controls(value)) is not None:
+        w.error(node, sub, f"{ref} is empty" if not value else
+                f"{ref} contains control character 0x{bad:02x} (value not shown)")
+        return None
+    return value
+
+
+def digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode()).digest()
+
+
+def read_file(path: str) -> str:
+    """The UTF-8 text of a config file, or ConfigError naming the file (and line)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError([Problem(path, 0, "", f"cannot read config: {exc.strerror or exc}")]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(path, raw[: exc.start].count(b"\n") + 1, "",
+                                   "config is not valid UTF-8")]) from None

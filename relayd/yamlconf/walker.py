@@ -1,0 +1,308 @@
+"""A YAML reader that reports every problem as ``FILE:LINE: field.path: why``.
+
+It knows nothing about relayd. A schema is a frozen dataclass whose fields carry their key,
+reader, default and doc (``key``), so each key is declared once. YAML is composed into nodes
+because only nodes keep line numbers, and *all* problems are collected before failing: an
+operator fixing a config wants the whole list at once. ``${VAR}`` / ``${VAR:-default}`` are
+swapped for inert placeholders before composing and expanded per scalar, so a value can never
+change the document's structure. Values from a variable used in a secret field are never
+printed in an error, wherever else that variable shows up; nor are URL userinfo and queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
+_PLACEHOLDER = re.compile(r"__yamlconf_var_(\d+)__")
+_HELD = re.compile(r"\x00(\d+)\x00")
+_STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+REQUIRED: Any = dataclasses.MISSING
+
+Reader = Callable[["Walker", yaml.Node, str, Any], Any]
+Items = dict[str, tuple[yaml.Node, yaml.Node]]
+Finish = Callable[["Walker", yaml.Node, str, dict[str, Any], Items], None]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int  # 0: the file as a whole (cannot read it), printed without a line
+    path: str
+    why: str
+
+    def __str__(self) -> str:
+        at = f"{self.file}:{self.line}:" if self.line else f"{self.file}:"
+        return f"{at} {self.path + ': ' if self.path else ''}{self.why}"
+
+
+class ConfigError(Exception):
+    """Every problem found in one config file."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def key(default: Any = REQUIRED, read: Reader | None = None, doc: str = "",
+        name: str | None = None, repr: bool = True) -> Any:
+    """Declare a config key on a dataclass field: its reader, default and doc, once."""
+    kw: dict[str, Any] = {"metadata": {"read": read, "doc": doc, "key": name}, "repr": repr}
+    if default is not REQUIRED:
+        kw["default"] = default
+    return dataclasses.field(**kw)
+
+
+def keys_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """YAML key -> dataclass field, for the fields that are config keys."""
+    return {f.metadata.get("key") or f.name: f for f in dataclasses.fields(cls) if f.metadata.get("read")}
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def redact_url(text: str) -> str:
+    """A URL fit for an error message: no userinfo, no query (both can carry keys)."""
+    scheme, sep, rest = text.rpartition("://") if "://" in text else ("", "", text)
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    if "?" in rest:
+        rest = rest.split("?", 1)[0] + "?***"
+    return f"{scheme}{sep}{rest}"
+
+
+def show(v: Any) -> str:
+    """How a wrong value is named in an error: a kind for structures, else its repr."""
+    if v is None or isinstance(v, (bool, list, dict)):
+        return {type(None): "nothing (null)", bool: "a boolean", list: "a list", dict: "a mapping"}[type(v)]
+    return repr(v)
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def kind(node: yaml.Node) -> str:
+    return {yaml.MappingNode: "mapping", yaml.SequenceNode: "list"}.get(type(node), "value")
+
+
+def is_null(node: yaml.Node) -> bool:
+    """A plain null: empty, ``~`` or ``null`` (a quoted "null" is text)."""
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL and not node.style
+
+
+def controls(s: str) -> int | None:
+    """The first control character (< 0x20 but tab, or 0x7f): never valid in a header."""
+    return next((ord(c) for c in s if (c < " " and c != "\t") or c == "\x7f"), None)
+
+
+class Walker:
+    """Turns composed YAML nodes into typed values, recording problems instead of raising."""
+
+    def __init__(self, file: str, env: Mapping[str, str]):
+        self.file, self.env = file, env
+        self.problems: list[Problem] = []
+        self.vars: list[tuple[str | None, str | None]] = []
+        self.secret_vars: set[str] = set()
+        self.secrets: set[str] = set()
+        self.ctx: dict[str, Any] = {}  # facts later sections of a schema look at
+        self._held: list[tuple[str, frozenset[str]]] = []  # values printed or hidden at the end
+        self._ctor = yaml.SafeLoader("")
+
+    def error(self, node: yaml.Node | None, path: str, why: str) -> None:
+        self.problems.append(Problem(self.file, node.start_mark.line + 1 if node else 1, path, why))
+
+    def run(self, text: str, walk: Callable[[Walker, yaml.Node], Any]) -> Any:
+        """Compose text, walk its root; raise ConfigError with every problem."""
+        def hide(m: re.Match[str]) -> str:
+            self.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
+            return f"__yamlconf_var_{len(self.vars) - 1}__"
+        try:
+            docs = [d for d in yaml.compose_all(_VAR.sub(hide, text),
+                                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            why = " ".join(x for x in (exc.context, exc.problem) if x)
+            raise ConfigError([Problem(self.file, mark.line + 1 if mark else 1, "",
+                                       f"YAML syntax error: {why}")]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem(self.file, 1, "", f"YAML error: {exc}")]) from None
+        if len(docs) != 1:
+            line, why = (docs[1].start_mark.line + 1, "more than one YAML document in the file") \
+                if docs else (1, "config is empty")
+            raise ConfigError([Problem(self.file, line, "", why)])
+        result = walk(self, docs[0])
+        if self.problems or result is None:
+            raise ConfigError(self.finish() or [Problem(self.file, 1, "", "config is invalid")])
+        return result
+
+    # -- interpolation and secrets
+
+    def used_vars(self, node: yaml.Node) -> frozenset[str]:
+        return frozenset(n for i in _PLACEHOLDER.findall(str(getattr(node, "value", "")))
+                         if (n := self.vars[int(i)][0]) is not None)
+
+    def expand(self, node: yaml.ScalarNode, path: str) -> str | None:
+        missing: list[str] = []
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = self.vars[int(m.group(1))]
+            value = "$" if name is None else self.env.get(name)  # name None: "$$"
+            if value is None or (value == "" and default is not None):
+                if default is None:
+                    missing.append(str(name))
+                return default or ""
+            return value
+
+        out = _PLACEHOLDER.sub(sub, node.value)
+        for name in missing:
+            self.error(node, path, f"environment variable {name} is not set "
+                                   f"(write ${{{name}:-}} for an optional value)")
+        return None if missing else out
+
+    def mark_secret(self, node: yaml.Node, value: str | None) -> None:
+        """A credential: its value and the variables it came from are never printed."""
+        names = self.used_vars(node)
+        self.secret_vars |= names
+        if value:
+            self.secrets.add(value)
+            self.secrets.update(self.env[n] for n in names if self.env.get(n))
+
+    def hold(self, node: yaml.Node, value: Any) -> str:
+        """A value for an error text; finish() decides whether it may be printed."""
+        names = self.used_vars(node)
+        if not names:
+            return show(value)
+        self._held.append((show(value), names))
+        return f"\x00{len(self._held) - 1}\x00"
+
+    def finish(self) -> list[Problem]:
+        """The problems sorted by line, values from secret variables blanked out."""
+        def fill(m: re.Match[str]) -> str:
+            text, names = self._held[int(m.group(1))]
+            hidden = sorted(names & self.secret_vars)
+            return f"(value from ${{{hidden[0]}}} hidden)" if hidden else text
+        out = [dataclasses.replace(p, why=_HELD.sub(fill, p.why)) for p in self.problems]
+        return sorted(out, key=lambda p: p.line)
+
+    # -- scalars
+
+    def scalar(self, node: yaml.Node, path: str) -> tuple[bool, Any]:
+        """(ok, python value) of a scalar node after interpolation, YAML-typed."""
+        if not isinstance(node, yaml.ScalarNode):
+            self.error(node, path, f"expected a single value, got a {kind(node)}")
+            return False, None
+        text = self.expand(node, path)
+        if text is None:
+            return False, None
+        if text != node.value:  # a plain scalar is typed again after substitution
+            tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR
+            node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
+        try:
+            return True, self._ctor.construct_object(node)
+        except Exception as exc:  # YAML's constructors fail in many ways on bad tagged values
+            problem = (getattr(exc, "problem", None) or str(exc).split("\n")[0]) \
+                if isinstance(exc, yaml.YAMLError) else f"not a valid !!{node.tag.rsplit(':', 1)[-1]}"
+            self.error(node, path, f"cannot read value: {problem}")
+            return False, None
+
+    def text(self, node: yaml.Node, path: str, nullable: bool = False) -> tuple[bool, str | None]:
+        """A string exactly as written: ``012345``, ``0x1F``, ``1:20`` and ``yes`` stay text.
+
+        An explicit tag (``!!int 5``) is still constructed, so bad tags get caught; a plain
+        null (empty, ``~``, ``null``) is null.
+        """
+        if not isinstance(node, yaml.ScalarNode):
+            self.error(node, path, f"expected a single value, got a {kind(node)}")
+            return False, None
+        if not (node.style or node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))):
+            ok, v = self.scalar(node, path)
+            if ok and not isinstance(v, str):
+                self.error(node, path, f"expected a string, got {self.hold(node, v)}")
+            return ok and isinstance(v, str), v if isinstance(v, str) else None
+        if is_null(node):
+            if not nullable:
+                self.error(node, path, "expected a string, got nothing (null)")
+            return nullable, None
+        value = self.expand(node, path)
+        return value is not None, value
+
+    def typed(self, node: yaml.Node, path: str, check: Callable[[Any], Any]) -> Any:
+        """check(YAML-typed value); its ValueError text becomes the problem."""
+        ok, value = self.scalar(node, path)
+        if not ok:
+            return None
+        try:
+            return check(value)
+        except (TypeError, ValueError) as exc:
+            head, sep, tail = str(exc).rpartition(show(value))  # the value itself, not a bound
+            self.error(node, path, f"{head}{self.hold(node, value)}{tail}" if sep else tail)
+            return None
+
+    # -- structures
+
+    def mapping(self, node: yaml.Node, path: str, allowed: Iterable[str] | None) -> Items | None:
+        if is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, path, f"expected a mapping, got a {kind(node)}")
+            return None
+        names = sorted(allowed) if allowed is not None else None
+        out: Items = {}
+        for knode, vnode in node.value:
+            ok, name = self.text(knode, path)
+            if not ok or name is None:
+                continue
+            if names is not None and name not in names:
+                self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
+                                                    f"(allowed: {', '.join(names)})")
+            elif name in out:
+                self.error(knode, join(path, name), "duplicate key")
+            else:
+                out[name] = (knode, vnode)
+        return out
+
+    def sequence(self, node: yaml.Node, path: str) -> list[tuple[str, yaml.Node]] | None:
+        """(path, node) per item; null is an empty list."""
+        if is_null(node):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            self.error(node, path, f"expected a list, got a {kind(node)}")
+            return None
+        return [(f"{path}[{i}]", n) for i, n in enumerate(node.value)]
+
+    def build(self, cls: type, node: yaml.Node, path: str, base: Mapping[str, Any] | None = None,
+              extra: Mapping[str, Any] | None = None, finish: Finish | None = None,
+              at: yaml.Node | None = None) -> Any:
+        """An instance of a schema dataclass, or None after recording its problems.
+
+        ``base`` overrides defaults (inherited values); ``extra`` fills the fields that are
+        not config keys; ``finish`` checks relations between keys and may edit values;
+        ``at`` is where a missing key is reported (a named entry's key, say).
+        """
+        fields = keys_of(cls)
+        items = self.mapping(node, path, fields)
+        if items is None:
+            return None
+        before = len(self.problems)
+        values: dict[str, Any] = dict(extra or {})
+        for name, f in fields.items():
+            default = base[f.name] if base and f.name in base else f.default
+            if name in items:
+                values[f.name] = f.metadata["read"](self, items[name][1], join(path, name), default)
+            elif default is REQUIRED:
+                doc = f" ({f.metadata['doc']})" if f.metadata["doc"] else ""
+                self.error(at or node, path, f"missing required key {name!r}{doc}")
+            else:
+                values[f.name] = default
+        if finish is not None and len(self.problems) == before:
+            finish(self, node, path, values, items)
+        return cls(**values) if len(self.problems) == before else None

@@ -1,0 +1,237 @@
+"""The config schema via config.parse: new keys, defaults, credentials, secrets, hardening."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from relayd import config as cfg
+from relayd import yamlconf
+from test_check import GOOD
+
+BASE = GOOD.replace("OPENAI_API_KEY", "K")  # the check tests' config, key from ${K:-}
+
+
+def parse(text: str, env: dict[str, str] | None = None) -> cfg.Config:
+    return cfg.parse(text, "t.yaml", env or {})
+
+
+def errors(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(cfg.ConfigError) as info:
+        parse(text, env)
+    return [str(p) for p in info.value.problems]
+
+
+def test_defaults_of_new_keys():
+    c = parse(BASE)
+    assert c.workers is None
+    assert c.timeouts.send == 60.0 and c.routes[0].timeouts.send == 60.0
+    assert c.limits == cfg.Limits(client_header=60.0, client_keepalive=75.0, max_request_headers=64 * 1024,
+                                  replay_body=8 * 1024 * 1024, replay_memory=256 * 1024 * 1024)
+    up = c.upstreams["openai"]
+    assert up.max_connections == 1000 and up.pool_wait is None and up.api_key is None
+    assert c.clients == () and c.tls is None and c.allow == () and c.admin_allow == ()
+    assert c.secrets == frozenset() and c.warnings == ()
+
+
+def test_new_keys_parsed():
+    c = parse("workers: 4\ndefaults: {timeouts: {send: 5s}}\n"
+              "limits: {client_header: 10s, client_keepalive: 1m, max_request_headers: 16KiB,"
+              " replay_body: 1MiB, replay_memory: 1GiB}\n"
+              "allow: [10.0.0.0/8, '::1']\nadmin_allow: 127.0.0.1\n"
+              + BASE.replace("    api_key: ${K:-}\n", "    pool_wait: 250ms\n    max_connections: 7\n")
+              + "    timeouts: {send: 2}\n")
+    assert c.workers == 4 and c.timeouts.send == 5.0 and c.routes[0].timeouts.send == 2.0
+    assert c.routes[0].timeouts.first_byte == 300.0  # other keys still inherited
+    assert (c.limits.client_header, c.limits.client_keepalive) == (10.0, 60.0)
+    assert (c.limits.max_request_headers, c.limits.replay_body, c.limits.replay_memory) == (16384, 1 << 20, 1 << 30)
+    assert c.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert c.admin_allow == (ipaddress.ip_network("127.0.0.1/32"),)
+    assert c.upstreams["openai"].pool_wait == 0.25 and c.upstreams["openai"].max_connections == 7
+    assert parse("workers: auto\n" + BASE).workers is None
+
+
+@pytest.mark.parametrize("line,words", [
+    ("workers: 0", "workers: expected auto or an integer between 1 and 256, got 0"),
+    ("workers: 257", "between 1 and 256"),
+    ("workers: lots", "expected auto or an integer"),
+    ("limits: {replay_body: 10MB}", "KB/MB/GB are not accepted"),
+    ("limits: {replay_body: -1}", "bad size"),
+    ("limits: {max_request_headers: 10}", "must be between 1024"),
+    ("limits: {replay_body: 1GiB, replay_memory: 1MiB}", "must not be larger than replay_memory"),
+    ("limits: {client_header: soon}", "bad duration"),
+    ("allow: [10.0.0.1/8]", "host bits set; did you mean '10.0.0.0/8'"),
+    ("allow: [nowhere]", "bad address or CIDR"),
+    ("admin_allow: {a: 1}", "expected a list"),
+    ("tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}", "file not found"),
+    ("tls: {cert: /etc/hostname}", "missing required key 'key'"),
+])
+def test_new_key_errors(line, words):
+    errs = errors(line + "\n" + BASE)
+    assert any(e.startswith("t.yaml:1: ") and words in e for e in errs), errs
+
+
+def test_string_fields_keep_the_text_as_written():
+    for raw in ("012345", "0x1F2E3D", "1:20", "yes", "true", "1e3", "0o17", "2001-01-01"):
+        c = parse(BASE.replace("${K:-}", raw))
+        assert c.upstreams["openai"].api_key == raw, raw
+    c = parse(BASE.replace("    api_key: ${K:-}\n", "    headers: {X-A: 007, X-B: no}\n"))
+    assert c.upstreams["openai"].headers == (("X-A", "007"), ("X-B", "no"))
+    # numbers and booleans stay typed for numeric and boolean fields
+    c = parse(BASE.replace("api_key: ${K:-}", "max_connections: 0x10") + "    strip_prefix: no\n")
+    assert c.upstreams["openai"].max_connections == 16 and c.routes[0].strip_prefix is False
+
+
+def test_control_characters_rejected_without_printing_them():
+    errs = errors(BASE.replace("${K:-}", '"sk-\\x01secret"'))
+    assert errs == ["t.yaml:6: upstreams.openai.api_key: contains control character 0x01 "
+                    "(not allowed; value not shown)"]
+    errs = errors(BASE.replace("${K:-}", '"sk-\\x7fsecret"'))
+    assert "0x7f" in errs[0] and "secret" not in errs[0]
+    errs = errors(BASE.replace("api_key: ${K:-}", "headers: {X-A: ${H}}"), {"H": "a\rb"})
+    assert errs == ["t.yaml:6: upstreams.openai.headers.X-A: contains control character 0x0d "
+                    "(not allowed; value not shown)"]
+    c = parse(BASE.replace("api_key: ${K:-}", 'headers: {X-A: "caf\u00e9\tx\u00ff"}'))
+    assert c.upstreams["openai"].headers == (("X-A", "caf\u00e9\tx\u00ff"),)  # tab and obs-text are fine
+
+
+def test_values_of_secret_variables_are_never_printed():
+    env = {"K": "sk-verysecret-1", "P": "sk-verysecret-1"}
+    text = "workers: ${K}\nshutdown_grace: ${K}\n" + BASE.replace("provider: openai", "provider: ${K}")
+    errs = errors(text, env)
+    assert len(errs) == 3 and all("(value from ${K} hidden)" in e for e in errs), errs
+    assert not any("verysecret" in e for e in errs)
+    # a variable that feeds no credential field is shown, it helps find the mistake
+    errs = errors("workers: ${W}\n" + BASE, {"W": "many"})
+    assert errs == ["t.yaml:1: workers: expected auto or an integer between 1 and 256, got 'many'"]
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:hunter2@host:bad/", "https://user:hunter2@host/?q=1", "ftp://user:hunter2@host/",
+    "https://user:hunter2@host:99999/", "https://user:hunter2@/", "https://user:hunter2@host/#frag",
+    "user:hunter2@host:1", "https://user:hunter2@host/?key=hunter2",
+])
+def test_url_userinfo_never_printed(url):
+    for key in ("url", "proxy"):
+        text = BASE.replace("    api_key: ${K:-}\n", f"    proxy: null\n") if key == "url" else BASE
+        text = text.replace("https://api.openai.com", url) if key == "url" else \
+            text.replace("    api_key: ${K:-}\n", f"    proxy: '{url}'\n")
+        errs = errors(text)
+        assert errs and not any("hunter2" in e for e in errs), errs
+        assert any(f"upstreams.openai.{key}: bad URL" in e for e in errs), errs
+
+
+def test_did_you_mean():
+    assert "unknown key; did you mean 'listen'?" in errors("lisen: 1\n" + BASE)[0]
+    assert "did you mean 'max_connections'?" in errors(BASE.replace("api_key:", "max_conections:"))[0]
+    assert "unknown provider 'openia'; did you mean 'openai'?" in errors(BASE.replace("provider: openai",
+                                                                                  "provider: openia"))[0]
+    assert "unknown upstream 'opena'; did you mean 'openai'?" in errors(BASE.replace("upstream: openai",
+                                                                                 "upstream: opena"))[0]
+
+
+def test_api_key_file_and_credential(tmp_path):
+    (tmp_path / "key").write_text("sk-from-file\n")
+    c = parse(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}"))
+    assert c.upstreams["openai"].api_key == "sk-from-file" and "sk-from-file" in c.secrets
+    (tmp_path / "key").write_text("sk-rotated")  # read at load time: a reload sees the new key
+    assert parse(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}")
+                 ).upstreams["openai"].api_key == "sk-rotated"
+    (tmp_path / "openai").write_text("sk-cred\r\n")
+    text = BASE.replace("api_key: ${K:-}", "api_key_credential: openai")
+    assert parse(text, {"CREDENTIALS_DIRECTORY": str(tmp_path)}).upstreams["openai"].api_key == "sk-cred"
+    assert errors(text) == ["t.yaml:6: upstreams.openai.api_key_credential: $CREDENTIALS_DIRECTORY is not set "
+                            "(systemd sets it for LoadCredential=; set it yourself to run by hand)"]
+    errs = errors(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'missing'}"))
+    assert errs[0].startswith("t.yaml:6: upstreams.openai.api_key_file: cannot read ") and "No such file" in errs[0]
+    (tmp_path / "bad").write_text("sk-a\nsk-b\n")
+    errs = errors(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'bad'}"))
+    assert "control character 0x0a" in errs[0] and "sk-a" not in errs[0]
+    errs = errors(BASE.replace("api_key: ${K:-}", f"api_key: x\n    api_key_file: {tmp_path / 'key'}"))
+    assert errs == ["t.yaml:7: upstreams.openai.api_key_file: set at most one of api_key, api_key_file, "
+                    "api_key_credential (also set: api_key)"]
+    assert "bad credential name" in errors(BASE.replace("api_key: ${K:-}", "api_key_credential: ../x"))[0]
+
+
+def test_clients(tmp_path):
+    (tmp_path / "bob").write_text("bob-key\n")
+    digest = hashlib.sha256(b"carol-key").hexdigest()
+    c = parse(BASE + f"clients:\n  alice: {{key: alice-key, routes: [/openai/]}}\n"
+                     f"  bob: {{key_file: {tmp_path / 'bob'}}}\n  carol: {{key_sha256: {digest.upper()}}}\n")
+    alice, bob, carol = c.clients
+    assert (alice.name, alice.key, alice.routes) == ("alice", "alice-key", ("/openai",))
+    assert alice.key_sha256 == hashlib.sha256(b"alice-key").digest()
+    assert (bob.key, bob.routes) == ("bob-key", None)
+    assert (carol.key, carol.key_sha256) == (None, bytes.fromhex(digest))
+    assert {"alice-key", "bob-key"} <= c.secrets and "alice-key" not in repr(c)
+    assert errors(BASE + "clients:\n  a: {routes: [/openai]}\n") == [
+        "t.yaml:11: clients.a: needs one of key, key_file, key_credential, key_sha256"]
+    assert errors(BASE + "clients:\n  a: {key: k, routes: [/opena]}\n") == [
+        "t.yaml:11: clients.a.routes: no route with path '/opena'; did you mean '/openai'?"]
+    errs = errors(BASE + f"clients:\n  a: {{key: carol-key}}\n  b: {{key_sha256: {digest}}}\n")
+    assert errs == ["t.yaml:12: clients.b: same key as client 'a'"] and "carol-key" not in errs[0]
+    assert "64 hex digits" in errors(BASE + "clients:\n  a: {key_sha256: abc}\n")[0]
+    assert "set at most one" in errors(BASE + "clients:\n  a: {key: a, key_credential: b}\n")[0]
+    assert "the key is empty" in errors(BASE + "clients:\n  a: {key: '${CK:-}'}\n")[0]
+
+
+def test_secrets_cover_every_credential(tmp_path):
+    env = {"K": "sk-upstream-key", "TOKEN": "tok-123456", "ORG": "org-1"}
+    c = parse(BASE.replace("    api_key: ${K:-}\n", "    api_key: ${K:-}\n    headers: {X-Auth: 'Bearer ${TOKEN}'}\n")
+              + "clients:\n  a: {key: client-key-1}\n", env)
+    assert {"sk-upstream-key", "tok-123456", "Bearer tok-123456", "client-key-1"} <= c.secrets
+
+
+def test_admin_listen_checks_and_warnings():
+    assert errors("admin_listen: 127.0.0.1:8080\n" + BASE)[0].startswith(
+        "t.yaml:1: admin_listen: 127.0.0.1:8080 overlaps listen (127.0.0.1:8080)")
+    assert "overlaps listen" in errors("admin_listen: 0.0.0.0:8080\n" + BASE)[0]
+    assert parse("admin_listen: 127.0.0.1:9090\n" + BASE).warnings == ()
+    c = parse("admin_listen: 0.0.0.0:9090\n" + BASE)
+    assert len(c.warnings) == 1 and "admin_listen 0.0.0.0:9090 is not a loopback address" in c.warnings[0]
+    public = BASE.replace("127.0.0.1:8080", "0.0.0.0:8080")
+    assert parse(public).warnings == ()  # no keys to spend
+    c = parse(public, {"K": "sk-x"})
+    assert c.warnings == ("listen 0.0.0.0:8080 is not a loopback address, upstreams have API keys and there "
+                          "is no clients: section: anyone who can reach 0.0.0.0:8080 spends your keys",)
+    assert parse(public + "clients:\n  a: {key: k}\n", {"K": "sk-x"}).warnings == ()
+    assert parse(BASE.replace("127.0.0.1:8080", '"[::1]:8080"'), {"K": "sk-x"}).warnings == ()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not available")
+    d = tmp_path_factory.mktemp("certs")
+    for name in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-subj", f"/CN={name}", "-days", "1", "-keyout", str(d / f"{name}.key"),
+                        "-out", str(d / f"{name}.crt")], check=True, capture_output=True, timeout=30)
+    subprocess.run(["openssl", "ec", "-in", str(d / "a.key"), "-aes256", "-passout", "pass:x",
+                    "-out", str(d / "enc.key")], check=True, capture_output=True, timeout=30)
+    return d
+
+
+def test_listener_tls(certs):
+    c = parse(f"tls: {{cert: {certs / 'a.crt'}, key: {certs / 'a.key'}}}\n" + BASE)
+    assert c.tls == cfg.ListenerTLS(cert=str(certs / "a.crt"), key=str(certs / "a.key"))
+    for cert, key, words in (("a.crt", "b.key", "the key does not belong to the certificate"),
+                             ("a.crt", "enc.key", "the key is encrypted"),
+                             ("a.key", "a.crt", "not a PEM certificate chain")):
+        errs = errors(f"tls:\n  cert: {certs / cert}\n  key: {certs / key}\n" + BASE)
+        assert len(errs) == 1 and errs[0].startswith("t.yaml:2: tls: cannot load cert and key: "), errs
+        assert words in errs[0]
+
+
+def test_each_key_declared_once_with_its_default():
+    """The schema is the dataclasses: defaults seen by Python and by the YAML reader agree."""
+    for cls in (cfg.Timeouts, cfg.TLS, cfg.Breaker, cfg.Limits, cfg.Defaults):
+        cls()  # every key has a default
+        assert set(yamlconf.keys_of(cls)) == {f for f in cls.__dataclass_fields__}
+    assert parse(BASE).upstreams["openai"].tls == cfg.TLS() and parse(BASE).limits == cfg.Limits()
+    assert "upstream" in yamlconf.keys_of(cfg.Route)  # the YAML name, for the field 'upstreams'

@@ -55,7 +55,7 @@ class App:
         pools = self.registry.build(config.upstreams.values())
         self.generation += 1
         table = RouteTable(config, pools, self.generation)
-        logs.set_secrets(u.api_key for u in config.upstreams.values())
+        logs.set_secrets(config.secrets)
         old, self.table = self.table, table
         if old is not None:
             old.supersede()

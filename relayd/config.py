@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 from yarl import URL
 
+from . import providers
 from . import yamlconf as Y
 from .yamlconf import key as setting
 from .yamlconf import (REQUIRED, ConfigError, Items, Listen, Problem, Walker, parse_duration,
@@ -30,7 +31,7 @@ __all__ = ["Config", "Upstream", "Route", "Timeouts", "TLS", "Breaker", "Listen"
            "ListenerTLS", "Defaults", "ConfigError", "Problem", "parse", "load", "parse_duration",
            "parse_size", "parse_listen", "parse_url", "redact_url"]
 
-PROVIDERS = ("openai", "anthropic", "gemini", "azure", "generic")
+PROVIDERS = providers.NAMES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -100,7 +100,7 @@ class Pool:
         self.session = aiohttp.ClientSession(
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**16)
+            cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**14)
         self.inflight = 0  # requests using the pool now (a gauge; not what keeps it open)
         self.tables = 0    # live route tables that hand out this pool
         self.retired = False

@@ -161,6 +161,15 @@ def instructions(port: str) -> str:
             " | grep ^relayd_\nCtrl-C stops relayd and the provider.\n")
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the demo dies, however it dies, so no relayd is left behind."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the signal handlers below still stop relayd on Ctrl-C
+
+
 async def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 15) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
@@ -188,7 +197,8 @@ async def _main(config: str) -> int:
     # relayd's own JSON log lines (one access line per request) go to this terminal.  It
     # gets its own process group so Ctrl-C reaches it once, from here: a second signal
     # would make it exit at once instead of draining.
-    proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", config], process_group=0)
+    proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", config], process_group=0,
+                            preexec_fn=_die_with_parent)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -60,8 +60,12 @@ class Demo:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._f.close()
 
 
@@ -186,3 +190,18 @@ def test_demo_without_config_says_so(tmp_path: Path) -> None:
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "nope.yaml: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_relayd_does_not_outlive_a_killed_demo(own: Demo) -> None:
+    pid = own.relayd_pid()
+    own.proc.kill()
+    own.proc.wait(10)
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"relayd {pid} still ran after its demo was killed")

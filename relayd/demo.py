@@ -145,7 +145,8 @@ def provider_app(delay: float) -> web.Application:
 def instructions(port: str) -> str:
     base = f"http://127.0.0.1:{port}"
     oai = ("curl -N " + base + "/openai/v1/chat/completions -H 'content-type: application/json' "
-           "-d '{\"model\":\"demo\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")
+           "-d '{\"model\":\"demo\",\"stream\":true,\"stream_options\":{\"include_usage\":true},"
+           "\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")
     ant = ("curl -N " + base + "/anthropic/v1/messages -H 'content-type: application/json' "
            "-H 'anthropic-version: 2023-06-01' -d '{\"model\":\"demo\",\"max_tokens\":100,"
            "\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'")

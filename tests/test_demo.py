@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,6 +152,29 @@ def test_anthropic_sdk_stream_arrives_token_by_token(running: Demo) -> None:
     assert final.content[0].text == demo.TEXT and final.stop_reason == "end_turn"
     assert final.usage.output_tokens == len(demo.tokens())
     assert_paced(stamps, len(demo.tokens()))
+
+
+def printed(d: Demo, start: str) -> list[str]:
+    return [l.strip() for l in d.text().splitlines() if l.startswith("  " + start)]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_printed_curl_commands_stream(running: Demo) -> None:
+    commands = printed(running, "curl -N ")
+    assert len(commands) == 2, running.text()
+    for command, end in zip(commands, ("data: [DONE]", "event: message_stop")):
+        r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert end in r.stdout, r.stdout
+        assert r.stdout.count('"relayd"') == 1 and '"usage"' in r.stdout  # first token; usage at the end
+
+
+def test_printed_sdk_one_liner_prints_the_answer(running: Demo) -> None:
+    [command] = printed(running, "python -c ")
+    code = command.removeprefix("python -c ").strip('"')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == demo.TEXT + "\n"
 
 
 def test_ctrl_c_lets_the_stream_in_flight_finish_then_stops_both(own: Demo) -> None:

@@ -32,6 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DELAY = float(demo.DEFAULTS["RELAYD_DEMO_DELAY"])
 
 
+def end_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    """Ask a process this test started to stop with sig; kill it if it has not within timeout."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Demo:
     def __init__(self, tmp: Path) -> None:
         self.port, self.admin, self.provider = free_port(), free_port(), free_port()
@@ -60,13 +71,7 @@ class Demo:
         raise AssertionError("no ready line from relayd:\n" + self.text())
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, signal.SIGINT, 20)
         self._f.close()
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import Relayd, wait_port
 from fakes import FakeProvider, Scenario, fixture, free_port
+from test_demo import end_process
 from test_operations import get_metrics, metric, wait_metric
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,13 +102,7 @@ class HAProxy:
         return [l for l in self.text().splitlines() if f"probe={tag}" in l]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, signal.SIGTERM, 10)
         self._f.close()
 
 

@@ -24,7 +24,7 @@ def units(tmp_path: Path) -> Path:
     relayd_bin = Path(sys.executable).parent / "relayd"
     assert relayd_bin.exists(), "relayd console script not installed"
     for name in UNITS:
-        text = (ROOT / "systemd" / name).read_text().replace("/opt/relayd/bin/relayd", str(relayd_bin))
+        text = (ROOT / "systemd" / name).read_text().replace("/opt/relayd/venv/bin/relayd", str(relayd_bin))
         (tmp_path / name).write_text(text)
     return tmp_path
 
@@ -45,7 +45,7 @@ def test_security_exposure_at_most_2(units):
 
 def test_required_directives():
     text = (ROOT / "systemd" / "relayd.service").read_text()
-    for directive in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "ExecStartPre=/opt/relayd/bin/relayd check",
+    for directive in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "ExecStartPre=/opt/relayd/venv/bin/relayd check",
                       "EnvironmentFile=-/etc/relayd/relayd.env", "DynamicUser=yes", "LimitNOFILE=65536",
                       "Restart=on-failure", "WatchdogSec=", "ProtectSystem=strict", "ProtectHome=yes",
                       "PrivateTmp=yes", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n",
@@ -53,5 +53,8 @@ def test_required_directives():
         assert directive in text, directive
     stop = int(re.search(r"TimeoutStopSec=(\d+)", text).group(1))
     assert stop > 30  # above the default shutdown_grace
+    # the credentials example: commented out (no credential files exist until the operator makes them)
+    assert "#LoadCredential=openai_api_key:/etc/relayd/credentials/openai_api_key" in text
+    assert "api_key_credential: openai_api_key" in text
     path = (ROOT / "systemd" / "relayd-reload.path").read_text()
     assert "PathChanged=/etc/relayd/relayd.yaml" in path

@@ -138,6 +138,7 @@ class App:
     @staticmethod
     def _forwarded(ex: Exchange, fw: Forwarded) -> None:
         ex.attempts, ex.upstream, ex.status, ex.end = fw.attempts, fw.upstream, fw.status, fw.reason
+        ex.queued = fw.queued
         if fw.resp is not None:
             ex.ttfb = ex.duration
 
@@ -145,6 +146,7 @@ class App:
         self.log.info(
             "access", request_id=ex.request_id, method=ex.method, path=ex.path, route=ex.route,
             upstream=ex.upstream, attempts=ex.attempts, status=ex.status, end_reason=str(ex.end),
+            queue_ms=round(ex.queued * 1000, 1),
             ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
             duration_ms=round(ex.duration * 1000, 1), bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
             events=ex.events, heartbeats=ex.heartbeats,

@@ -37,7 +37,7 @@ class Exchange:
     """One request's record.  Written by the handler only; read when the request ends."""
 
     __slots__ = ("request_id", "method", "path", "client", "route", "upstream", "attempts",
-                 "status", "end", "start", "ttfb", "bytes_in", "bytes_out", "events",
+                 "status", "end", "start", "queued", "ttfb", "bytes_in", "bytes_out", "events",
                  "heartbeats", "injected", "usage", "streaming", "stopper")
 
     def __init__(self, request_id: str, method: str, path: str, client: str | None) -> None:
@@ -51,6 +51,7 @@ class Exchange:
         self.status = 0
         self.end = End.DONE
         self.start = time.monotonic()
+        self.queued = 0.0
         self.ttfb: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0

@@ -44,6 +44,7 @@ class Forwarded:
     """What the phase did: an open upstream response, or the response to send instead."""
 
     attempts: int = 0
+    queued: float = 0.0  # seconds spent waiting for a free upstream connection
     upstream: str | None = None
     resp: aiohttp.ClientResponse | None = None
     target: Target | None = None
@@ -191,7 +192,14 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             headers[k] = v
         url = URL(up.origin + upstream_url(up.url.raw_path, match.rest, query), encoded=True)
         last = i == len(candidates) - 1
-        target.pool.acquire()
+        try:
+            await _slot(target, timeouts, out)
+        except _Failure as f:  # every connection busy: try the next upstream, breaker untouched
+            metrics.attempt(up.name, f.reason)
+            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
+                        attempt=out.attempts, reason=f.reason, cause=f.message)
+            last_failure = f
+            continue
         try:
             resp = await _send(target, request.method, url, headers, body, timeouts)
         except _Failure as f:
@@ -233,6 +241,18 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
     out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
                                f.reason, request_id)
     return out
+
+
+async def _slot(target: Target, timeouts: Any, out: Forwarded) -> None:
+    up = target.upstream
+    wait = up.pool_wait if up.pool_wait is not None else timeouts.first_byte
+    try:
+        out.queued += await target.pool.take(wait or None)
+    except TimeoutError:
+        out.queued += wait
+        raise _Failure(End.POOL_TIMEOUT, 503,
+                       f"all {up.max_connections} connections to upstream '{up.name}' are busy "
+                       f"(waited {fmt(wait)})") from None
 
 
 def _body_late(timeouts: Any) -> str:

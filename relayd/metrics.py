@@ -41,6 +41,9 @@ class Metrics:
                              ["upstream"], registry=r)
         self.inflight = Gauge("relayd_upstream_inflight", "Requests holding an upstream's pool now",
                               ["upstream"], registry=r)
+        self.waiting = Gauge("relayd_upstream_waiting",
+                             "Requests waiting for a free connection to an upstream", ["upstream"],
+                             registry=r)
         self.requests_active = Gauge("relayd_requests_active",
                                      "Requests being handled now, in any phase", registry=r)
         self.reloads = Counter("relayd_reloads_total", "Config reloads by result", ["result"],
@@ -95,4 +98,5 @@ class Metrics:
         for p in pools:
             self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
             self._child(self.inflight, p.upstream.name).set(p.inflight)
+            self._child(self.waiting, p.upstream.name).set(p.waiting)
         return generate_latest(self.registry)

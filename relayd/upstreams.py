@@ -13,6 +13,7 @@ circuit breaker lives on the pool, so it survives reloads with it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ssl
 import time
@@ -101,7 +102,9 @@ class Pool:
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**14)
-        self.inflight = 0  # requests using the pool now (a gauge; not what keeps it open)
+        self.inflight = 0  # requests holding one of the pool's slots now
+        self.limit = upstream.max_connections
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.tables = 0    # live route tables that hand out this pool
         self.retired = False
         self.closed = False
@@ -125,10 +128,44 @@ class Pool:
 
     # -- lifetime
 
-    def acquire(self) -> None:
-        self.inflight += 1
+    # -- slots: one per upstream connection in use, handed out first come, first served
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def take(self, timeout: float | None) -> float:
+        """Take a connection slot, waiting up to `timeout`; return the seconds waited.
+
+        aiohttp's connector would wait for a free connection too, silently and without
+        a bound of its own; gating here makes the wait visible (a gauge, ``queue_ms``)
+        and bounded (``PoolTimeout``).
+        """
+        if self.inflight < self.limit and not self._waiters:
+            self.inflight += 1
+            return 0.0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut  # release() hands its slot straight to us
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed a slot in the same instant: pass it on
+            else:
+                fut.cancel()
+                self._waiters.remove(fut)
+            raise
+        return loop.time() - start
 
     def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
         self.inflight -= 1
 
     def ref(self) -> None:

@@ -191,3 +191,42 @@ async def test_abandoned_stream_logs_what_it_really_relayed(fake, make_relayd):
     assert line["events"] >= 4 and line["bytes_out"] >= len(got)
     assert line["usage"] is not None and line["usage"]["partial"] is True
     assert line["usage"]["input_tokens"]  # message_start carried it before the client left
+
+
+async def test_waiting_for_a_pool_slot_is_visible_and_bounded(fake, make_relayd):
+    """With every connection busy a request waits in the open: a gauge, queue_ms, then a 503."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+defaults: {{timeouts: {{connect: 2, first_byte: 5, idle: 10, total: 30}}, heartbeat: 0}}
+upstreams:
+  small: {{url: "{fake.url}", provider: anthropic, max_connections: 2, pool_wait: 1s}}
+routes:
+  - {{path: /s, upstream: small}}
+""")
+    body = fixture("anthropic-messages.sse")
+    sc = fake.add("slow-pool", Scenario(body=body, chunking="lines", delay=0.06))  # ~1.5 s each
+    url = f"http://127.0.0.1:{port}/s/v1/messages"
+    async with aiohttp.ClientSession() as s:
+        async def stream(rid: str) -> tuple[int, bytes]:
+            async with s.post(url, headers={"x-fake": sc, "X-Request-Id": rid}) as resp:
+                return resp.status, await resp.read()
+
+        fake.reset_stats()
+        holders = [asyncio.ensure_future(stream(f"hold{i}")) for i in range(2)]
+        await fake.has_requests(2)
+        waiter = asyncio.ensure_future(stream("refused"))
+        assert await wait_metric(admin, "relayd_upstream_waiting", 1, upstream="small") == 1
+        status, err = await waiter
+        assert status == 503
+        msg = json.loads(err)["error"]
+        assert msg["type"] == "overloaded_error"
+        assert "all 2 connections to upstream 'small' are busy (waited 1s)" in msg["message"]
+        late = asyncio.ensure_future(stream("queued"))  # gets the first slot that frees up
+        assert [st for st, _ in await asyncio.gather(*holders)] == [200, 200]
+        assert (await late)[0] == 200
+    lines = {l["request_id"]: l for l in r.wait_access(4)}
+    assert lines["refused"]["end_reason"] == "pool_timeout" and lines["refused"]["queue_ms"] >= 900
+    assert lines["queued"]["queue_ms"] > 0 and lines["hold0"]["queue_ms"] == 0
+    assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config/relayd.yaml
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench soak clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/run.py
+
+soak: $(VENV)/.installed-test  # minutes of hostile clients; not part of `make test`
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

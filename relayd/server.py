@@ -157,9 +157,6 @@ class Connection(web.RequestHandler):
         self.head_done()
         super().connection_lost(exc)
 
-    def between_requests(self) -> bool:
-        return not self._request_in_progress
-
     def head_started(self) -> None:
         if self._head_timer is None and self._head_timeout > 0:
             self._head_timer = asyncio.get_running_loop().call_later(

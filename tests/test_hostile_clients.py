@@ -169,7 +169,7 @@ async def test_keepalive_idle_close_and_head_deadline_on_keepalive(tmp_path, fak
 
 def test_100_headers_of_8k_get_431_in_the_route_format(shared, fake) -> None:
     before = len(fake.requests)
-    head = b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\n"
+    head = b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
     head += b"".join(b"X-Big-%d: %s\r\n" % (i, b"a" * 8000) for i in range(100))
     (status, headers, body), = responses(exchange(shared.port, head + b"\r\n"))
     assert status == 431 and headers["server"] == "relayd"
@@ -182,7 +182,7 @@ def test_100_headers_of_8k_get_431_in_the_route_format(shared, fake) -> None:
 
 def test_just_over_the_limit_in_one_write_is_431_and_just_under_passes(shared) -> None:
     def head(total: int) -> bytes:
-        start = b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\n"
+        start = b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         n = (total - len(start) - 2) // 4004
         lines = [b"X-F%03d: %s\r\n" % (i, b"b" * 3993) for i in range(n)]
         return start + b"".join(lines) + b"\r\n"
@@ -192,7 +192,7 @@ def test_just_over_the_limit_in_one_write_is_431_and_just_under_passes(shared) -
 
 
 def test_431_without_a_route_is_generic_json(shared) -> None:
-    head = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + b"".join(
+    head = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"".join(
         b"X-B%d: %s\r\n" % (i, b"c" * 8000) for i in range(10)) + b"\r\n"
     (status, headers, body), = responses(exchange(shared.port, head))
     assert status == 431 and headers["content-type"].startswith("application/json")
@@ -282,7 +282,7 @@ def test_server_header(make_relayd, fake, bare_upstream) -> None:
                                  extra_routes="  - {path: /bare, upstream: bare}"))
     fake.add("named-server", Scenario(body=b"{}", content_type="application/json",
                                       headers={"Server": "fake-provider/1.0"}))
-    (s1, h1, _), = responses(exchange(port, b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n"))
+    (s1, h1, _), = responses(exchange(port, b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
     assert s1 == 404 and h1["server"] == "relayd"
     got = exchange(port, b"GET /bare/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 200") and b"\r\nserver:" not in got.lower()

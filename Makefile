@@ -21,7 +21,7 @@ DEMO_PORT          ?= 8080
 DEMO_ADMIN_PORT    ?= 9090
 DEMO_PROVIDER_PORT ?= 8089
 
-.PHONY: run test check bench clean demo dist install uninstall
+.PHONY: run test check bench soak clean demo dist install uninstall
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -98,6 +98,9 @@ uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/README.md
 	rmdir $(DESTDIR)$(PREFIX) 2>/dev/null || true
 	@echo "removed the venv and the units; kept $(ETC) (config and keys) - delete it yourself if you want it gone"
+
+soak: $(VENV)/.installed-test  # minutes of hostile clients; not part of `make test`
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

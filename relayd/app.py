@@ -19,7 +19,7 @@ from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
-from .routes import Match, RouteTable
+from .routes import Match, RouteTable, resolve, under
 from .stream import Stream
 from .upstreams import PoolRegistry
 
@@ -31,6 +31,12 @@ def request_id(given: str | None) -> str:
     if given and _REQUEST_ID.fullmatch(given):
         return given
     return secrets.token_hex(16)
+
+
+def _head_size(request: web.BaseRequest) -> int:
+    """The request head's size in bytes as it came: request line and header lines."""
+    line = len(request.method) + len(request.raw_path) + 11
+    return line + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
 
 
 class App:
@@ -78,7 +84,15 @@ class App:
         body: RequestBody | None = None
         st: Stream | None = None
         try:
-            match = table.match(path)
+            found = table.match(path)
+            if _head_size(request) > table.config.limits.max_request_headers:
+                return self._refuse(ex, found, 431, "request headers too large",
+                                    "request_header_too_large")
+            resolved = resolve(path)
+            if resolved is None or (found is not None and not under(found.route.path, resolved)):
+                return self._refuse(ex, found, 400, f"path {path} climbs above its route",
+                                    "invalid_path")
+            match = table.match(resolved)
             if match is None:
                 ex.status = 404
                 return web.Response(status=404, body=providers.not_found_body(path),
@@ -134,6 +148,37 @@ class App:
             self.metrics.finished(ex)
             if table.config.access_log:
                 self._access(ex)
+
+    @staticmethod
+    def _refuse(ex: Exchange, match: Match | None, status: int, why: str,
+                code: str) -> web.Response:
+        """relayd's own 4xx, in the route's provider format when a route matched."""
+        ex.status = status
+        if match is not None:
+            ex.route = match.route.path
+        provider = providers.get(match.targets[0].upstream.provider if match else "generic")
+        return error_response(provider, status, f"{why} (request id {ex.request_id})", code,
+                              ex.request_id)
+
+    def reject(self, request: web.BaseRequest, status: int, why: str,
+               first_line: bytes) -> web.Response:
+        """The answer to a request aiohttp could not parse (or to a head too large to
+        parse), with its own access line: the request line is all relayd knows of it."""
+        parts = first_line.decode("latin-1").split(" ")
+        method, target = (parts[0][:16], parts[1]) if len(parts) == 3 else ("-", "-")
+        path = target.partition("?")[0]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ex = Exchange(request_id(None), method, path, peer[0] if peer else None)
+        table = self.table
+        assert table is not None
+        match = table.match(path) if path.startswith("/") else None
+        code = "request_header_too_large" if status == 431 else "invalid_request"
+        resp = self._refuse(ex, match, status, why, code)
+        ex.end = End.DONE if status < 500 else End.ERROR
+        self.metrics.finished(ex)
+        if table.config.access_log:
+            self._access(ex)
+        return resp
 
     @staticmethod
     def _forwarded(ex: Exchange, fw: Forwarded) -> None:

@@ -26,6 +26,42 @@ from . import logs
 from .app import App
 from .config import Config, ConfigError
 from .exchange import End
+from .server import ClientServer
+
+
+class ListenError(Exception):
+    """A listener could not bind: says which config key named the address."""
+
+    def __init__(self, key: str, address: object, exc: OSError) -> None:
+        super().__init__(f"cannot listen on {address} ({key}): {exc.strerror or exc}")
+        self.key, self.address, self.why = key, str(address), exc.strerror or str(exc)
+
+
+class FdShortage:
+    """asyncio stops accepting for a second on EMFILE/ENFILE and retries by itself;
+    this turns its per-failure traceback into one warning per ``every`` seconds with
+    counts, so an operator sees "out of file descriptors" and not log spam."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, log: object, every: float = 10.0) -> None:
+        self.log, self.every = log, every
+        self.total = 0
+        self._since = 0
+        self._last = -every
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if context.get("message") != self.MESSAGE or not isinstance(exc, OSError):
+            loop.default_exception_handler(context)
+            return
+        self.total += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self.log.warning("out of file descriptors: not accepting connections for 1s",
+                             error=exc.strerror, failures=self._since, failures_total=self.total)
+            self._last, self._since = now, 0
 
 
 def notify(message: str) -> bool:
@@ -62,14 +98,22 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.app.config
         loop = asyncio.get_running_loop()
-        self.server = web.Server(self.app.handle, handler_cancellation=True, access_log=None)
-        self.listener = await loop.create_server(self.server, cfg.listen.host, cfg.listen.port,
-                                                 reuse_address=True, backlog=1024)
+        loop.set_exception_handler(FdShortage(self.log))
+        self.server = ClientServer(self.app.handle, lambda: self.app.config, self.app.reject)
+        try:
+            self.listener = await loop.create_server(self.server, cfg.listen.host,
+                                                     cfg.listen.port, reuse_address=True,
+                                                     backlog=1024)
+        except OSError as exc:
+            raise ListenError("listen", cfg.listen, exc) from None
         if cfg.admin_listen is not None:
             self.admin = web.AppRunner(self.app.admin_app(), access_log=None, handle_signals=False)
             await self.admin.setup()
-            await web.TCPSite(self.admin, cfg.admin_listen.host, cfg.admin_listen.port,
-                              reuse_address=True).start()
+            try:
+                await web.TCPSite(self.admin, cfg.admin_listen.host, cfg.admin_listen.port,
+                                  reuse_address=True).start()
+            except OSError as exc:
+                raise ListenError("admin_listen", cfg.admin_listen, exc) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
@@ -173,9 +217,13 @@ async def serve(path: str, config: Config) -> int:
     log = daemon.log
     try:
         await daemon.start()
-    except OSError as exc:
-        log.error("cannot listen", listen=str(config.listen), error=exc.strerror or str(exc))
-        print(f"relayd: cannot listen on {config.listen}: {exc.strerror or exc}", file=sys.stderr)
+    except ListenError as exc:
+        log.error("cannot listen", **{exc.key: exc.address}, error=exc.why)
+        print(f"relayd: {exc}", file=sys.stderr)
+        if daemon.listener is not None:
+            daemon.listener.close()
+        if daemon.admin is not None:
+            await daemon.admin.cleanup()
         await daemon.app.registry.close()
         return 1
     dog = asyncio.get_running_loop().create_task(daemon.watchdog())

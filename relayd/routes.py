@@ -67,15 +67,49 @@ class RouteTable:
     def match(self, raw_path: str) -> Match | None:
         """Match on the raw (still percent-encoded) path, so what is forwarded is what came in."""
         for route, targets in self._routes:
-            p = route.path
-            if p == "/":
-                rest = raw_path
-            elif raw_path == p or raw_path.startswith(p + "/"):
-                rest = raw_path[len(p):]
-            else:
-                continue
-            return Match(route, targets, rest if route.strip_prefix else raw_path)
+            rest = _rest(route.path, raw_path)
+            if rest is not None:
+                return Match(route, targets, rest if route.strip_prefix else raw_path)
         return None
+
+
+def _rest(prefix: str, raw_path: str) -> str | None:
+    """What follows the route prefix in the path, or None if the path is not under it."""
+    if prefix == "/":
+        return raw_path
+    if raw_path == prefix or raw_path.startswith(prefix + "/"):
+        return raw_path[len(prefix):]
+    return None
+
+
+def under(prefix: str, raw_path: str) -> bool:
+    return _rest(prefix, raw_path) is not None
+
+
+def resolve(raw_path: str) -> str | None:
+    """RFC 3986 §5.2.4 remove_dot_segments on the raw path, or None if it climbs above '/'.
+
+    ``.`` and ``..`` count in their percent-encoded forms too (``%2e``, ``%2E``): an
+    upstream that decodes before resolving would otherwise climb out of its base path.
+    ``%2F`` stays part of its segment (not a separator) and every other byte is kept
+    as it came, so the upstream sees the client's own encoding.
+    """
+    if "." not in raw_path and "%2" not in raw_path:
+        return raw_path  # the usual path: nothing to resolve
+    segments = raw_path.split("/")[1:]
+    out: list[str] = []
+    for i, seg in enumerate(segments):
+        dots = seg.replace("%2e", ".").replace("%2E", ".")
+        if dots == "..":
+            if not out:
+                return None
+            out.pop()
+        if dots in (".", ".."):
+            if i == len(segments) - 1:
+                out.append("")  # "/a/b/.." is "/a/", as the RFC says
+            continue
+        out.append(seg)
+    return "/" + "/".join(out)
 
 
 def upstream_url(base: str, rest: str, query: str) -> str:

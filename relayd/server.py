@@ -1,0 +1,220 @@
+"""Client connections: how long a client may take, how much head it may send, and what
+it gets when it sends garbage.
+
+aiohttp's ``RequestHandler`` has one idle timer (``keepalive_timeout``, 3630 s) and no
+deadline for a request head that trickles in, so 1,000 half-open connections stay open
+for an hour.  ``Connection`` adds nginx's two client clocks with one ``loop.call_at``
+handle per connection (armed once per request head, never per byte):
+
+- ``client_header``: the request line and headers must be complete within this long of
+  the connection's accept (first request) or of the first byte of a keep-alive request;
+  a connection that misses it is closed without a response (nginx logs a 408 and
+  closes too).
+- ``client_keepalive``: an idle keep-alive connection closes after this long (aiohttp's
+  own keep-alive timer, set to this value).
+
+``_Parser`` wraps aiohttp's request parser for two things aiohttp does not do: it stops a
+head that outgrows ``max_request_headers`` before aiohttp buffers up to its own ~1 MiB
+(answered 431), and it keeps a valid request that shares a TCP segment with a malformed
+one (aiohttp drops every message of a segment that fails to parse).
+
+Every response relayd itself makes says ``Server: relayd``; a relayed response keeps
+the upstream's ``Server`` header, or has none (never aiohttp's own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser
+
+SERVER = "relayd"
+_QUEUE = 32  # aiohttp's MAX_MSG_QUEUE_SIZE: pipelined requests parsed ahead
+
+
+# -- errors that never reach the handler
+
+class HeadTooLarge(HttpProcessingError):
+    """The request head outgrew ``max_request_headers`` before it was complete."""
+
+    code = 431
+    message = "Request Header Fields Too Large"
+
+
+# Called for requests aiohttp could not parse (and handler failures aiohttp caught):
+# (request, status, short reason, request line if known) → the response to send.
+Reject = Callable[[web.BaseRequest, int, str, bytes], web.StreamResponse]
+
+
+class _Parser:
+    """aiohttp's request parser, plus a head-size cap and recovery of pipelined requests."""
+
+    def __init__(self, conn: "Connection", make: Callable[[], Any], cap: int) -> None:
+        self.conn, self._make, self._cap = conn, make, cap
+        self._real = make()
+        self._head = 0               # bytes of the current unfinished head
+        self.first_line = b""        # start of the current head, for error responses
+        self._clean = True           # the parser holds no partial message
+        self._body: Any = None       # the payload of a request whose body is still coming
+        self._pending: HttpProcessingError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def feed_data(self, data: bytes) -> Any:
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+        if not data:
+            return self._real.feed_data(data)
+        in_body = self._body is not None and not self._body.is_eof()
+        at_start = not in_body and self._head == 0
+        if at_start:
+            self.first_line = bytes(data[:8192]).partition(b"\r\n")[0]
+            self.conn.head_started()
+        try:
+            result = self._real.feed_data(data)
+        except HttpProcessingError as exc:
+            return self._recover(bytes(data), exc, at_start and self._clean)
+        messages = result[0]
+        if messages:
+            self._head = 0
+            last = messages[-1][1]
+            self._body = None if last.is_eof() else last
+            self._clean = self._body is None and bytes(data[-4:]) == b"\r\n\r\n"
+            self.conn.head_done()
+        else:
+            self._clean = False
+            if not in_body:
+                self._head += len(data)
+                if self._head > self._cap:
+                    raise HeadTooLarge()
+        return result
+
+    def _recover(self, data: bytes, exc: HttpProcessingError, clean: bool) -> Any:
+        """Parse the failing segment again, head by head, to keep the requests before
+        the broken one.  Only from a message boundary: mid-message bytes read as a
+        fresh request could smuggle one in."""
+        if not clean:
+            raise exc
+        fresh, got, start = self._make(), [], 0
+        while start < len(data):
+            end = data.find(b"\r\n\r\n", start)
+            end = len(data) if end < 0 else end + 4
+            try:
+                msgs = fresh.feed_data(data[start:end])[0]
+            except HttpProcessingError:
+                break
+            got.extend(msgs)
+            start = end
+        if not got:
+            raise exc
+        self._real, self._pending = fresh, exc
+        self.conn.head_done()
+        self.conn.reparse_soon()
+        return got, False, b""
+
+
+class Connection(web.RequestHandler):
+    """One client connection: aiohttp's handler with a request-head deadline."""
+
+    def __init__(self, manager: "ClientServer", *, head_timeout: float, reject: Reject,
+                 max_head: int, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._reject = reject
+        loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
+        self._parser = _Parser(self, lambda: HttpRequestParser(
+            self, loop, size, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=web.RequestPayloadError, max_msg_queue_size=_QUEUE), max_head)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.head_started()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.head_done()
+        super().connection_lost(exc)
+
+    def head_started(self) -> None:
+        if self._head_timer is None and self._head_timeout > 0:
+            self._head_timer = asyncio.get_running_loop().call_later(
+                self._head_timeout, self._head_expired)
+
+    def head_done(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def reparse_soon(self) -> None:
+        """Deliver the error kept back by ``_Parser`` after the good requests before it."""
+        asyncio.get_running_loop().call_soon(self.data_received, b"")
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self._request_in_progress and self.transport is not None:
+            self.force_close()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A JSON error (not aiohttp's plain text) with an access line, then close."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if isinstance(exc, HeadTooLarge):
+            status, why = 431, "request headers too large"
+        elif status == 400:
+            why = f"malformed request: {_short(exc)}"
+        else:
+            why = "internal error" if status == 500 else "timed out"
+            if exc is not None:
+                self.logger.error("request failed outside the handler", exc_info=exc)
+        first = self._parser.first_line if isinstance(self._parser, _Parser) else b""
+        resp = self._reject(request, status, why, first)
+        resp.force_close()
+        return resp
+
+
+def _short(exc: BaseException | None) -> str:
+    """aiohttp's parser messages quote the offending bytes; keep only the reason."""
+    if exc is None:
+        return "bad request"
+    text = getattr(exc, "message", "") or type(exc).__name__
+    return str(text).split(":", 1)[0].split("\n", 1)[0][:120] or "bad request"
+
+
+class Request(web.BaseRequest):
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # aiohttp has set Server to its own name when none was given.  relayd's own
+        # responses (web.Response) say relayd; a relayed one (Stream's StreamResponse)
+        # keeps the upstream's value or carries none.
+        if response.headers.get("Server") == SERVER_SOFTWARE:
+            if type(response) is web.StreamResponse:
+                del response.headers["Server"]
+            else:
+                response.headers["Server"] = SERVER
+
+
+class ClientServer(web.Server):
+    """aiohttp's low-level server making ``Connection``s with the current limits."""
+
+    def __init__(self, handler: Any, current: Callable[[], Any], reject: Reject) -> None:
+        super().__init__(handler, handler_cancellation=True, access_log=None,
+                         request_factory=self._request)
+        self._current, self._reject = current, reject
+
+    def _request(self, message: Any, payload: Any, protocol: Any, writer: Any,
+                 task: Any) -> web.BaseRequest:
+        return Request(message, payload, protocol, writer, task, asyncio.get_running_loop())
+
+    def __call__(self) -> web.RequestHandler:
+        lim = self._current().limits
+        return Connection(self, loop=asyncio.get_running_loop(), access_log=None,
+                          keepalive_timeout=lim.client_keepalive, head_timeout=lim.client_header,
+                          max_head=lim.max_request_headers, reject=self._reject)

@@ -99,7 +99,7 @@ uninstall:
 	rmdir $(DESTDIR)$(PREFIX) 2>/dev/null || true
 	@echo "removed the venv and the units; kept $(ETC) (config and keys) - delete it yourself if you want it gone"
 
-soak: $(VENV)/.installed-test  # minutes of hostile clients; not part of `make test`
+soak: $(VENV)/.installed-test  # 5 minutes of streams and hostile clients (SOAK_SECONDS); not in `make test`
 	$(PY) bench/soak.py
 
 clean:

@@ -1,9 +1,16 @@
-"""Soak: hostile clients against a real relayd for a while, normal requests measured
-meanwhile.  Not part of `make test` (it runs for minutes); `make soak SOAK_SECONDS=60`.
+"""Soak: a real relayd under streams and hostile clients for minutes; RSS must stay flat.
 
-Each wave opens HALF_OPEN connections that send part of a head (or nothing) and leave
-them; relayd must close them after client_header, keep answering normal requests, and
-end with as many file descriptors as it started with.
+Not part of `make test` (it runs for minutes): `make soak` (SOAK_SECONDS=300 by default).
+
+- STREAMS concurrent SSE streams, each restarted when it ends (a real transcript, paced
+  by the fake provider), checked byte-exact;
+- every few seconds a wave of HALF_OPEN slowloris connections that send part of a head
+  (or nothing) and stay: relayd must close them after `client_header`;
+- normal small requests meanwhile, their latency measured.
+
+relayd's RSS is sampled every 10 s.  The run fails if RSS in the last third grew more
+than 10 % over the first third (after warm-up), if any stream was not byte-exact, if the
+normal-request p99 exceeded 100 ms, or if descriptors leaked.
 """
 
 from __future__ import annotations
@@ -22,14 +29,23 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import basic_config, wait_port  # noqa: E402
-from fakes import FakeProvider, free_port  # noqa: E402
+from fakes import FakeProvider, Scenario, fixture, free_port  # noqa: E402
 
-SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
-HALF_OPEN = int(os.environ.get("SOAK_HALF_OPEN", "500"))
+SECONDS = float(os.environ.get("SOAK_SECONDS", "300"))
+STREAMS = int(os.environ.get("SOAK_STREAMS", "200"))
+HALF_OPEN = int(os.environ.get("SOAK_HALF_OPEN", "300"))
 
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 async def wave(port: int) -> list[asyncio.StreamWriter]:
@@ -42,53 +58,91 @@ async def wave(port: int) -> list[asyncio.StreamWriter]:
     return out
 
 
-async def soak(port: int, pid: int) -> int:
-    latencies: list[float] = []
+class Tally:
+    def __init__(self) -> None:
+        self.streams = self.bad = 0
+        self.latencies: list[float] = []
+        self.rss: list[tuple[float, float]] = []
+
+
+async def streamer(s: aiohttp.ClientSession, port: int, scenario: str, body: bytes,
+                   end: float, t: Tally) -> None:
+    while time.monotonic() < end:
+        async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                          headers={"x-fake": scenario}) as r:
+            got = await r.read()
+        t.streams += 1
+        if got != body:
+            t.bad += 1
+
+
+async def prober(s: aiohttp.ClientSession, port: int, end: float, t: Tally) -> None:
     held: list[asyncio.StreamWriter] = []
-    base = fds(pid)
-    end = time.monotonic() + SECONDS
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < end:
-            held += await wave(port)
-            for _ in range(20):
-                t = time.monotonic()
-                async with s.get(f"http://127.0.0.1:{port}/openai/v1/echo") as r:
-                    await r.read()
-                    assert r.status == 200, r.status
-                latencies.append(time.monotonic() - t)
-                await asyncio.sleep(0.05)
-            for w in held[:-HALF_OPEN * 2]:
-                w.close()
-            held = held[-HALF_OPEN * 2:]
+    while time.monotonic() < end:
+        held += await wave(port)
+        for _ in range(20):
+            start = time.monotonic()
+            async with s.get(f"http://127.0.0.1:{port}/openai/v1/echo") as r:
+                await r.read()
+                assert r.status == 200, r.status
+            t.latencies.append(time.monotonic() - start)
+            await asyncio.sleep(0.1)
+        for w in held[:-HALF_OPEN * 2]:
+            w.close()
+        held = held[-HALF_OPEN * 2:]
     for w in held:
         w.close()
+
+
+async def sampler(pid: int, end: float, t: Tally) -> None:
+    start = time.monotonic()
+    while time.monotonic() < end:
+        t.rss.append((time.monotonic() - start, rss_mib(pid)))
+        await asyncio.sleep(10)
+
+
+async def soak(port: int, pid: int, scenario: str, body: bytes) -> int:
+    t = Tally()
+    base = fds(pid)
+    end = time.monotonic() + SECONDS
+    conn = aiohttp.TCPConnector(limit=STREAMS + 10)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        await asyncio.gather(sampler(pid, end, t), prober(s, port, end, t),
+                             *(streamer(s, port, scenario, body, end, t) for _ in range(STREAMS)))
+    # relayd keeps its warm upstream pool (up to one connection per concurrent stream)
+    allowed = base + STREAMS + 10
     settle = time.monotonic() + 10
-    while fds(pid) > base + 2 and time.monotonic() < settle:
+    while fds(pid) > allowed and time.monotonic() < settle:
         await asyncio.sleep(0.2)
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(f"requests {len(latencies)}  p50 {statistics.median(latencies) * 1000:.1f} ms  "
-          f"p99 {p99 * 1000:.1f} ms  max {latencies[-1] * 1000:.1f} ms  "
-          f"fds start {base} end {fds(pid)}")
-    return 0 if fds(pid) <= base + 2 and p99 < 0.1 else 1
+    lat = sorted(t.latencies)
+    p99 = lat[max(0, int(len(lat) * 0.99) - 1)]
+    third = max(1, len(t.rss) // 3)
+    first = statistics.median(r for _, r in t.rss[1:third + 1] or t.rss[:1])
+    last = statistics.median(r for _, r in t.rss[-third:])
+    print("rss MiB over time: " + "  ".join(f"{s:.0f}s:{r:.1f}" for s, r in t.rss))
+    print(f"{SECONDS:.0f} s, {STREAMS} concurrent streams: {t.streams} streams, {t.bad} not byte-exact; "
+          f"RSS first third {first:.1f} MiB, last third {last:.1f} MiB ({(last / first - 1) * 100:+.1f} %)")
+    print(f"normal requests {len(lat)}: p50 {statistics.median(lat) * 1000:.1f} ms  "
+          f"p99 {p99 * 1000:.1f} ms  max {lat[-1] * 1000:.1f} ms; fds start {base} end {fds(pid)} "
+          f"(pool allowance {allowed})")
+    ok = t.bad == 0 and last <= first * 1.10 and p99 < 0.1 and fds(pid) <= allowed
+    print("soak:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
 
 
 def main() -> int:
     fake = FakeProvider().start()
+    body = fixture("openai-chat-usage.sse")
+    scenario = fake.add("soak", Scenario(body=body, chunking="lines", delay=0.02))
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "soak.yaml"
-        cfg.write_text(basic_config(fake.url, port) + "\nlimits: {client_header: 2}\n")
-        check = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(cfg)],
-                               cwd=ROOT, capture_output=True)
-        if check.returncode:  # remove once config limits land: relayd check knows the key
-            print("config has no `limits` yet: client_header is the 60 s default")
-            cfg.write_text(basic_config(fake.url, port))
+        cfg.write_text(basic_config(fake.url, port, top="limits: {client_header: 2}\naccess_log: false"))
         proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", str(cfg)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL)
         try:
             wait_port(port)
-            return asyncio.run(soak(port, proc.pid))
+            return asyncio.run(soak(port, proc.pid, scenario, body))
         finally:
             proc.terminate()
             proc.wait(10)

@@ -47,6 +47,17 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+FLOOD_EVENT = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
+
+
+def flooding(fake, make_relayd, timeouts: str, repeat: int) -> tuple[object, int, int, str]:
+    """A relayd with `timeouts`, and a scenario whose upstream pushes `repeat` 4 KB events
+    as fast as relayd takes them: (relayd, port, admin port, scenario)."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, timeouts))
+    return r, port, admin, fake.add(f"flood{repeat}", Scenario(body=FLOOD_EVENT, repeat=repeat))
+
+
 async def stalled_reader(port: int, path: str, scenario: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Sends a request, reads the response head, then never reads again (tiny receive buffer)."""
     sock = socket.socket()
@@ -63,10 +74,8 @@ async def stalled_reader(port: int, path: str, scenario: str) -> tuple[asyncio.S
 
 async def test_client_that_stops_reading_is_ended_by_the_send_timeout(fake, make_relayd):
     """The issue's reproduction: a non-reading client no longer pins the stream forever."""
-    port, admin = free_port(), free_port()
-    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60"))
-    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
-    sc = fake.add("flood", Scenario(body=event, repeat=20_000))  # 80 MB if anyone read it
+    r, port, admin, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60",
+                                  20_000)  # 80 MB if anyone read it
     fake.reset_stats()
     start = time.monotonic()
     conns = [await stalled_reader(port, "/one/v1/chat/completions", sc) for _ in range(5)]
@@ -83,10 +92,8 @@ async def test_client_that_stops_reading_is_ended_by_the_send_timeout(fake, make
 
 async def test_stalled_readers_hold_bounded_memory(fake, make_relayd):
     """Per stalled reader relayd holds its socket buffers and about one read, not megabytes."""
-    port, admin = free_port(), free_port()
-    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 60, send: 60s, total: 120"))
-    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
-    sc = fake.add("flood2", Scenario(body=event, repeat=5_000))
+    r, port, _, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 60, send: 60s, total: 120",
+                              5_000)
     await (await stalled_reader(port, "/one/v1/chat/completions", sc))[1].drain()  # warm up
     base = rss_kib(r.proc.pid)
     conns = [await stalled_reader(port, "/one/v1/chat/completions", sc) for _ in range(40)]
@@ -99,10 +106,8 @@ async def test_stalled_readers_hold_bounded_memory(fake, make_relayd):
 
 
 async def test_total_timeout_fires_while_the_client_is_not_reading(fake, make_relayd):
-    port, admin = free_port(), free_port()
-    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, send: 60s, total: 1500ms"))
-    event = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
-    sc = fake.add("flood3", Scenario(body=event, repeat=20_000))
+    r, port, _, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 30, send: 60s, total: 1500ms",
+                              20_000)
     _, w = await stalled_reader(port, "/one/v1/chat/completions", sc)
     lines = r.wait_access(1, where=lambda l: l["end_reason"] == "total_timeout", timeout=6)
     assert lines and lines[0]["duration_ms"] < 4000

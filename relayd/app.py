@@ -39,6 +39,11 @@ def _head_size(request: web.BaseRequest) -> int:
     return line + sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
 
 
+def _provider(match: Match | None) -> providers.Provider:
+    """Whose format relayd's own errors speak: the route's first upstream's, if a route matched."""
+    return providers.get(match.targets[0].upstream.provider) if match else providers.DEFAULT
+
+
 class App:
     def __init__(self, config: Config) -> None:
         self.log = logs.get()
@@ -132,8 +137,7 @@ class App:
                     request.transport.close()
                 return st.out
             ex.status = 500
-            provider = providers.get(match.targets[0].upstream.provider if match else "generic")
-            return error_response(provider, 500, f"relayd internal error (request id {ex.request_id})",
+            return error_response(_provider(match), 500, f"relayd internal error (request id {ex.request_id})",
                                   "internal_error", ex.request_id)
         finally:
             table.leave()
@@ -156,8 +160,7 @@ class App:
         ex.status = status
         if match is not None:
             ex.route = match.route.path
-        provider = providers.get(match.targets[0].upstream.provider if match else "generic")
-        return error_response(provider, status, f"{why} (request id {ex.request_id})", code,
+        return error_response(_provider(match), status, f"{why} (request id {ex.request_id})", code,
                               ex.request_id)
 
     def reject(self, request: web.BaseRequest, status: int, why: str,

@@ -290,6 +290,7 @@ PROVIDERS: Mapping[str, Provider] = {
                         _OPENAI_FALLBACK),
 }
 NAMES = tuple(PROVIDERS)
+DEFAULT = PROVIDERS["generic"]  # relayd's own errors where no route matched
 
 
 def get(name: str) -> Provider:

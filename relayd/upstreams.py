@@ -55,7 +55,7 @@ class _Guarded(ResponseHandler):
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
-        if data and not self._awaiting and not self.upgraded:
+        if not self._awaiting and data and not self.upgraded:  # mid-response: one attribute test
             self._poisoned()
             return
         super().data_received(data)

@@ -43,8 +43,10 @@ class UsageMeter:
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
-        # Literal forms only: every OpenAI chunk carries "usage":null, which must stay cheap.
-        if b'"usage":{' in segment or b'"usage": {' in segment or b'"usageMetadata"' in segment:
+        # Literal forms only: every OpenAI chunk carries "usage":null, which must stay cheap;
+        # one scan for the common prefix settles segments that mention no usage at all.
+        if b'"usage' in segment and (b'"usage":{' in segment or b'"usage": {' in segment
+                                     or b'"usageMetadata"' in segment):
             if self._first is None:
                 self._first = segment
             else:

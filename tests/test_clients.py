@@ -320,3 +320,66 @@ def test_allow_lists_close_outsiders_at_accept(make_relayd, fake):
     body = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
     assert metric(body, "relayd_refused_connections_total", listener="listen") == 3
     assert metric(body, "relayd_refused_connections_total", listener="admin_listen") == 1
+
+
+# -- units: where keys sit, the query edit, the gate's arithmetic
+
+def test_presented_key_spots_and_query_edit():
+    from relayd import providers
+    from multidict import CIMultiDict
+    oa, gem, ant = providers.get("openai"), providers.get("gemini"), providers.get("anthropic")
+    assert oa.presented_key(CIMultiDict({"authorization": "bearer  k1 "}), "") == "k1"
+    assert oa.presented_key(CIMultiDict({"Authorization": "Basic k1"}), "") is None
+    assert oa.presented_key(CIMultiDict(), "key=k1") is None  # only gemini reads the query
+    assert ant.presented_key(CIMultiDict({"x-api-key": "k2", "Authorization": "Bearer k3"}), "") == "k2"
+    assert gem.presented_key(CIMultiDict(), "alt=sse&key=a%2Bb") == "a+b"
+    assert gem.presented_key(CIMultiDict({"x-goog-api-key": "h"}), "key=q") == "h"
+    assert gem.without_key_param("key=1&alt=sse&keys=2&key=3&x=%2F") == "alt=sse&keys=2&x=%2F"
+    assert gem.without_key_param("key=1") == ""
+
+
+def test_gate_counts_and_rate_limits(monkeypatch):
+    import ipaddress
+    from relayd import server
+
+    class Transport:
+        def __init__(self, peer):
+            self.peer, self.closed = peer, False
+
+        def get_extra_info(self, name):
+            return self.peer
+
+        def close(self):
+            self.closed = True
+
+    logged = []
+
+    class Log:
+        def warning(self, event, **kw):
+            logged.append(kw)
+
+    monkeypatch.setattr(server.logs, "get", lambda: Log())
+    gate = server.Gate("listen", every=3600)
+    allow = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    assert gate.admits(Transport(("::ffff:10.1.2.3", 1, 0, 0)), allow)  # dual-stack peer
+    assert gate.admits(Transport(("fd00::1", 1, 0, 0)), allow)
+    assert gate.admits(Transport(("192.0.2.1", 1)), ())  # no list: everyone
+    refused = [Transport(("192.0.2.1", 1)), Transport(None), Transport(("fe80::1%eth0", 1, 0, 2))]
+    assert not any(gate.admits(t, allow) for t in refused)
+    assert all(t.closed for t in refused) and gate.total == 3
+    assert logged == [{"listener": "listen", "peer": "192.0.2.1", "refused": 1, "refused_total": 1}]
+
+
+def test_log_warnings_logs_each_config_warning():
+    from relayd import server
+    from relayd.config import parse
+    cfg = parse(basic_config("http://127.0.0.1:9", 8080).replace("listen: 127.0.0.1:8080",
+                                                                    "listen: 0.0.0.0:8080"))
+    got = []
+
+    class Log:
+        def warning(self, event, **kw):
+            got.append((event, kw["warning"]))
+
+    server.log_warnings(Log(), cfg)
+    assert got and got[0][0] == "config warning" and "no clients: section" in got[0][1]

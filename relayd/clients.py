@@ -48,7 +48,6 @@ class ClientTable:
         self._by_digest: dict[bytes, Client] = {c.key_sha256: c for c in clients}
         self._routes: dict[str, frozenset[str] | None] = {
             c.name: None if c.routes is None else frozenset(c.routes) for c in clients}
-        self.names = tuple(c.name for c in clients)
 
     def identify(self, provider: Provider, headers: Mapping[str, str], query: str
                  ) -> Client | None:

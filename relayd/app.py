@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import weakref
+from typing import Any, cast
+
 from aiohttp import web
 
 from . import logs, providers
+from .clients import ClientTable, Forwardable
 from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
+from .server import GATES
 from .routes import Match, RouteTable, resolve, under
 from .stream import Stream
 from .upstreams import PoolRegistry
@@ -54,6 +59,7 @@ class App:
         self.draining = False
         self.generation = 0
         self.table: RouteTable | None = None
+        self._clients: weakref.WeakKeyDictionary[RouteTable, ClientTable] = weakref.WeakKeyDictionary()
         self.install(config)
 
     @property
@@ -66,6 +72,7 @@ class App:
         pools = self.registry.build(config.upstreams.values())
         self.generation += 1
         table = RouteTable(config, pools, self.generation)
+        self._clients[table] = ClientTable(config.clients)  # the clients go with their routes
         logs.set_secrets(config.secrets)
         old, self.table = self.table, table
         if old is not None:
@@ -104,8 +111,18 @@ class App:
                                     content_type="application/json",
                                     headers={"X-Request-Id": ex.request_id})
             ex.route = match.route.path
-            body = RequestBody(request, len(match.targets) > 1, self.replay, table.config.limits)
-            fw = await forward(request, match, ex.request_id, body, self.metrics, self.log)
+            outgoing = request
+            clients = self._clients[table]
+            if clients.active:
+                provider = providers.get(match.targets[0].upstream.provider)
+                client, refused = clients.check(provider, request.headers, raw.partition("?")[2],
+                                                match.route.path)
+                ex.client_name = client.name if client is not None else None
+                if refused is not None:
+                    return self._refuse(ex, match, refused.status, refused.message, refused.code)
+                outgoing = cast(web.BaseRequest, Forwardable(request, provider))
+            body = RequestBody(outgoing, len(match.targets) > 1, self.replay, table.config.limits)
+            fw = await forward(outgoing, match, ex.request_id, body, self.metrics, self.log)
             self._forwarded(ex, fw)
             if fw.error is not None:
                 return fw.error
@@ -199,16 +216,27 @@ class App:
             duration_ms=round(ex.duration * 1000, 1), bytes_in=ex.bytes_in, bytes_out=ex.bytes_out,
             events=ex.events, heartbeats=ex.heartbeats,
             injected_error=str(ex.injected) if ex.injected else None,
-            client=ex.client, usage=ex.usage.as_log() if ex.usage else None)
+            client=ex.client, client_name=ex.client_name, usage=ex.usage.as_log() if ex.usage else None)
 
     # -- admin listener
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._admin_gate])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    @web.middleware
+    async def _admin_gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """``admin_allow``: a peer outside gets its connection closed and no answer.  The
+        admin site is an aiohttp AppRunner, which offers no hook at accept, so the check
+        runs on the request head; nothing is read past it and nothing is sent."""
+        transport = request.transport
+        if transport is not None and not GATES["admin_listen"].admits(
+                transport, self.config.admin_allow):
+            raise asyncio.CancelledError()
+        return await handler(request)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

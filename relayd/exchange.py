@@ -38,13 +38,15 @@ class Exchange:
 
     __slots__ = ("request_id", "method", "path", "client", "route", "upstream", "attempts",
                  "status", "end", "start", "queued", "ttfb", "bytes_in", "bytes_out", "events",
-                 "heartbeats", "injected", "usage", "streaming", "stopper")
+                 "heartbeats", "injected", "usage", "streaming", "stopper",
+                 "client_name")
 
     def __init__(self, request_id: str, method: str, path: str, client: str | None) -> None:
         self.request_id = request_id
         self.method = method
         self.path = path
-        self.client = client
+        self.client = client  # the peer address
+        self.client_name: str | None = None  # the configured client whose key it sent
         self.route: str | None = None
         self.upstream: str | None = None
         self.attempts = 0

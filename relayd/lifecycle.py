@@ -103,7 +103,8 @@ class Daemon:
         try:
             self.listener = await loop.create_server(self.server, cfg.listen.host,
                                                      cfg.listen.port, reuse_address=True,
-                                                     backlog=1024)
+                                                     backlog=1024,
+                                                     ssl=self.server.tls.context)  # [clients] TLS
         except OSError as exc:
             raise ListenError("listen", cfg.listen, exc) from None
         if cfg.admin_listen is not None:
@@ -140,6 +141,7 @@ class Daemon:
         old = self.app.config
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, config_mod.load, self.path)
+            self.server.tls.reload(new, self.path)  # [clients] re-read the listener certificate
         except ConfigError as exc:
             self.app.metrics.reloads.labels("failed").inc()
             self.log.error("reload failed", config=self.path, generation=self.app.generation,

@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .server import GATES
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -19,8 +23,10 @@ _DURATION = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("relayd_requests_total", "Requests by route, upstream and status",
-                                ["route", "upstream", "status"], registry=r)
+        # client: a configured client's name, or "none" (no clients: section, or no valid key)
+        self.requests = Counter("relayd_requests_total",
+                                "Requests by route, upstream, status and client",
+                                ["route", "upstream", "status", "client"], registry=r)
         self.active = Gauge("relayd_active_streams", "Responses being streamed now", ["route"],
                             registry=r)
         self.ttfb = Histogram("relayd_ttfb_seconds", "Time to upstream response headers",
@@ -52,6 +58,10 @@ class Metrics:
                                 registry=r)
         self.tokens = Counter("relayd_tokens_total", "Tokens reported by providers",
                               ["route", "kind"], registry=r)
+        self.client_tokens = Counter("relayd_client_tokens_total",
+                                     "Tokens reported by providers, by configured client",
+                                     ["client", "kind"], registry=r)
+        r.register(_Refused())
 
         self._children: dict[tuple[object, ...], Any] = {}
 
@@ -75,7 +85,8 @@ class Metrics:
     def finished(self, ex: Exchange) -> None:
         route = ex.route or "none"
         c = self._child
-        c(self.requests, route, ex.upstream or "none", str(ex.status)).inc()
+        client = ex.client_name
+        c(self.requests, route, ex.upstream or "none", str(ex.status), client or "none").inc()
         c(self.stream_end, route, str(ex.end)).inc()
         if ex.ttfb is not None:
             c(self.ttfb, route).observe(ex.ttfb)
@@ -92,6 +103,11 @@ class Metrics:
                 c(self.tokens, route, "input").inc(usage.input)
             if usage.output:
                 c(self.tokens, route, "output").inc(usage.output)
+            if client is not None:
+                if usage.input:
+                    c(self.client_tokens, client, "input").inc(usage.input)
+                if usage.output:
+                    c(self.client_tokens, client, "output").inc(usage.output)
 
     def render(self, pools: Iterable[Pool], active: int) -> bytes:
         self.requests_active.set(active)
@@ -100,3 +116,16 @@ class Metrics:
             self._child(self.inflight, p.upstream.name).set(p.inflight)
             self._child(self.waiting, p.upstream.name).set(p.waiting)
         return generate_latest(self.registry)
+
+
+class _Refused(Collector):
+    """Connections closed at accept because the peer is outside ``allow``/``admin_allow``.
+    The gates count them (they run before any request exists); this reads their totals."""
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        fam = CounterMetricFamily("relayd_refused_connections",
+                                  "Connections closed at accept: peer not in the listener's allow list",
+                                  labels=["listener"])
+        for gate in GATES.values():
+            fam.add_metric([gate.listener], gate.total)
+        yield fam

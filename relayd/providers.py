@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
+from urllib.parse import unquote
 
 from multidict import CIMultiDict
 
@@ -249,6 +250,10 @@ class Provider:
     fallback: Endpoint                       # an SSE endpoint the table does not know
     tail_is_error: Callable[[bytes], bool] = _never  # unterminated tail that is the provider's error
     id_header: str | None = None             # where the provider's SDK reads a request id
+    # Where a client's SDK puts the key, (header, prefix) in order of preference; empty:
+    # (auth_header, auth_prefix) only.  key_param: a query parameter used when no header is.
+    key_headers: tuple[tuple[str, str], ...] = ()
+    key_param: str | None = None
 
     def endpoint(self, upstream_path: str) -> Endpoint:
         for ep in self.endpoints:
@@ -264,6 +269,38 @@ class Provider:
         for name in CLIENT_CREDENTIALS:
             headers.popall(name, None)
         headers[self.auth_header] = self.auth_prefix + api_key
+
+    @property
+    def key_spots(self) -> tuple[tuple[str, str], ...]:
+        return self.key_headers or ((self.auth_header, self.auth_prefix),)
+
+    def presented_key(self, headers: Mapping[str, str], query: str) -> str | None:
+        """The key a client sent where this provider's SDKs send it (the first of
+        ``key_spots`` present, else the ``key_param`` query parameter); None if absent or
+        not in the expected form.  relayd's client keys sit exactly there."""
+        for name, prefix in self.key_spots:
+            value = headers.get(name)
+            if value is None:
+                continue
+            scheme = prefix.strip()
+            if scheme:
+                given, _, value = value.strip().partition(" ")
+                if given.lower() != scheme.lower():
+                    return None
+            return value.strip() or None
+        if self.key_param:
+            for part in query.split("&"):
+                name, eq, v = part.partition("=")
+                if eq and name == self.key_param:
+                    return unquote(v) or None
+        return None
+
+    def without_key_param(self, query: str) -> str:
+        """The raw query minus every ``key_param`` parameter; the rest keeps its bytes."""
+        if not self.key_param or not query:
+            return query
+        name = self.key_param
+        return "&".join(p for p in query.split("&") if p.partition("=")[0] != name)
 
     def error_body(self, status: int, message: str, code: str) -> bytes:
         return self.body(status, message, code)
@@ -282,10 +319,13 @@ PROVIDERS: Mapping[str, Provider] = {
     "openai": Provider("openai", "Authorization", "Bearer ", _openai_body, False, _OPENAI,
                        _OPENAI_FALLBACK),
     "azure": Provider("azure", "api-key", "", _openai_body, False, _OPENAI, _OPENAI_FALLBACK),
+    # The Anthropic API takes x-api-key or a bearer token; SDK releases differ in which
+    # they send for api_key (anthropic-python 2.x: Authorization: Bearer).
     "anthropic": Provider("anthropic", "x-api-key", "", _anthropic_body, False, _ANTHROPIC,
-                          _ep("unknown", None, _anthropic_event), id_header="request-id"),
+                          _ep("unknown", None, _anthropic_event), id_header="request-id",
+                          key_headers=(("x-api-key", ""), ("Authorization", "Bearer "))),
     "gemini": Provider("gemini", "x-goog-api-key", "", _gemini_body, True, _GEMINI,
-                       _ep("unknown", None, _gemini_event), _tail_is_json_error),
+                       _ep("unknown", None, _gemini_event), _tail_is_json_error, key_param="key"),
     "generic": Provider("generic", "Authorization", "Bearer ", _openai_body, False, (),
                         _OPENAI_FALLBACK),
 }

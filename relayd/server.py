@@ -20,20 +20,78 @@ one (aiohttp drops every message of a segment that fails to parse).
 
 Every response relayd itself makes says ``Server: relayd``; a relayed response keeps
 the upstream's ``Server`` header, or has none (never aiohttp's own).
+
+``Gate`` applies a listener's ``allow`` list when a connection is made, before a byte of
+it is read: a peer outside is closed with no response (nothing to learn about relayd
+from it), counted, and logged at most once per ``every`` seconds with the count, so a
+scan cannot flood the log.  The list is read from the current config, so a reload
+changes it for new connections.  With ``tls`` the handshake comes first (asyncio calls
+the protocol only once it is done); nothing of the HTTP layer is read either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+import ipaddress
+import time
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
+from . import logs
+from .tls import ListenerCert
+
 SERVER = "relayd"
 _QUEUE = 32  # aiohttp's MAX_MSG_QUEUE_SIZE: pipelined requests parsed ahead
+
+
+# -- allow lists
+
+class Gate:
+    """One listener's allow list check, with its refusal count and rate-limited log."""
+
+    def __init__(self, listener: str, every: float = 10.0) -> None:
+        self.listener, self.every = listener, every
+        self.total = 0
+        self._since = 0
+        self._last = -every
+
+    def admits(self, transport: asyncio.BaseTransport, allow: Sequence[Any]) -> bool:
+        """True if the peer may talk to this listener; else close the transport now."""
+        if not allow:
+            return True
+        peer = transport.get_extra_info("peername")
+        ip = _address(peer[0] if isinstance(peer, (tuple, list)) and peer else None)
+        if ip is not None and any(ip in net for net in allow):
+            return True
+        transport.close()
+        self.total += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            logs.get().warning("connection refused: peer not in the allow list",
+                               listener=self.listener, peer=str(ip) if ip else None,
+                               refused=self._since, refused_total=self.total)
+            self._last, self._since = now, 0
+        return False
+
+
+def _address(host: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address; an IPv4-mapped IPv6 peer (dual-stack socket) as IPv4."""
+    try:
+        ip = ipaddress.ip_address(str(host).partition("%")[0])
+    except ValueError:
+        return None  # not an IP peer: no allow entry can match it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+# One per listener of the process; metrics reads their totals.
+GATES = {"listen": Gate("listen"), "admin_listen": Gate("admin_listen")}
 
 
 # -- errors that never reach the handler
@@ -128,6 +186,7 @@ class Connection(web.RequestHandler):
         self._head_timeout = head_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._reject = reject
+        self._refused = False
         loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
         self._parser = _Parser(self, lambda: HttpRequestParser(
             self, loop, size, max_line_size=self.max_line_size,
@@ -135,10 +194,17 @@ class Connection(web.RequestHandler):
             payload_exception=web.RequestPayloadError, max_msg_queue_size=_QUEUE), max_head)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        if isinstance(manager, ClientServer) and not GATES["listen"].admits(
+                transport, manager.config().allow):
+            self._refused = True  # never handed to aiohttp: nothing to clean up there
+            return
         super().connection_made(transport)
         self.head_started()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._refused:
+            return
         self.head_done()
         super().connection_lost(exc)
 
@@ -202,12 +268,17 @@ class Request(web.BaseRequest):
 
 
 class ClientServer(web.Server):
-    """aiohttp's low-level server making ``Connection``s with the current limits."""
+    """aiohttp's low-level server making ``Connection``s with the current limits, and
+    the listener's TLS context (``tls.context``: None for plain HTTP)."""
 
     def __init__(self, handler: Any, current: Callable[[], Any], reject: Reject) -> None:
         super().__init__(handler, handler_cancellation=True, access_log=None,
                          request_factory=self._request)
         self._current, self._reject = current, reject
+        self.tls = ListenerCert(current().tls)
+
+    def config(self) -> Any:
+        return self._current()
 
     def _request(self, message: Any, payload: Any, protocol: Any, writer: Any,
                  task: Any) -> web.BaseRequest:
@@ -218,3 +289,11 @@ class ClientServer(web.Server):
         return Connection(self, loop=asyncio.get_running_loop(), access_log=None,
                           keepalive_timeout=lim.client_keepalive, head_timeout=lim.client_header,
                           max_head=lim.max_request_headers, reject=self._reject)
+
+
+def log_warnings(log: Any, config: Any) -> None:
+    """Log what ``relayd check`` warns about (``Config.warnings``: a listener exposed with
+    nothing guarding the keys) — at start and after each successful reload, so an
+    operator who never ran ``check`` still sees it in the journal."""
+    for text in config.warnings:
+        log.warning("config warning", warning=text)

@@ -1,0 +1,112 @@
+"""Client keys: who may spend the upstream keys, and on which routes.
+
+With a ``clients:`` section every request on the main listener carries a relayd key
+exactly where its SDK would put the provider key (``Provider.presented_key`` says where),
+so no client needs to know relayd exists beyond its base URL and key.  The presented key
+is hashed and looked up by digest, then the digests are compared with
+``hmac.compare_digest``: how long a check takes depends on the sha256 of the key, never
+on how many of its leading characters were right.
+
+The key never goes further.  ``Forwardable`` is the request as ``forward`` should see it:
+every credential header gone and, for a provider that accepts the key as a query
+parameter, that parameter gone from the raw query (the rest keeps its bytes).  An
+upstream with an ``api_key`` gets its own key set as always; one without gets no
+credential at all — with clients configured, a client's key is relayd's business only.
+
+A ``ClientTable`` belongs to one config generation, like the route table: a request
+checks against the clients of the config it started with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import Client
+from .providers import CLIENT_CREDENTIALS, Provider
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request may not pass: the status and a client-facing sentence (no key in it)."""
+
+    status: int
+    message: str
+    code: str
+
+
+class ClientTable:
+    """The configured clients of one generation, indexed by the sha256 of their key."""
+
+    def __init__(self, clients: tuple[Client, ...]) -> None:
+        self.active = bool(clients)
+        self._by_digest: dict[bytes, Client] = {c.key_sha256: c for c in clients}
+        self._routes: dict[str, frozenset[str] | None] = {
+            c.name: None if c.routes is None else frozenset(c.routes) for c in clients}
+
+    def identify(self, provider: Provider, headers: Mapping[str, str], query: str
+                 ) -> Client | None:
+        """The client whose key the request carries, or None."""
+        key = provider.presented_key(headers, query)
+        if key is None:
+            return None
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        client = self._by_digest.get(digest)
+        if client is None or not hmac.compare_digest(client.key_sha256, digest):
+            return None
+        return client
+
+    def check(self, provider: Provider, headers: Mapping[str, str], query: str,
+              route: str) -> tuple[Client | None, Refusal | None]:
+        """(the client, None) when the request may use ``route``; else who it was, and why not."""
+        client = self.identify(provider, headers, query)
+        where = _where(provider)
+        if client is None:
+            sent = provider.presented_key(headers, query) is not None
+            why = "invalid client key" if sent else "missing client key"
+            return None, Refusal(401, f"relayd: {why}: send your relayd client key as the API key "
+                                      f"({where})", "invalid_api_key")
+        allowed = self._routes.get(client.name)
+        if allowed is not None and route not in allowed:
+            return client, Refusal(403, f"relayd: client '{client.name}' may not use route {route}",
+                                   "route_not_allowed")
+        return client, None
+
+
+def _where(provider: Provider) -> str:
+    spot = " or ".join(f"{h}: {p}<key>" for h, p in provider.key_spots)
+    if provider.key_param:
+        spot += f" or ?{provider.key_param}=<key>"
+    return spot
+
+
+class Forwardable:
+    """The request minus the client's relayd key, as ``forward`` reads it.
+
+    ``forward`` takes the request's ``headers`` and the query of its ``raw_path``; this
+    view overrides those two and passes everything else (body, writer, transport) through
+    to the real request, so nothing is copied or re-encoded but the headers mapping.
+    """
+
+    __slots__ = ("_request", "headers", "raw_path")
+
+    def __init__(self, request: web.BaseRequest, provider: Provider) -> None:
+        self._request = request
+        headers = CIMultiDict(request.headers)
+        for name in CLIENT_CREDENTIALS:
+            headers.popall(name, None)
+        self.headers = CIMultiDictProxy(headers)
+        path, q, query = request.raw_path.partition("?")
+        if q and provider.key_param:
+            query = provider.without_key_param(query)
+            self.raw_path = f"{path}?{query}" if query else path
+        else:
+            self.raw_path = request.raw_path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._request, name)

@@ -1,0 +1,131 @@
+"""TLS on the main listener: certificates made with the openssl CLI, renewed by SIGHUP."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import basic_config
+from fakes import Scenario, free_port
+from relayd import config as config_mod
+from relayd.config import ConfigError
+from relayd.tls import ListenerCert
+from test_operations import wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+def make_cert(d: Path, cn: str, serial: int) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 with common name cn, written to d."""
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}",
+                    "-set_serial", str(serial), "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def trust(*certs: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cadata="".join(c.read_text() for c in certs))
+    return ctx
+
+
+def served_cn(port: int, ctx: ssl.SSLContext) -> tuple[str, str | None]:
+    """(the common name of the certificate a new handshake gets, the TLS version)."""
+    with socket.create_connection(("127.0.0.1", port), 5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            subject = dict(x[0] for x in s.getpeercert()["subject"])
+            return subject["commonName"], s.version()
+
+
+def install(src: tuple[Path, Path], dst: tuple[Path, Path]) -> None:
+    """Put a renewed pair in place the way certbot's deploy step would: copy over."""
+    for a, b in zip(src, dst):
+        shutil.copyfile(a, b)
+
+
+def reloads(r, event: str) -> int:
+    return sum(1 for l in r.logs() if l.get("event") == event)
+
+
+async def test_tls_request_and_certificate_renewed_by_reload(make_relayd, fake, tmp_path):
+    live = make_cert(tmp_path / "live", "relayd-one", 1)
+    two = make_cert(tmp_path / "two", "relayd-two", 2)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=f"tls: {{cert: '{live[0]}', key: '{live[1]}'}}"))
+    sc = fake.add("tls-json", Scenario(body=b'{"ok":true}', content_type="application/json"))
+    first = trust(live[0])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://127.0.0.1:{port}/openai/v1/models", ssl=first,
+                         headers={"x-fake": sc}) as resp:
+            assert resp.status == 200 and await resp.json() == {"ok": True}
+    cn, version = served_cn(port, first)
+    assert cn == "relayd-one" and version in ("TLSv1.2", "TLSv1.3")
+
+    # a keep-alive connection made before the renewal keeps working after it
+    kept = first.wrap_socket(socket.create_connection(("127.0.0.1", port), 5),
+                             server_hostname="127.0.0.1")
+    install(two, live)
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload ok") == 1)
+    assert served_cn(port, trust(two[0]))[0] == "relayd-two"
+    kept.sendall(f"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nx-fake: {sc}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    assert kept.recv(1024).startswith(b"HTTP/1.1 200")
+    kept.close()
+
+    # a broken renewal: the reload fails and the last good certificate keeps serving
+    live[0].write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload failed") == 1)
+    assert served_cn(port, trust(two[0]))[0] == "relayd-two"
+    three = make_cert(tmp_path / "three", "relayd-three", 3)
+    install((three[0], two[1]), live)  # new certificate, old key: they do not match
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload failed") == 2)
+    assert served_cn(port, trust(two[0]))[0] == "relayd-two"
+    assert r.proc.poll() is None
+
+
+async def _serve_cn(holder: ListenerCert, ca: Path) -> str:
+    """The common name a new handshake with an asyncio server on holder.context gets."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=holder.context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return (await asyncio.to_thread(served_cn, port, trust(ca)))[0]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_reload_checks_the_pair_before_touching_the_live_context(tmp_path, fake):
+    """The files can change after the config was validated: ListenerCert.reload loads them
+    into a scratch context first and fails the reload without touching the served pair."""
+    one = make_cert(tmp_path / "one", "cert-one", 11)
+    two = make_cert(tmp_path / "two", "cert-two", 12)
+    cfg_path = tmp_path / "r.yaml"
+    live = (tmp_path / "cert.pem", tmp_path / "key.pem")
+    install(one, live)
+    cfg_path.write_text(basic_config(fake.url, free_port(), top=f"tls: {{cert: '{live[0]}', key: '{live[1]}'}}"))
+    cfg = config_mod.load(str(cfg_path))
+    holder = ListenerCert(cfg.tls)
+    assert holder.context is not None and holder.context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert await _serve_cn(holder, one[0]) == "cert-one"
+    install((two[0], one[1]), live)  # mismatched pair, after validation
+    with pytest.raises(ConfigError) as exc:
+        holder.reload(cfg, str(cfg_path))
+    assert "tls" in str(exc.value) and "cannot load cert and key" in str(exc.value)
+    assert await _serve_cn(holder, one[0]) == "cert-one"
+    install(two, live)
+    holder.reload(cfg, str(cfg_path))
+    assert await _serve_cn(holder, two[0]) == "cert-two"

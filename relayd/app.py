@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import weakref
 from typing import Any, cast
 
 from aiohttp import web
@@ -59,7 +58,6 @@ class App:
         self.draining = False
         self.generation = 0
         self.table: RouteTable | None = None
-        self._clients: weakref.WeakKeyDictionary[RouteTable, ClientTable] = weakref.WeakKeyDictionary()
         self.install(config)
 
     @property
@@ -71,8 +69,7 @@ class App:
         """Build the table for a new config and make it current (one reference swap)."""
         pools = self.registry.build(config.upstreams.values())
         self.generation += 1
-        table = RouteTable(config, pools, self.generation)
-        self._clients[table] = ClientTable(config.clients)  # the clients go with their routes
+        table = RouteTable(config, pools, self.generation, ClientTable(config.clients))
         logs.set_secrets(config.secrets)
         old, self.table = self.table, table
         if old is not None:
@@ -112,9 +109,9 @@ class App:
                                     headers={"X-Request-Id": ex.request_id})
             ex.route = match.route.path
             outgoing = request
-            clients = self._clients[table]
+            clients = table.clients
             if clients.active:
-                provider = providers.get(match.targets[0].upstream.provider)
+                provider = _provider(match)
                 client, refused = clients.check(provider, request.headers, raw.partition("?")[2],
                                                 match.route.path)
                 ex.client_name = client.name if client is not None else None

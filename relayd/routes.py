@@ -10,9 +10,13 @@ generation stay open while anyone can still use them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Config, Route, Upstream
 from .upstreams import Pool
+
+if TYPE_CHECKING:
+    from .clients import ClientTable
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,11 @@ class Match:
 
 
 class RouteTable:
-    def __init__(self, config: Config, pools: dict[str, Pool], generation: int) -> None:
+    def __init__(self, config: Config, pools: dict[str, Pool], generation: int,
+                 clients: "ClientTable") -> None:
         self.config = config
         self.generation = generation
+        self.clients = clients  # who may use these routes: swapped with them
         self.users = 0          # requests holding this table
         self.current = True     # the table new requests get
         self._pools = tuple({id(p): p for p in pools.values()}.values())

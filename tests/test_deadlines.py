@@ -199,6 +199,7 @@ async def test_waiting_for_a_pool_slot_is_visible_and_bounded(fake, make_relayd)
     r = make_relayd(f"""
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
+workers: 1  # pool limits are per worker: 3 requests on 2 workers need not queue
 defaults: {{timeouts: {{connect: 2, first_byte: 5, idle: 10, total: 30}}, heartbeat: 0}}
 upstreams:
   small: {{url: "{fake.url}", provider: anthropic, max_connections: 2, pool_wait: 1s}}

@@ -140,7 +140,29 @@ def notify(message: str) -> bool:
         return False
 
 
-class Daemon:
+class Reloads:
+    """One reload at a time; a burst of SIGHUPs collapses into "read the file again once
+    more", so the newest file always wins (for ``Daemon`` and ``supervisor.Supervisor``)."""
+
+    stopping: asyncio.Event
+    _reload_pending = False
+    _reload_task: asyncio.Task[None] | None = None
+
+    async def reload(self) -> bool:
+        raise NotImplementedError
+
+    def request_reload(self) -> None:
+        self._reload_pending = True
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while self._reload_pending and not self.stopping.is_set():
+            self._reload_pending = False
+            await self.reload()
+
+
+class Daemon(Reloads):
     """One serving process: the whole daemon with ``workers: 1``, else one worker
     (``sockets`` inherited from the main process, no admin listener, no sd_notify)."""
 
@@ -154,8 +176,6 @@ class Daemon:
         self.listeners: list[asyncio.AbstractServer] = []
         self.admin: web.AppRunner | None = None
         self.stopping = asyncio.Event()
-        self._reload_pending = False
-        self._reload_task: asyncio.Task[None] | None = None
         self._signals = 0
 
     # -- start
@@ -202,16 +222,6 @@ class Daemon:
             raise ListenError("listen", self.app.config.listen, exc) from None
 
     # -- reload
-
-    def request_reload(self) -> None:
-        self._reload_pending = True
-        if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
-
-    async def _reload_loop(self) -> None:
-        while self._reload_pending and not self.stopping.is_set():
-            self._reload_pending = False
-            await self.reload()
 
     async def reload(self) -> bool:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

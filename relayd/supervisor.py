@@ -57,7 +57,7 @@ class Slot:
         self.restart: asyncio.TimerHandle | None = None
 
 
-class Supervisor:
+class Supervisor(lifecycle.Reloads):
     def __init__(self, path: str, config: Config, n: int, loop: str) -> None:
         self.path, self.config, self.loop_name = path, config, loop
         self.log = logs.get()
@@ -70,8 +70,6 @@ class Supervisor:
         self._changed = asyncio.Event()
         self._signals = 0
         self._snaps = 0
-        self._reload_pending = False
-        self._reload_task: asyncio.Task[None] | None = None
         self.dir = tempfile.mkdtemp(prefix="relayd-metrics-")
         metrics.use_multiprocess(self.dir)
         self.metrics = Metrics()
@@ -236,16 +234,6 @@ class Supervisor:
         return True
 
     # -- reload
-
-    def request_reload(self) -> None:
-        self._reload_pending = True
-        if self._reload_task is None or self._reload_task.done():
-            self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
-
-    async def _reload_loop(self) -> None:
-        while self._reload_pending and not self.stopping.is_set():
-            self._reload_pending = False
-            await self.reload()
 
     async def reload(self) -> bool:
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

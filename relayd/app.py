@@ -22,7 +22,7 @@ from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
-from .server import GATES
+from .server import admin_gate
 from .routes import Match, RouteTable, resolve, under
 from .stream import Stream
 from .upstreams import PoolRegistry
@@ -218,22 +218,11 @@ class App:
     # -- admin listener
 
     def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._admin_gate])
+        app = web.Application(middlewares=[admin_gate(lambda: self.config)])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         return app
-
-    @web.middleware
-    async def _admin_gate(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """``admin_allow``: a peer outside gets its connection closed and no answer.  The
-        admin site is an aiohttp AppRunner, which offers no hook at accept, so the check
-        runs on the request head; nothing is read past it and nothing is sent."""
-        transport = request.transport
-        if transport is not None and not GATES["admin_listen"].admits(
-                transport, self.config.admin_allow):
-            raise asyncio.CancelledError()
-        return await handler(request)
 
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -16,6 +16,19 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 _secrets: tuple[str, ...] = ()
+_worker: int | None = None
+
+
+def set_worker(n: int) -> None:
+    """Every line this process writes from now on says which worker wrote it."""
+    global _worker
+    _worker = n
+
+
+def _add_worker(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _worker is not None:
+        event["worker"] = _worker
+    return event
 
 
 def set_secrets(values: Iterable[str | None]) -> None:
@@ -50,6 +63,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
+            _add_worker,
             scrub,
             structlog.processors.JSONRenderer(),
         ],

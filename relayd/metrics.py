@@ -1,13 +1,19 @@
-"""Prometheus metrics (prometheus_client, on a private registry served by the admin listener)."""
+"""Prometheus metrics (prometheus_client, on a private registry served by the admin listener).
+
+With workers, prometheus_client's multiprocess mode: every process writes its values to
+mmap'ed files in a private directory the main process made, and the main process's
+admin listener serves their sum (``render_all``).  A gauge says how its processes'
+values combine (``multiprocess_mode``); ``live*`` modes forget a worker that exited.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
 
 from .server import GATES
 
@@ -20,6 +26,25 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _DURATION = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+def use_multiprocess(directory: str) -> None:
+    """From now on, metrics created in this process and its children live in files under
+    ``directory`` (prometheus_client reads the variable at import; it is set too late for
+    that, so its value class is switched here, before any metric exists)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+
+
+def process_gone(pid: int, directory: str) -> None:
+    """A worker exited: its live gauges stop counting; its counters stay in the sums."""
+    multiprocess.mark_process_dead(pid, directory)
+
+
+def render_all(directory: str) -> bytes:
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -28,7 +53,7 @@ class Metrics:
                                 "Requests by route, upstream, status and client",
                                 ["route", "upstream", "status", "client"], registry=r)
         self.active = Gauge("relayd_active_streams", "Responses being streamed now", ["route"],
-                            registry=r)
+                            registry=r, multiprocess_mode="livesum")
         self.ttfb = Histogram("relayd_ttfb_seconds", "Time to upstream response headers",
                               ["route"], buckets=_LATENCY, registry=r)
         self.duration = Histogram("relayd_stream_duration_seconds", "Request duration, start to end",
@@ -43,25 +68,31 @@ class Metrics:
                              registry=r)
         self.attempts = Counter("relayd_upstream_attempts_total", "Upstream attempts by outcome",
                                 ["upstream", "outcome"], registry=r)
-        self.breaker = Gauge("relayd_breaker_open", "1 while an upstream's circuit breaker is open",
-                             ["upstream"], registry=r)
+        self.breaker = Gauge("relayd_breaker_open", "1 while an upstream's circuit breaker is open (in any worker)",
+                             ["upstream"], registry=r, multiprocess_mode="livemax")
         self.inflight = Gauge("relayd_upstream_inflight", "Requests holding an upstream's pool now",
-                              ["upstream"], registry=r)
+                              ["upstream"], registry=r, multiprocess_mode="livesum")
         self.waiting = Gauge("relayd_upstream_waiting",
                              "Requests waiting for a free connection to an upstream", ["upstream"],
-                             registry=r)
+                             registry=r, multiprocess_mode="livesum")
         self.requests_active = Gauge("relayd_requests_active",
-                                     "Requests being handled now, in any phase", registry=r)
+                                     "Requests being handled now, in any phase", registry=r,
+                                     multiprocess_mode="livesum")
         self.reloads = Counter("relayd_reloads_total", "Config reloads by result", ["result"],
                                registry=r)
-        self.generation = Gauge("relayd_config_generation", "Generation of the config in use",
-                                registry=r)
+        self.generation = Gauge("relayd_config_generation",
+                                "Generation of the config in use (by every worker)",
+                                registry=r, multiprocess_mode="livemin")
         self.tokens = Counter("relayd_tokens_total", "Tokens reported by providers",
                               ["route", "kind"], registry=r)
         self.client_tokens = Counter("relayd_client_tokens_total",
                                      "Tokens reported by providers, by configured client",
                                      ["client", "kind"], registry=r)
-        r.register(_Refused())
+        self.refused = Counter("relayd_refused_connections",
+                               "Connections closed at accept: peer not in the listener's allow list",
+                               ["listener"], registry=r)
+        for name, gate in GATES.items():  # the gates run before any request exists
+            gate.counter = self.refused.labels(name)
 
         self._children: dict[tuple[object, ...], Any] = {}
 
@@ -110,22 +141,13 @@ class Metrics:
                     c(self.client_tokens, client, "output").inc(usage.output)
 
     def render(self, pools: Iterable[Pool], active: int) -> bytes:
+        self.refresh(pools, active)
+        return generate_latest(self.registry)
+
+    def refresh(self, pools: Iterable[Pool], active: int) -> None:
+        """Gauges read from live state, set when someone asks for metrics (not per request)."""
         self.requests_active.set(active)
         for p in pools:
             self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
             self._child(self.inflight, p.upstream.name).set(p.inflight)
             self._child(self.waiting, p.upstream.name).set(p.waiting)
-        return generate_latest(self.registry)
-
-
-class _Refused(Collector):
-    """Connections closed at accept because the peer is outside ``allow``/``admin_allow``.
-    The gates count them (they run before any request exists); this reads their totals."""
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        fam = CounterMetricFamily("relayd_refused_connections",
-                                  "Connections closed at accept: peer not in the listener's allow list",
-                                  labels=["listener"])
-        for gate in GATES.values():
-            fam.add_metric([gate.listener], gate.total)
-        yield fam

@@ -55,6 +55,7 @@ class Gate:
 
     def __init__(self, listener: str, every: float = 10.0) -> None:
         self.listener, self.every = listener, every
+        self.counter: Any = None  # the process's metric child, once metrics exist
         self.total = 0
         self._since = 0
         self._last = -every
@@ -69,6 +70,8 @@ class Gate:
             return True
         transport.close()
         self.total += 1
+        if self.counter is not None:
+            self.counter.inc()
         self._since += 1
         now = time.monotonic()
         if now - self._last >= self.every:
@@ -92,6 +95,20 @@ def _address(host: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 # One per listener of the process; metrics reads their totals.
 GATES = {"listen": Gate("listen"), "admin_listen": Gate("admin_listen")}
+
+
+def admin_gate(current: Callable[[], Any]) -> Any:
+    """``admin_allow`` for an admin app: a peer outside gets its connection closed and no
+    answer.  The admin site is an aiohttp AppRunner, which offers no hook at accept, so
+    the check runs on the request head; nothing is read past it and nothing is sent."""
+    @web.middleware
+    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None and not GATES["admin_listen"].admits(
+                transport, current().admin_allow):
+            raise asyncio.CancelledError()
+        return await handler(request)
+    return gate
 
 
 # -- errors that never reach the handler

@@ -141,6 +141,7 @@ class Stream:
         self.ended = False  # the upstream said its last word (end marker or its own error)
         self.stalled = False  # a deadline passed while the client was not reading
         self.last_block = b""
+        self.crlf: bool | None = None  # the upstream's line ends, from its first released block
 
     @property
     def events(self) -> int:
@@ -226,6 +227,8 @@ class Stream:
                         self.ended = True
                     meter.observe_events(chunk)
                     self.last_block = chunk
+                    if self.crlf is None:
+                        self.crlf = b"\r" in chunk
                 elif self.json_body:
                     meter.observe_body(chunk)
                 stalled = await self._write(write, chunk, clock)
@@ -274,7 +277,7 @@ class Stream:
             bytes=self.bytes_out, idle=fmt(t.idle), total=fmt(t.total),
             send=fmt(getattr(t, "send", 0)))
         last = self.last_block
-        crlf = b"\r" in last if last else self.provider.crlf
+        crlf = self.crlf if self.crlf is not None else self.provider.crlf
         event = self.endpoint.error_event(reason, f"relayd: {message} (request id {self.request_id})",
                                           last, crlf)
         await self.out.write(event)

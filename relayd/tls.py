@@ -51,11 +51,23 @@ class ListenerCert:
             return
         if self.context is None or new.tls is None:
             return
+        check(new.tls, file)  # scratch: the live context is touched only by a good pair
         try:
-            new_context(new.tls)  # scratch: the live context is touched only by a good pair
             self.context.load_cert_chain(new.tls.cert, new.tls.key, password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as exc:
-            why = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (
-                getattr(exc, "strerror", None) or str(exc))
-            raise ConfigError([Problem(file, 0, "tls", f"cannot load cert and key: {why}")]) from None
+            raise _problem(file, exc) from None
         self.config = new.tls
+
+
+def check(cfg: ListenerTLS, file: str) -> None:
+    """Load the pair into a scratch context: ConfigError if it would not serve."""
+    try:
+        new_context(cfg)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise _problem(file, exc) from None
+
+
+def _problem(file: str, exc: Exception) -> ConfigError:
+    why = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (
+        getattr(exc, "strerror", None) or str(exc))
+    return ConfigError([Problem(file, 0, "tls", f"cannot load cert and key: {why}")])

@@ -23,8 +23,9 @@ class Relayd:
     """A running `relayd run` subprocess and what it printed."""
 
     def __init__(self, tmp: Path, config_text: str, env: dict[str, str] | None = None,
-                 name: str = "relayd.yaml") -> None:
+                 name: str = "relayd.yaml", args: list[str] | None = None) -> None:
         self.tmp = tmp
+        self.args = list(args or [])
         self.config = tmp / name
         self.config.write_text(config_text)
         self.log_path = tmp / f"{name}.log"
@@ -35,7 +36,8 @@ class Relayd:
     def start(self, wait: bool = True) -> "Relayd":
         self._out = open(self.log_path, "wb")
         self._err = open(self.err_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", str(self.config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", str(self.config),
+                                      *self.args],
                                      stdout=self._out, stderr=self._err, env=self.env, cwd=ROOT)
         if wait:
             self.wait_ready()
@@ -125,8 +127,8 @@ def make_relayd(tmp_path: Path) -> Iterator[Any]:
     started: list[Relayd] = []
 
     def make(config_text: str, env: dict[str, str] | None = None, start: bool = True,
-             name: str = "relayd.yaml") -> Relayd:
-        r = Relayd(tmp_path, config_text, env, name)
+             name: str = "relayd.yaml", args: list[str] | None = None) -> Relayd:
+        r = Relayd(tmp_path, config_text, env, name, args)
         started.append(r)
         return r.start() if start else r
 

@@ -147,7 +147,8 @@ async def test_replay_memory_cap_falls_back_to_one_streamed_attempt(fake, make_r
                                    status=503, content_type="application/json", header_delay=1.0))
     port, admin = free_port(), free_port()
     r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 5, total: 30",
-                           limits="limits: {replay_body: 48KiB, replay_memory: 64KiB}"))
+                           limits="limits: {replay_body: 48KiB, replay_memory: 64KiB}"),
+                   args=["--workers", "1"])  # the replay budget is per worker process
     url = f"http://127.0.0.1:{port}/bad-then-good/v1/echo"
     async with aiohttp.ClientSession() as s:
         async def post(size: int, rid: str) -> int:
@@ -204,6 +205,7 @@ async def test_waiting_for_a_pool_slot_is_visible_and_bounded(fake, make_relayd)
     r = make_relayd(f"""
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
+workers: 1  # pool limits are per worker: 3 requests on 2 workers need not queue
 defaults: {{timeouts: {{connect: 2, first_byte: 5, idle: 10, total: 30}}, heartbeat: 0}}
 upstreams:
   small: {{url: "{fake.url}", provider: anthropic, max_connections: 2, pool_wait: 1s}}

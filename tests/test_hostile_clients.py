@@ -355,7 +355,9 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
             assert time.monotonic() < end, log.read_text()[-2000:]
             time.sleep(0.05)
         warn = next(l for l in lines() if l.get("event", "").startswith("out of file descriptors"))
-        assert warn["failures"] >= 1 and warn["level"] == "warning"
+        # asyncio counts failed accepts; uvloop (libuv) closes the excess connections itself
+        # and relayd sees the fd table full instead (lifecycle.FdWatch)
+        assert warn.get("failures", warn.get("full_checks", 0)) >= 1 and warn["level"] == "warning"
         for s in held:
             s.close()
         held.clear()

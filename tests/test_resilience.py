@@ -22,6 +22,7 @@ def relay(tmp_path_factory, fake):
     text = f"""
 listen: 127.0.0.1:{port}
 admin_listen: 127.0.0.1:{admin}
+workers: 1  # the breaker tests count one process's failures (breakers are per worker)
 shutdown_grace: 2
 defaults:
   timeouts: {{connect: 1, first_byte: 5, idle: 10, total: 60}}

@@ -132,7 +132,8 @@ async def test_malformed_status_line_gives_a_fixed_502_without_upstream_bytes(ma
 
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
-        r = make_relayd(config(port, admin, up.url, provider="anthropic"))
+        # breakers are per worker: both failures must reach the same one
+        r = make_relayd(config(port, admin, up.url, provider="anthropic"), args=["--workers", "1"])
         for _ in range(2):
             status, body, headers = await get(port)
             assert status == 502

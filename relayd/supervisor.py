@@ -1,0 +1,344 @@
+"""The main process with ``workers`` > 1: binds the listeners once, forks the workers
+that serve them, and speaks for the whole service.
+
+- Listening sockets are bound here and inherited by every worker; the main process
+  keeps its copies open until it drains, so a restarted worker gets them too and no
+  reload ever closes one (closing a listening socket drops its queued connections).
+- SIGHUP: the file is validated here, once; an invalid one is logged ("reload failed")
+  and never reaches a worker.  A valid one is sent to every worker, which swaps it in
+  process (requests in flight keep their table), and the reload is done (READY=1) when
+  every worker has said so.
+- SIGTERM/SIGINT: the listeners close here, every worker drains; exit 0 when every
+  worker exited 0.  A second signal kills the workers and exits at once.
+- A worker that exits on its own is restarted (after 0.1 s, doubling up to 10 s while
+  it keeps dying young), and logged.
+- sd_notify comes from here only; workers run without NOTIFY_SOCKET.
+- The admin listener runs here: /metrics sums all processes (``metrics.render_all``),
+  /readyz is 200 only while every worker serves.
+
+This process runs plain asyncio (it forks from inside its loop; see ``workers``), and
+does no request work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from . import lifecycle, logs, metrics, workers
+from .config import Config
+from .metrics import CONTENT_TYPE, Metrics
+from .server import admin_gate, log_warnings
+
+RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 10.0, 5.0
+
+
+class Slot:
+    """One worker position: its id stays, its process changes on restart."""
+
+    def __init__(self, wid: int) -> None:
+        self.wid = wid
+        self.pid: int | None = None
+        self.chan: workers.Channel | None = None
+        self.ready = False
+        self.generation = 0
+        self.snapped = 0
+        self.started = 0.0
+        self.crashes = 0
+        self.exit_code: int | None = None
+        self.restart: asyncio.TimerHandle | None = None
+
+
+class Supervisor(lifecycle.Reloads):
+    def __init__(self, path: str, config: Config, n: int, loop: str) -> None:
+        self.path, self.config, self.loop_name = path, config, loop
+        self.log = logs.get()
+        self.slots = [Slot(i) for i in range(n)]
+        self.generation = 1
+        self.sockets: list[socket.socket] = []
+        self.admin: web.AppRunner | None = None
+        self.draining = False
+        self.stopping = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._signals = 0
+        self._snaps = 0
+        self.dir = tempfile.mkdtemp(prefix="relayd-metrics-")
+        metrics.use_multiprocess(self.dir)
+        self.metrics = Metrics()
+        self.metrics.generation.set(1)
+
+    def run(self) -> int:
+        try:
+            return asyncio.run(self._main())
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- start
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self.sockets = lifecycle.bind(self.config.listen, "listen")
+            if self.config.admin_listen is not None:
+                await self._start_admin()
+        except lifecycle.ListenError as exc:
+            self.log.error("cannot listen", **{exc.key: exc.address}, error=exc.why)
+            print(f"relayd: {exc}", file=sys.stderr)
+            for s in self.sockets:
+                s.close()
+            if self.admin is not None:
+                await self.admin.cleanup()
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        for slot in self.slots:
+            self._spawn(slot)
+        await self._until(lambda: self.serving or self.stopping.is_set(), None)
+        if not self.stopping.is_set():
+            cfg = self.config
+            self.log.info("ready", listen=str(cfg.listen),
+                          admin_listen=str(cfg.admin_listen) if cfg.admin_listen else None,
+                          routes=len(cfg.routes), upstreams=len(cfg.upstreams),
+                          generation=self.generation, pid=os.getpid(), workers=len(self.slots),
+                          worker_pids=[s.pid for s in self.slots])
+            log_warnings(self.log, cfg)
+            lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
+        dog = loop.create_task(self._watchdog())
+        lifecycle.tune_gc()
+        await self.stopping.wait()
+        code = await self._drain()
+        dog.cancel()
+        self.log.info("exit", code=code)
+        return code
+
+    async def _start_admin(self) -> None:
+        app = web.Application(middlewares=[admin_gate(lambda: self.config)])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self.admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin.setup()
+        listen = self.config.admin_listen
+        assert listen is not None
+        try:
+            await web.TCPSite(self.admin, listen.host, listen.port, reuse_address=True).start()
+        except OSError as exc:
+            raise lifecycle.ListenError("admin_listen", listen, exc) from None
+
+    @property
+    def serving(self) -> bool:
+        return all(s.ready for s in self.slots)
+
+    def status_line(self) -> str:
+        ready = sum(1 for s in self.slots if s.ready)
+        return f"config generation {self.generation}; {ready}/{len(self.slots)} workers serving"
+
+    # -- workers
+
+    def _spawn(self, slot: Slot) -> None:
+        slot.restart = None
+        if self.draining:
+            return
+        ours, theirs = socket.socketpair()
+        drop = [s.chan.sock.fileno() for s in self.slots if s.chan is not None]
+        drop += [ours.fileno()] + self._admin_fds()
+        sys.stdout.flush()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, workers.FORK_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            workers.child(slot.wid, self.path, self.config, self.generation, self.sockets,
+                          theirs, drop, self.loop_name)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        theirs.close()
+        slot.pid, slot.ready, slot.started, slot.exit_code = pid, False, time.monotonic(), None
+        slot.chan = workers.Channel(ours)
+        asyncio.get_running_loop().create_task(self._listen(slot, slot.chan))
+
+    def _admin_fds(self) -> list[int]:
+        if self.admin is None:
+            return []
+        fds = []
+        for site in self.admin.sites:
+            server = getattr(site, "_server", None)
+            fds += [s.fileno() for s in (server.sockets if server else ())]
+        return fds
+
+    async def _listen(self, slot: Slot, chan: workers.Channel) -> None:
+        await chan.open()
+        while (msg := await chan.recv()) is not None:
+            if msg[0] == "ready":
+                slot.ready, slot.generation = True, msg[1]
+                self.log.info("worker serving", worker=slot.wid, pid=slot.pid, generation=msg[1])
+            elif msg[0] == "swapped":
+                slot.generation = msg[1]
+            elif msg[0] == "snapped":
+                slot.snapped = msg[1]
+            self._changed.set()
+        chan.close()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            metrics.process_gone(pid, self.dir)
+            slot.pid, slot.ready, slot.exit_code = None, False, code
+            if slot.chan is not None:
+                slot.chan.close()
+                slot.chan = None
+            self._changed.set()
+            if not self.draining:
+                self._restart(slot, pid, code)
+
+    def _restart(self, slot: Slot, pid: int, code: int) -> None:
+        young = time.monotonic() - slot.started < YOUNG
+        slot.crashes = slot.crashes + 1 if young else 0
+        delay = min(RESTART_MIN * 2 ** slot.crashes, RESTART_MAX)
+        how = {"exit_code": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+        self.log.error("worker exited unexpectedly; restarting", worker=slot.wid, pid=pid,
+                       **how, restart_in_s=round(delay, 2), crash_loop=slot.crashes)
+        lifecycle.notify(f"STATUS={self.status_line()}")
+        slot.restart = asyncio.get_running_loop().call_later(delay, self._spawn, slot)
+
+    def _live(self) -> list[Slot]:
+        return [s for s in self.slots if s.pid is not None]
+
+    async def _until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait for a state the workers' messages (or exits) bring about."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            self._changed.clear()
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                return done()
+        return True
+
+    # -- reload
+
+    async def reload(self) -> bool:
+        lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        new = lifecycle.load_for_reload(self.path, self.config, self.log)
+        if new is None:
+            self.metrics.reloads.labels("failed").inc()
+            lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
+            return False
+        if new.log_level != self.config.log_level:
+            logs.configure(new.log_level)
+            self.log = logs.get()
+        self.config, self.generation = new, self.generation + 1
+        gen = self.generation
+        for slot in self._live():
+            assert slot.chan is not None
+            slot.chan.send("config", gen, new)
+        # a worker that dies meanwhile is restarted on the new config: it does not count
+        swapped = await self._until(lambda: all(s.generation >= gen for s in self._live()
+                                                if s.ready), 30)
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.generation.set(gen)
+        self.log.info("reload ok", config=self.path, generation=gen, routes=len(new.routes),
+                      upstreams=len(new.upstreams), workers_swapped=swapped)
+        log_warnings(self.log, new)
+        lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}")
+        return True
+
+    # -- stop
+
+    def _on_stop(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("second stop signal: exiting now", signal=signal.Signals(sig).name)
+            for slot in self._live():
+                self._kill(slot, signal.SIGKILL)
+            sys.stdout.flush()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os._exit(1)
+        self.log.info("drain", signal=signal.Signals(sig).name,
+                      grace_s=self.config.shutdown_grace, workers=len(self._live()))
+        self.stopping.set()
+
+    def _kill(self, slot: Slot, sig: int) -> None:
+        if slot.pid is not None:
+            try:
+                os.kill(slot.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def _drain(self) -> int:
+        self.draining = True
+        lifecycle.notify(f"STOPPING=1\nSTATUS=draining; {self.status_line()}")
+        for slot in self.slots:
+            if slot.restart is not None:
+                slot.restart.cancel()
+            self._kill(slot, signal.SIGTERM)
+        for s in self.sockets:  # with the workers' copies closed too, connections are refused
+            s.close()
+        if not await self._until(lambda: not self._live(), self.config.shutdown_grace + 5):
+            self.log.error("workers did not finish draining; killing them",
+                           pids=[s.pid for s in self._live()])
+            for slot in self._live():
+                self._kill(slot, signal.SIGKILL)
+            await self._until(lambda: not self._live(), 5)
+        if self.admin is not None:
+            await self.admin.cleanup()
+        codes = {s.wid: s.exit_code for s in self.slots}
+        if any(c != 0 for c in codes.values()):
+            self.log.error("workers exited with errors", exit_codes=codes)
+            return 1
+        return 0
+
+    async def _watchdog(self) -> None:
+        usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+        every, ping = 10.0, False
+        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            every, ping = min(every, int(usec) / 2e6), True
+        while True:
+            await asyncio.sleep(every)
+            lifecycle.notify(("WATCHDOG=1\n" if ping else "") + f"STATUS={self.status_line()}")
+
+    # -- admin listener
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready = sum(1 for s in self.slots if s.ready)
+        body: dict[str, Any] = {"generation": self.generation, "workers": len(self.slots),
+                                "workers_serving": ready}
+        if self.draining:
+            return web.json_response({"status": "draining", **body}, status=503)
+        if not self.serving:
+            return web.json_response({"status": "starting", **body}, status=503)
+        return web.json_response({"status": "ready", **body})
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        """Workers set their live gauges (pools, breakers) first, then everything is summed."""
+        self._snaps += 1
+        n = self._snaps
+        for slot in self._live():
+            if slot.ready and slot.chan is not None:
+                slot.chan.send("snap", n)
+        await self._until(lambda: all(s.snapped >= n for s in self._live() if s.ready), 1.0)
+        body = metrics.render_all(self.dir)  # no executor thread: this process forks
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

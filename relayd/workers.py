@@ -1,0 +1,145 @@
+"""A worker process: the child side of ``supervisor``.
+
+The main process forks a worker from inside its own (plain asyncio) event loop.  The
+child must never touch that inherited loop: its epoll instance is shared with the
+parent, so closing or unregistering anything through it would unregister the parent's
+sockets.  The child keeps a reference to it (so it is never garbage-collected and
+closed), resets signal handling, unsets NOTIFY_SOCKET (only the main process speaks to
+systemd) and runs a fresh loop with a ``lifecycle.Daemon`` on the inherited listening
+sockets.  It never returns into the parent's code: it leaves through ``os._exit``.
+
+Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
+Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:
+``("ready", generation)``, ``("swapped", generation)``, ``("snapped", n)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copyreg
+import os
+import pickle
+import signal
+import socket
+import sys
+import types
+from typing import Any, NoReturn
+
+from . import logs
+from .config import Config
+
+# signals held back around fork(): the child installs its handlers, then unblocks them
+FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+_inherited: list[Any] = []  # the parent's loop, kept alive in the child (see above)
+
+
+def _proxy(items: dict[Any, Any]) -> types.MappingProxyType[Any, Any]:
+    return types.MappingProxyType(items)
+
+
+# Config holds read-only mappings; pickle cannot copy them without this.
+copyreg.pickle(types.MappingProxyType, lambda m: (_proxy, (dict(m),)))
+
+
+class Channel:
+    """Messages over one end of a socketpair, on the running loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(sock=self.sock)
+
+    def send(self, *message: Any) -> None:
+        if self._writer is None or self._writer.is_closing():
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(len(data).to_bytes(4, "big") + data)
+
+    async def recv(self) -> tuple[Any, ...] | None:
+        """The next message, or None once the other side is gone."""
+        assert self._reader is not None
+        try:
+            size = int.from_bytes(await self._reader.readexactly(4), "big")
+            return pickle.loads(await self._reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()
+
+
+def child(wid: int, path: str, config: Config, generation: int, sockets: list[socket.socket],
+          sock: socket.socket, drop_fds: list[int], loop: str) -> NoReturn:
+    """Run worker ``wid`` in a just-forked child, then exit the process."""
+    code = 70
+    try:
+        try:
+            _inherited.append(asyncio.get_running_loop())
+        except RuntimeError:
+            pass
+        asyncio.events._set_running_loop(None)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from main, validated
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in drop_fds:  # the admin listener, other workers' channels: not ours
+            os.dup2(null, fd)
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)
+        logs.set_worker(wid)
+        from .lifecycle import run_loop
+        code = run_loop(loop, _serve(wid, path, config, generation, sockets, sock))
+    except BaseException:
+        try:
+            logs.get().exception("worker failed", pid=os.getpid())
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+
+
+async def _serve(wid: int, path: str, config: Config, generation: int,
+                 sockets: list[socket.socket], sock: socket.socket) -> int:
+    from .lifecycle import Daemon, tune_gc
+    chan = Channel(sock)
+    await chan.open()
+    daemon = Daemon(path, config, sockets=sockets, worker=wid)
+    if generation != daemon.app.generation:
+        daemon.apply(config, generation)
+    await daemon.start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_SIGNALS)
+    chan.send("ready", daemon.app.generation)
+    tune_gc()
+    orders = asyncio.get_running_loop().create_task(_obey(chan, daemon))
+    await daemon.stopping.wait()
+    await daemon.drain()
+    orders.cancel()
+    daemon.log.info("worker exit", code=0)
+    return 0
+
+
+async def _obey(chan: Channel, daemon: Any) -> None:
+    while True:
+        msg = await chan.recv()
+        if msg is None:  # the main process is gone: nobody supervises this worker
+            daemon.log.warning("main process gone; draining")
+            daemon.stopping.set()
+            return
+        if msg[0] == "config":
+            daemon.apply(msg[2], msg[1])
+            daemon.log.info("config swapped", generation=msg[1])
+            chan.send("swapped", msg[1])
+        elif msg[0] == "snap":
+            app = daemon.app
+            app.metrics.refresh(app.registry.pools(), len(app.active))
+            chan.send("snapped", msg[1])

@@ -8,7 +8,7 @@ Not part of `make test` (it runs for minutes): `make soak` (SOAK_SECONDS=300 by 
   (or nothing) and stay: relayd must close them after `client_header`;
 - normal small requests meanwhile, their latency measured.
 
-relayd's RSS is sampled every 10 s.  The run fails if RSS in the last third grew more
+relayd's RSS (main process and workers together) is sampled every 10 s.  The run fails if RSS in the last third grew more
 than 10 % over the first third (after warm-up), if any stream was not byte-exact, if the
 normal-request p99 exceeded 100 ms, or if descriptors leaked.
 """
@@ -28,6 +28,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from procs import rss_kib, tree  # noqa: E402
 from conftest import basic_config, wait_port  # noqa: E402
 from fakes import FakeProvider, Scenario, fixture, free_port  # noqa: E402
 
@@ -37,15 +39,12 @@ HALF_OPEN = int(os.environ.get("SOAK_HALF_OPEN", "300"))
 
 
 def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Descriptors of relayd's whole process tree (the main process and its workers)."""
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in tree(pid) if os.path.isdir(f"/proc/{p}/fd"))
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_kib(pid) / 1024
 
 
 async def wave(port: int) -> list[asyncio.StreamWriter]:

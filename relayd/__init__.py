@@ -6,9 +6,16 @@ One request flows one way:
 
 Modules, in that order:
 
-- ``config``     YAML → validated, immutable ``Config`` (every error as FILE:LINE: path: why)
-- ``routes``     ``RouteTable``: longest-prefix match, upstream URL joining; one per
-                 generation, held by each request that uses it
+- ``server``     client connections: head and keep-alive deadlines, head size cap (431),
+                 JSON 400 for malformed requests, allow lists, ``Server: relayd``
+- ``config``     relayd's schema, each key declared once with its default → validated,
+                 immutable ``Config``; ``yamlconf`` is the generic YAML-with-lines walker
+                 under it (every error as FILE:LINE: path: why)
+- ``routes``     ``RouteTable``: dot-segment resolution, longest-prefix match, upstream
+                 URL joining; one per generation (with its ``clients``), held by each
+                 request that uses it
+- ``clients``    client keys: where each provider's SDK sends a key, constant-time check,
+                 401/403, the key removed before forwarding
 - ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker
 - ``forward``    before commit: request body (buffered for failover), upstream order,
                  send, failure classification, failover → open response or error response
@@ -22,8 +29,13 @@ Modules, in that order:
 - ``usage``      passive token accounting read on the side of the stream
 - ``app``        the handler (the one writer of ``Exchange``), the one swappable table
                  reference, request ids, admin endpoints
-- ``lifecycle``  listen, sd_notify, SIGHUP reload, SIGTERM drain, watchdog
+- ``lifecycle``  one process: listen, sd_notify, SIGHUP reload, SIGTERM drain, watchdog,
+                 uvloop and GC set-up
+- ``supervisor``, ``workers``  ``workers: N``: the main process binds, validates reloads once,
+                 forks and restarts workers, serves the admin listener with summed metrics
+- ``tls``        the listener's certificate, re-read on reload
 - ``cli``        ``relayd run | check | --version``
+- ``demo``       a fake provider for ``make demo``
 - ``logs``, ``metrics``  structlog JSON lines, Prometheus metrics
 
 A reload builds a new ``RouteTable`` and swaps ``App.table``; a request keeps the table

@@ -7,6 +7,7 @@ import asyncio
 import json
 import resource
 import socket
+import urllib.request
 import subprocess
 import sys
 import time
@@ -358,6 +359,10 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
         # asyncio counts failed accepts; uvloop (libuv) closes the excess connections itself
         # and relayd sees the fd table full instead (lifecycle.FdWatch)
         assert warn.get("failures", warn.get("full_checks", 0)) >= 1 and warn["level"] == "warning"
+        # The admin listener lives in the main process, which holds no client connections:
+        # /healthz keeps answering while a worker is out of descriptors.
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=3) as resp:
+            assert resp.status == 200
         for s in held:
             s.close()
         held.clear()

@@ -32,7 +32,7 @@ from . import logs, tls
 from .app import App
 from .config import Config, ConfigError, Listen
 from .exchange import End
-from .server import ClientServer, log_warnings
+from .server import ClientServer, FdShortage, FdWatch, log_warnings
 
 
 class ListenError(Exception):
@@ -41,60 +41,6 @@ class ListenError(Exception):
     def __init__(self, key: str, address: object, exc: OSError) -> None:
         super().__init__(f"cannot listen on {address} ({key}): {exc.strerror or exc}")
         self.key, self.address, self.why = key, str(address), exc.strerror or str(exc)
-
-
-class FdShortage:
-    """asyncio stops accepting for a second on EMFILE/ENFILE and retries by itself;
-    this turns its per-failure traceback into one warning per ``every`` seconds with
-    counts, so an operator sees "out of file descriptors" and not log spam."""
-
-    MESSAGE = "socket.accept() out of system resource"
-
-    def __init__(self, log: object, every: float = 10.0) -> None:
-        self.log, self.every = log, every
-        self.total = 0
-        self._since = 0
-        self._last = -every
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        exc = context.get("exception")
-        if context.get("message") != self.MESSAGE or not isinstance(exc, OSError):
-            loop.default_exception_handler(context)
-            return
-        self.total += 1
-        self._since += 1
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self.log.warning("out of file descriptors: not accepting connections for 1s",
-                             error=exc.strerror, failures=self._since, failures_total=self.total)
-            self._last, self._since = now, 0
-
-
-class FdWatch:
-    """uvloop (libuv) never reports EMFILE on accept: it accepts and closes the excess
-    connections itself.  This samples the process's fd table once a second and says
-    the same "out of file descriptors" as ``FdShortage`` while the table is full."""
-
-    def __init__(self, log: object, every: float = 10.0) -> None:
-        self.log, self.every = log, every
-
-    async def run(self) -> None:
-        import resource
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        last, full = -self.every, 0
-        while limit != resource.RLIM_INFINITY:
-            await asyncio.sleep(1)
-            try:
-                fds = len(os.listdir("/proc/self/fd")) - 1  # minus the listing's own fd
-            except OSError:  # no /proc, or the table is full right now
-                fds = limit
-            if fds < limit - 2:
-                continue
-            full += 1
-            if time.monotonic() - last >= self.every:
-                last = time.monotonic()
-                self.log.warning("out of file descriptors: new connections are closed at once",
-                                 fds=fds, limit=limit, full_checks=full)
 
 
 def bind(listen: Listen, key: str) -> list[socket.socket]:

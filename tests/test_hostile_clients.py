@@ -357,7 +357,7 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
             time.sleep(0.05)
         warn = next(l for l in lines() if l.get("event", "").startswith("out of file descriptors"))
         # asyncio counts failed accepts; uvloop (libuv) closes the excess connections itself
-        # and relayd sees the fd table full instead (lifecycle.FdWatch)
+        # and relayd sees the fd table full instead (server.FdWatch)
         assert warn.get("failures", warn.get("full_checks", 0)) >= 1 and warn["level"] == "warning"
         # The admin listener lives in the main process, which holds no client connections:
         # /healthz keeps answering while a worker is out of descriptors.

@@ -155,11 +155,8 @@ async def forward(request: web.BaseRequest, match: Match, request_id: str, body:
     try:
         return await _attempts(request, match, request_id, body, metrics, log, out, provider)
     except _Failure as f:  # the client's body did not arrive in time
-        out.status, out.reason = f.status, f.reason
-        out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
-                                   f.reason, request_id)
-        out.error.force_close()  # the unread rest of the body makes the connection unusable
-        return out
+        _refused(out, f, provider, request_id).force_close()  # the unread rest of the body
+        return out                                            # makes the connection unusable
     finally:
         body.release()
 
@@ -236,11 +233,18 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         # Every upstream failed; the last real provider answer says more than relayd can.
         out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
         return out
-    f = last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available")
+    _refused(out, last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
+             provider, request_id)
+    return out
+
+
+def _refused(out: Forwarded, f: _Failure, provider: providers.Provider,
+             request_id: str) -> web.Response:
+    """relayd's own answer for a failure before commit, recorded on ``out``."""
     out.status, out.reason = f.status, f.reason
     out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
                                f.reason, request_id)
-    return out
+    return out.error
 
 
 async def _slot(target: Target, timeouts: Any, out: Forwarded) -> None:

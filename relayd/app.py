@@ -101,7 +101,7 @@ class App:
             if resolved is None or (found is not None and not under(found.route.path, resolved)):
                 return self._refuse(ex, found, 400, f"path {path} climbs above its route",
                                     "invalid_path")
-            match = table.match(resolved)
+            match = found if resolved == path else table.match(resolved)
             if match is None:
                 ex.status = 404
                 return web.Response(status=404, body=providers.not_found_body(path),

@@ -52,9 +52,10 @@ FLOOD_EVENT = b'data: {"x":"' + b"y" * 4000 + b'"}\n\n'
 
 def flooding(fake, make_relayd, timeouts: str, repeat: int) -> tuple[object, int, int, str]:
     """A relayd with `timeouts`, and a scenario whose upstream pushes `repeat` 4 KB events
-    as fast as relayd takes them: (relayd, port, admin port, scenario)."""
+    as fast as relayd takes them: (relayd, port, admin port, scenario).  One worker, so
+    that the process whose memory a test reads is the one holding the streams."""
     port, admin = free_port(), free_port()
-    r = make_relayd(config(port, admin, fake.url, timeouts))
+    r = make_relayd(config(port, admin, fake.url, timeouts), args=["--workers", "1"])
     return r, port, admin, fake.add(f"flood{repeat}", Scenario(body=FLOOD_EVENT, repeat=repeat))
 
 

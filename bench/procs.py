@@ -2,7 +2,8 @@
 
 Only processes started here are ever signalled, by the PID Popen gave us.  CPU and RSS
 are summed over the process tree so a relay that forks workers (nginx's master/worker,
-relayd once it has ``workers:``) is charged for all of them.
+relayd's supervisor/workers) is charged for all of them.  relayd runs ``workers: 1`` here,
+like nginx's one worker, both pinned to one core.
 """
 
 from __future__ import annotations
@@ -147,10 +148,7 @@ class Procs:
 
     def relayd(self, name: str, port: int, up_port: int, access_log: bool) -> subprocess.Popen:
         path = self.tmp / f"{name}.yaml"
-        text = relayd_config(port, up_port, access_log)
-        if workers_supported(self.tmp, text):
-            text = "workers: 1\n" + text
-        path.write_text(text)
+        path.write_text("workers: 1\n" + relayd_config(port, up_port, access_log))
         return self.spawn(pin(1) + [sys.executable, "-m", "relayd", "run", "-c", str(path)],
                           f"{name}.log", port)
 
@@ -183,17 +181,3 @@ upstreams:
 routes:
   - {{path: /v1, upstream: bench}}
 """
-
-
-_WORKERS: dict[str, bool] = {}
-
-
-def workers_supported(tmp: Path, text: str) -> bool:
-    """Probe once: does this relayd accept `workers:`?  Then the bench pins it to 1."""
-    if "ok" not in _WORKERS:
-        probe = tmp / "probe-workers.yaml"
-        probe.write_text("workers: 1\n" + text)
-        r = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(probe)], cwd=ROOT,
-                           capture_output=True, timeout=60)
-        _WORKERS["ok"] = r.returncode == 0
-    return _WORKERS["ok"]

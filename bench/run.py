@@ -170,7 +170,7 @@ async def bench(cfg: dict[str, Any], quick: bool) -> int:
         report.add_log_cost(med)
         rows = report.table(med)
         elapsed = time.monotonic() - t_start
-        notes = notes_for(cfg, quick, nofile, procs.workers_supported(tmp, ""), elapsed)
+        notes = notes_for(cfg, quick, nofile, elapsed)
         meta = {"settings": cfg, "quick": quick, "elapsed_s": elapsed, "python": platform.python_version(),
                 "nginx": subprocess.run([procs.ensure_nginx(), "-v"], capture_output=True, text=True).stderr.strip(),
                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=procs.ROOT,
@@ -190,13 +190,13 @@ async def bench(cfg: dict[str, Any], quick: bool) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def notes_for(cfg: dict[str, Any], quick: bool, nofile: int, workers: bool, elapsed: float) -> list[str]:
+def notes_for(cfg: dict[str, Any], quick: bool, nofile: int, elapsed: float) -> list[str]:
     s = cfg["streams"]
     return [
         f"{'QUICK smoke run (counts shrunk); ' if quick else ''}median of {cfg['rounds']} rounds, target order "
         f"rotating per round; run took {elapsed:.0f} s",
         "relays pinned to core 1 (taskset -c 1), client and fake upstream to core 0; relayd 1 process"
-        f"{' (workers: 1)' if workers else ''}, nginx 1 worker; access log off except relayd+log",
+        " (workers: 1), nginx 1 worker; access log off except relayd+log",
         f"1: {s[0]} and {s[1]} concurrent streams x {cfg['events']} events {cfg['gap_ms']} ms apart; delay = "
         "client receive time - upstream send stamp (same CLOCK_MONOTONIC); CPU from /proc/PID/stat",
         f"2: {cfg['ttfb']} sequential 1-event streams on one keep-alive connection; TTFB = request write to "

@@ -1,7 +1,7 @@
 """Per-event cost of relayd's own work on the relay path, in isolation (ns/event).
 
 Measures the pieces the pipe runs on every released SSE segment: the boundary tracker,
-the provider end-marker check, and passive usage accounting. Usage: python bench/hotpath.py
+the endpoint's end-marker check, and passive usage accounting. Usage: python bench/hotpath.py
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ def per_event(fn, evs: list[bytes], rounds: int = 200) -> float:
 
 def main() -> None:
     base = timeit.timeit(lambda: [None for _ in range(1000)], number=200) / 200_000 * 1e9
-    for name, kind in [("openai-chat-usage-obfuscation.sse", providers.StreamKind("openai", False)),
-                       ("openai-responses.sse", providers.StreamKind("openai", True)),
-                       ("anthropic-messages.sse", providers.StreamKind("anthropic", False)),
-                       ("gemini-stream.sse", providers.StreamKind("gemini", False))]:
+    for name, provider, path in [
+            ("openai-chat-usage-obfuscation.sse", "openai", "/v1/chat/completions"),
+            ("openai-responses.sse", "openai", "/v1/responses"),
+            ("anthropic-messages.sse", "anthropic", "/v1/messages"),
+            ("gemini-stream.sse", "gemini", "/v1beta/models/m:streamGenerateContent")]:
         evs = events(name)
         t = BoundaryTracker()
-        marker = providers.end_marker(kind)
+        marker = providers.get(provider).endpoint(path).ends
         meter = UsageMeter()
         feed = per_event(t.feed, evs) - base
         mark = per_event(marker, evs) - base

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 from urllib.parse import unquote
 
 from multidict import CIMultiDict
@@ -65,27 +65,40 @@ def end_test(events: tuple[str, ...] = (), data: tuple[str, ...] = (),
     """
     names = (*events, "error")
     alt = "|".join(re.escape(n) for n in names).encode()
-    line_rx = re.compile(rb"event: ?(?:" + alt + rb")[\r\n]|data: ?(?:\{\"error\""
-                         + b"".join(b"|" + re.escape(d.encode()) for d in data) + rb")")
+    # Each pattern begins with its literal ("event:", "data:", '"type"') so the regex
+    # engine scans for it instead of trying every position.
+    event_rx = re.compile(rb"event: ?(?:" + alt + rb")[\r\n]")
+    data_rx = re.compile(rb'data: ?(?:\{"error"' + b"".join(b"|" + re.escape(d.encode()) for d in data)
+                         + rb")")
     type_rx = re.compile(rb'"type": ?"(?:' + alt + rb')"')
-    literals = tuple({n.encode() for n in names} | {d.encode() for d in data})
-    found = tuple(f.encode() for f in fields)
+    candidates = _or_in(dict.fromkeys([n.encode() for n in names] + [d.encode() for d in data]))
+    data_candidate = eval("lambda seg: " + _or_in((b'{"error"', *(d.encode() for d in data))))
 
-    def ends(seg: bytes) -> bool:
-        for f in found:
-            if f in seg:
-                return True
-        for lit in literals:
-            if lit in seg:
-                break
-        else:
-            return False
-        for m in line_rx.finditer(seg):  # field lines must start a line
-            s = m.start()
-            if s == 0 or seg[s - 1] in b"\r\n":
-                return True
-        return type_rx.search(seg) is not None
-    return ends
+    def confirm(seg: bytes) -> bool:
+        if _starts_line(event_rx, seg) or type_rx.search(seg) is not None:
+            return True
+        return data_candidate(seg) and _starts_line(data_rx, seg)
+
+    # This runs on every released segment of every stream, so the pre-check is built
+    # once per endpoint as one expression — ``f1 in seg or … or ((n1 in seg or …) and
+    # confirm(seg))`` — whose ``in`` tests run at C speed with no Python loop per literal.
+    found = [_or_in((f.encode(),)) for f in fields]
+    return eval("lambda seg: " + " or ".join([*found, f"(({candidates}) and confirm(seg))"]),
+                {"confirm": confirm})  # type: ignore[no-any-return]
+
+
+def _or_in(needles: Iterable[bytes]) -> str:
+    """``b'n1' in seg or b'n2' in seg …``: the source of a literal pre-check."""
+    return " or ".join(f"{n!r} in seg" for n in needles)
+
+
+def _starts_line(rx: re.Pattern[bytes], seg: bytes) -> bool:
+    """A match at the start of a line (released segments always begin at one)."""
+    for m in rx.finditer(seg):
+        s = m.start()
+        if s == 0 or seg[s - 1] in b"\r\n":
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- error events
@@ -244,7 +257,7 @@ class Provider:
     name: str
     auth_header: str                         # where the upstream key goes
     auth_prefix: str                         # e.g. "Bearer "
-    body: Callable[[int, str, str], bytes]   # (status, message, code) -> HTTP error body
+    error_body: Callable[[int, str, str], bytes]  # (status, message, code) -> HTTP error body
     crlf: bool                               # line ends for an event before any upstream block
     endpoints: tuple[Endpoint, ...]
     fallback: Endpoint                       # an SSE endpoint the table does not know
@@ -301,9 +314,6 @@ class Provider:
             return query
         name = self.key_param
         return "&".join(p for p in query.split("&") if p.partition("=")[0] != name)
-
-    def error_body(self, status: int, message: str, code: str) -> bytes:
-        return self.body(status, message, code)
 
     def error_headers(self, request_id: str) -> dict[str, str]:
         """Headers of relayd's own error responses: its name and the request id, where the

@@ -206,7 +206,8 @@ class _Parser:
         in_body = self._body is not None and not self._body.is_eof()
         at_start = not in_body and self._head == 0
         if at_start:
-            self.first_line = bytes(data[:8192]).partition(b"\r\n")[0]
+            end = data.find(b"\r\n", 0, 8192)
+            self.first_line = bytes(data[:end if end >= 0 else 8192])
             self.conn.head_started()
         try:
             result = self._real.feed_data(data)

@@ -124,15 +124,14 @@ class Stream:
         self.request_id = request_id
         ctype = media_type(resp.headers.get("Content-Type", ""))
         identity = resp.headers.get("Content-Encoding", "identity").lower() in ("", "identity")
-        self.sse = ctype == "text/event-stream"
-        # A compressed SSE body cannot be split into events: it is piped, never added to.
-        sse = self.sse and identity
+        sse = ctype == "text/event-stream"
         self.endpoint = provider.endpoint(resp.url.raw_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
         self.out = web.StreamResponse(status=resp.status, reason=resp.reason,
-                                      headers=for_client(resp.headers, request_id, self.sse))
+                                      headers=for_client(resp.headers, request_id, sse))
         self.committed = False
-        self.tracker = BoundaryTracker() if sse else None
+        # A compressed SSE body cannot be split into events: it is piped, never added to.
+        self.tracker = BoundaryTracker() if sse and identity else None
         self.meter = UsageMeter()
         self.bytes_out = 0
         self.heartbeats = 0
@@ -189,7 +188,7 @@ class Stream:
         content = self.resp.content
         t = self.timeouts
         tracker = self.tracker
-        clock = _Clock(loop, t.idle or math.inf, getattr(t, "send", 0) or math.inf,
+        clock = _Clock(loop, t.idle or math.inf, t.send or math.inf,
                        loop.time() + t.total if t.total else math.inf,
                        self.heartbeat if tracker is not None and self.heartbeat else math.inf,
                        tracker)
@@ -275,7 +274,7 @@ class Stream:
         t = self.timeouts
         message = providers.REASON_TEXT[reason].format(
             bytes=self.bytes_out, idle=fmt(t.idle), total=fmt(t.total),
-            send=fmt(getattr(t, "send", 0)))
+            send=fmt(t.send))
         last = self.last_block
         crlf = self.crlf if self.crlf is not None else self.provider.crlf
         event = self.endpoint.error_event(reason, f"relayd: {message} (request id {self.request_id})",

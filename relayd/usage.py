@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 _DECODER = json.JSONDecoder()
+_MENTION = re.compile(rb'"usage(?:": ?\{|Metadata")')
 _JSON_TAIL = 64 * 1024
 
 _INPUT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
@@ -43,10 +44,9 @@ class UsageMeter:
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
-        # Literal forms only: every OpenAI chunk carries "usage":null, which must stay cheap;
-        # one scan for the common prefix settles segments that mention no usage at all.
-        if b'"usage' in segment and (b'"usage":{' in segment or b'"usage": {' in segment
-                                     or b'"usageMetadata"' in segment):
+        # Literal forms only, in one literal-first scan: every OpenAI chunk carries
+        # "usage":null, which must stay cheap.
+        if _MENTION.search(segment) is not None:
             if self._first is None:
                 self._first = segment
             else:

@@ -8,6 +8,16 @@ upstream's.  A failure after headers becomes exactly one error event in the endp
 own format (``providers.Endpoint``) and a clean end; other bodies end by closing the
 connection, the only failure signal HTTP/1.1 has after headers.
 
+The body is pushed, not pulled.  Pulling each read through aiohttp's ``StreamReader``
+cost a future, a task wake-up and a chunked-writer call per read — most of relayd's CPU
+per event (bench/PROFILE.md).  Instead the response's reader becomes a ``_Pushed`` one:
+aiohttp's parser still frames the body, but hands the bytes to a list, and the upstream
+protocol (``upstreams._Guarded``) calls ``Stream.pump`` once after each read, which
+writes what is complete to the client transport in one write.  The handler task only
+waits: for the end, for a deadline, or for a slow client to drain.  While the client
+drains, the upstream connection stops reading, so a client that reads nothing holds at
+most the transport's high-water mark and one read.
+
 One timer per stream (``_Clock``) watches every deadline: upstream silence (``idle``),
 the whole request (``total``), a client that accepts nothing (``send``) and heartbeats.
 """
@@ -16,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
@@ -29,30 +39,54 @@ from .sse import BoundaryTracker
 from .usage import Usage, UsageMeter
 
 HEARTBEAT = b": keep-alive\n\n"
+_WRITELINES = 16384  # from this size a chunk is sent with its framing by writev, not copied
+
+
+class _Pushed(aiohttp.StreamReader):
+    """A response reader whose body bytes go to the stream's list instead of a buffer.
+
+    The instance's class is swapped in place (``__slots__ = ()`` keeps the layout) because
+    aiohttp's parser holds the reader it created.  Only the body path changes: marking the
+    end or an error, and the callbacks that return the connection to its pool, stay
+    aiohttp's own.  Chunk-boundary bookkeeping is for ``readchunk``, which nothing uses.
+    """
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        self._protocol.pushed.append(data)  # type: ignore[attr-defined]
+        return False
+
+    def begin_http_chunk_receiving(self) -> None:
+        pass
+
+    def end_http_chunk_receiving(self) -> None:
+        pass
 
 
 class _Clock:
     """One lazily re-armed timer per stream for every deadline.
 
-    Arming an ``asyncio.timeout`` around every read and write costs a Timeout object and
-    a heap-scheduled handle per event.  Instead the copy loop only records when it last
-    made progress; this timer wakes at the earliest deadline that could have passed,
-    re-arms itself if progress was made in the meantime, and only on a real deadline
-    interrupts the loop's pending read or write by cancelling its task (the loop tells
+    Arming an ``asyncio.timeout`` per read or write would cost a Timeout object and a
+    heap-scheduled handle per event.  Instead the stream only records when it last made
+    progress; this timer wakes at the earliest deadline that could have passed, re-arms
+    itself if progress was made in the meantime, writes a heartbeat when one is due, and
+    only on a real deadline interrupts the handler task by cancelling it (the task tells
     that apart from a client disconnect by ``reason`` and hands a real cancel on).
     """
 
     __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "tracker", "last",
-                 "last_beat", "reading", "reason", "handle")
+                 "last_beat", "reading", "reason", "handle", "on_beat")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
-                 total_deadline: float, beat: float, tracker: BoundaryTracker | None) -> None:
+                 total_deadline: float, beat: float, tracker: BoundaryTracker | None,
+                 on_beat: Callable[[], None]) -> None:
         self.loop = loop
         self.task = asyncio.current_task()
         self.idle, self.send, self.total_deadline = idle, send, total_deadline
-        self.beat, self.tracker = beat, tracker
-        self.last = self.last_beat = loop.time()  # last progress: a read or a write returned
-        self.reading = False
+        self.beat, self.tracker, self.on_beat = beat, tracker, on_beat
+        self.last = self.last_beat = loop.time()  # last progress: bytes arrived, or a drain ended
+        self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
         self.reason: End | None = None
         self.handle: asyncio.TimerHandle | None = None
         self._arm()
@@ -77,30 +111,23 @@ class _Clock:
         elif now >= self.last + self.idle:
             reason = End.IDLE_TIMEOUT
         elif self.tracker is not None and now >= max(self.last, self.last_beat) + self.beat:
-            if self.tracker.at_boundary:
-                self.last_beat = now
-                self._interrupt("heartbeat")
-                return
-            self.last_beat = now  # never inside a held event; try again one period later
+            self.last_beat = now
+            if self.tracker.at_boundary:  # never inside a held event; else one period later
+                self.on_beat()
         if reason is not None:
-            self._interrupt(reason)
+            self.reason = reason
+            if self.task is not None:
+                self.task.cancel()
             return
         self._arm()
 
-    def _interrupt(self, reason: End | str) -> None:
-        self.reason = reason  # type: ignore[assignment]
-        if self.task is not None:
-            self.task.cancel()
-
-    def woke(self) -> End | str | None:
+    def woke(self) -> End | None:
         """After a CancelledError: our reason, or None when the cancel came from outside."""
         reason, self.reason = self.reason, None
         if reason is None or self.task is None:
             return None
         if self.task.uncancel() > 0:  # a real cancellation arrived as well: honour it
             return None
-        if reason == "heartbeat":
-            self._arm()
         return reason
 
     def stop(self) -> None:
@@ -132,6 +159,7 @@ class Stream:
         self.committed = False
         # A compressed SSE body cannot be split into events: it is piped, never added to.
         self.tracker = BoundaryTracker() if sse and identity else None
+        self._ends = self.endpoint.ends if self.tracker is not None else None
         self.meter = UsageMeter()
         self.bytes_out = 0
         self.heartbeats = 0
@@ -141,6 +169,16 @@ class Stream:
         self.stalled = False  # a deadline passed while the client was not reading
         self.last_block = b""
         self.crlf: bool | None = None  # the upstream's line ends, from its first released block
+        # The push path (set up by _copy).
+        self._pending: list[bytes] = []  # body bytes parsed from the current read
+        self._result: End | None = None  # how the body ended, once known
+        self._blocked = False  # the client's buffer is full: upstream reading is paused
+        self._waiter: asyncio.Future[None] | None = None
+        self._proto: Any = None  # the upstream connection's protocol while attached
+        self._transport: asyncio.Transport | None = None
+        self._chunked = False
+        self._high = 0
+        self._clock: _Clock | None = None
 
     @property
     def events(self) -> int:
@@ -150,9 +188,11 @@ class Stream:
         return self.meter.result(partial=partial)
 
     def stop(self, reason: End) -> None:
-        """End the stream from outside (drain): wake the copy loop by closing the upstream."""
+        """End the stream from outside (drain): close the upstream and wake the handler."""
         self.stop_reason = reason
         self.resp.close()
+        if self._proto is not None:
+            self.pump()
 
     async def relay(self) -> End:
         """Send the headers (the point of no return), copy the body, say how it ended.
@@ -162,9 +202,11 @@ class Stream:
         """
         ok = False
         try:
-            await self.out.prepare(self.request)
+            writer = await self.out.prepare(self.request)
             self.committed = True
-            reason = await self._copy()
+            reason = await self._copy(writer)
+            if reason is End.CLIENT_GONE:
+                return reason
             if reason != End.DONE and self.ended:
                 reason = End.DONE  # the provider had already said its last word
             if reason != End.DONE and not await self._inject(reason):
@@ -183,88 +225,185 @@ class Stream:
             else:
                 self.resp.close()  # never pool a connection whose response was not read to the end
 
-    async def _copy(self) -> End:
+    async def _copy(self, writer: Any) -> End:
         loop = asyncio.get_running_loop()
-        content = self.resp.content
         t = self.timeouts
         tracker = self.tracker
-        clock = _Clock(loop, t.idle or math.inf, t.send or math.inf,
-                       loop.time() + t.total if t.total else math.inf,
-                       self.heartbeat if tracker is not None and self.heartbeat else math.inf,
-                       tracker)
-        ends = self.endpoint.ends if tracker is not None else None
-        meter = self.meter
-        write = self.out.write
+        clock = self._clock = _Clock(
+            loop, t.idle or math.inf, t.send or math.inf,
+            loop.time() + t.total if t.total else math.inf,
+            self.heartbeat if tracker is not None and self.heartbeat else math.inf,
+            tracker, self._beat)
+        resp = self.resp
+        content = resp.content
+        transport = self._transport = self.request.transport
+        if transport is not None:
+            self._high = transport.get_write_buffer_limits()[1]
+        self._chunked = writer.chunked
         try:
-            while True:
+            first = self._take(self._buffered(content))
+            conn = resp.connection
+            if self._result is None:
+                if conn is None or conn.protocol is None or type(content) is not aiohttp.StreamReader:
+                    self._result = End.UPSTREAM_RESET
+                else:
+                    proto = self._proto = conn.protocol
+                    proto.pushed = self._pending
+                    content.__class__ = _Pushed
+                    proto.sink = self.pump
+            if self._result is End.DONE:
+                stalled = await self._write(self.out.write_eof, first)
+            elif first:
+                stalled = await self._write(self.out.write, first)
+            else:
+                writer.send_headers()  # the client learns the status now, not at the first event
+                stalled = None
+            if stalled is not None:
+                return stalled
+            self.bytes_out += len(first)
+            while self._result is None:
+                if self._blocked:
+                    stalled = await self._write(writer.drain, b"")
+                    if stalled is not None:
+                        return stalled
+                    self._blocked = False
+                    clock.last = loop.time()  # upstream silence counts from when relayd reads again
+                    upstream = self._proto.transport
+                    if upstream is not None:
+                        upstream.resume_reading()
+                    continue
                 clock.reading = True
+                self._waiter = loop.create_future()
                 try:
-                    chunk = await content.readany()
+                    await self._waiter
                 except asyncio.CancelledError:
                     woke = clock.woke()
                     if woke is None:
                         raise
-                    if woke != "heartbeat":
-                        return woke  # type: ignore[return-value]
-                    clock.reading = False
-                    self.heartbeats += 1
-                    stalled = await self._write(write, HEARTBEAT, clock)
-                    if stalled is not None:
-                        return stalled
-                    continue
-                except (aiohttp.ClientError, OSError):
-                    return self.stop_reason or End.UPSTREAM_RESET
-                clock.reading = False
-                clock.last = loop.time()
-                if not chunk:
-                    return await self._at_eof(write)
-                if tracker is not None:
-                    chunk = tracker.feed(chunk)
-                    if not chunk:
-                        continue
-                    if ends is not None and not self.ended and ends(chunk):
-                        self.ended = True
-                    meter.observe_events(chunk)
-                    self.last_block = chunk
-                    if self.crlf is None:
-                        self.crlf = b"\r" in chunk
-                elif self.json_body:
-                    meter.observe_body(chunk)
-                stalled = await self._write(write, chunk, clock)
-                if stalled is not None:
-                    self.ended = False  # the client never got the chunk that ended it
-                    return stalled
-                self.bytes_out += len(chunk)
-                clock.last = loop.time()  # upstream silence counts from when relayd can read again
+                    return woke
+                finally:
+                    self._waiter = None
+            return self._result
         finally:
             clock.stop()
+            if self._proto is not None:
+                self._proto.sink = None
+                self._proto.pushed.clear()
 
-    async def _write(self, write: Any, data: bytes, clock: _Clock) -> End | None:
-        """Write; the deadline that interrupted a client reading nothing, else None."""
+    @staticmethod
+    def _buffered(content: aiohttp.StreamReader) -> bytes:
+        """Everything the reader holds.  What came with the headers goes out with them.
+
+        One ``read_nowait`` is not enough: reading can resume a reader that paused on a
+        full buffer, which parses held-back bytes into it again, after the read.
+        """
+        parts = []
         try:
-            await write(data)
+            while part := content.read_nowait():
+                parts.append(part)
+        except (aiohttp.ClientError, OSError):
+            pass  # the error stays on the reader for _take
+        return b"".join(parts)
+
+    # -- the push path: runs in the upstream connection's data_received / connection_lost
+
+    def pump(self) -> None:
+        """After each upstream read and at the connection's loss: forward what is complete."""
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+        else:
+            data = b""
+        if self._result is not None:
+            return
+        out = self._take(data)
+        if out:
+            self._send(out)
+            self.bytes_out += len(out)
+        if self._result is not None or self._blocked:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _take(self, data: bytes) -> bytes:
+        """Upstream body bytes in, bytes the client may have now out; notes the end it sees."""
+        if data:
+            assert self._clock is not None
+            self._clock.last = self._clock.loop.time()
+            tracker = self.tracker
+            if tracker is not None:
+                data = tracker.feed(data)
+                if data:
+                    ends = self._ends
+                    if ends is not None and not self.ended and ends(data):
+                        self.ended = True
+                    self.meter.observe_events(data)
+                    self.last_block = data
+                    if self.crlf is None:
+                        self.crlf = b"\r" in data
+            elif self.json_body:
+                self.meter.observe_body(data)
+        content = self.resp.content
+        if content.exception() is not None:
+            self._result = self.stop_reason or End.UPSTREAM_RESET
+        elif content.is_eof():
+            if self.stop_reason:
+                self._result = self.stop_reason
+                return data
+            self._result = End.DONE
+            tracker = self.tracker
+            if tracker is not None:
+                tail = tracker.tail
+                if (self.ended or not self.endpoint.natural_end
+                        or (tail and self.provider.tail_is_error(tail))):
+                    return data + tail
+                self._result = End.UPSTREAM_EOF
+        return data
+
+    def _send(self, data: bytes) -> None:
+        """Write to the client now; a full client buffer pauses the upstream (backpressure)."""
+        tr = self._transport
+        if tr is None or tr.is_closing():
+            self._result = End.CLIENT_GONE
+            return
+        if self._chunked:
+            n = len(data)
+            if n < _WRITELINES:
+                tr.write(b"%x\r\n%b\r\n" % (n, data))
+            else:
+                tr.writelines((b"%x\r\n" % n, data, b"\r\n"))
+        else:
+            tr.write(data)
+        if self._result is None and tr.get_write_buffer_size() > self._high:
+            self._blocked = True
+            # The transport, not the protocol: aiohttp's protocol-level pause also pauses
+            # its parser, which would then hold the rest of a read until the next one.
+            upstream = self._proto.transport
+            if upstream is not None:
+                upstream.pause_reading()
+
+    def _beat(self) -> None:
+        """The clock's heartbeat: only while reading, so never into a full client buffer."""
+        if self._result is None and not self._blocked:
+            self.heartbeats += 1
+            self._send(HEARTBEAT)
+
+    async def _write(self, write: Any, data: bytes) -> End | None:
+        """Await a write (or drain); the deadline that interrupted it, else None."""
+        clock = self._clock
+        assert clock is not None
+        clock.reading = False
+        try:
+            await write(data) if data else await write()
             return None
         except asyncio.CancelledError:
             woke = clock.woke()
             if woke is None:
                 raise
             self.stalled = True
-            return woke  # type: ignore[return-value]
-
-    async def _at_eof(self, write: Any) -> End:
-        if self.stop_reason:
-            return self.stop_reason
-        tracker = self.tracker
-        if tracker is None:
-            return End.DONE
-        tail = tracker.tail
-        if (self.ended or not self.endpoint.natural_end
-                or (tail and self.provider.tail_is_error(tail))):
-            if tail:
-                await write(tail)
-                self.bytes_out += len(tail)
-            return End.DONE
-        return End.UPSTREAM_EOF
+            self.ended = False  # the client never got the chunk that ended it
+            return woke
 
     async def _inject(self, reason: End) -> bool:
         """Write the one error event; False where none can be written."""

@@ -17,7 +17,7 @@ import collections
 import functools
 import ssl
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
@@ -49,6 +49,10 @@ class _Guarded(ResponseHandler):
 
     _awaiting = False  # a request was sent and its response has not ended yet
     _finals = 0        # final (non-1xx) responses parsed for the current request
+    # A stream that takes its body pushed (``stream.Stream``): the parser's body bytes
+    # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
+    sink: Callable[[], None] | None = None
+    pushed: list[bytes]
 
     def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
         self._awaiting, self._finals = True, 0
@@ -59,6 +63,13 @@ class _Guarded(ResponseHandler):
             self._poisoned()
             return
         super().data_received(data)
+        if self.sink is not None:
+            self.sink()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.sink is not None:
+            self.sink()
 
     def feed_data(self, data: Any, size: int = 0) -> None:
         message, payload = data

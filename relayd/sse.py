@@ -63,6 +63,12 @@ class BoundaryTracker:
             return data
         held = self._held
         if not held:
+            # The common case in one line: a run of LF-only blocks read whole, after a
+            # boundary (so nothing held, no CR pending, no BOM to come).
+            if (data[-2:] == b"\n\n" and not self._fresh and not self._cr
+                    and b"\r" not in data):
+                self.blocks += data.count(b"\n\n")
+                return data
             start = 0
             if self._fresh:
                 if len(data) < 3 and _BOM.startswith(data):

@@ -143,6 +143,12 @@ class Stream:
     is logged with what it really received.
     """
 
+    __slots__ = ("request", "resp", "provider", "timeouts", "heartbeat", "request_id", "endpoint",
+                 "json_body", "out", "committed", "tracker", "_ends", "meter", "bytes_out",
+                 "heartbeats", "injected", "stop_reason", "ended", "stalled", "last_block", "crlf",
+                 "_pending", "_result", "_blocked", "_waiter", "_proto", "_transport", "_chunked",
+                 "_high", "_clock")
+
     def __init__(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                  provider: providers.Provider, timeouts: Any, heartbeat: float,
                  request_id: str) -> None:

@@ -16,11 +16,13 @@ Modules, in that order:
                  request that uses it
 - ``clients``    client keys: where each provider's SDK sends a key, constant-time check,
                  401/403, the key removed before forwarding
-- ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker
+- ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker;
+                 the guarded connection protocol that also hands each read to a stream
 - ``forward``    before commit: request body (buffered for failover), upstream order,
                  send, failure classification, failover → open response or error response
-- ``stream``     after commit: the one stream clock, the copy loop, the one error event
-                 → how the stream ended
+- ``stream``     after commit: the body pushed from the upstream connection's reads to the
+                 client transport, backpressure, the one stream clock, the one error
+                 event → how the stream ended
 - ``sse``        sans-I/O SSE block-boundary tracker (bytes in, boundaries out)
 - ``providers``  one record per provider: auth header, error body, error events, and the
                  endpoint table of natural stream ends; no other module names a provider

@@ -307,6 +307,8 @@ class Stream:
         try:
             while part := content.read_nowait():
                 parts.append(part)
+                if content.is_eof():
+                    break  # the whole body is here: nothing can be held back
         except (aiohttp.ClientError, OSError):
             pass  # the error stays on the reader for _take
         return b"".join(parts)

@@ -17,6 +17,7 @@ import collections
 import functools
 import ssl
 import time
+from http.cookies import BaseCookie, SimpleCookie
 from typing import Any, Callable, Iterable
 
 import aiohttp
@@ -34,6 +35,15 @@ def _close_later(pool: "Pool") -> None:
     task = asyncio.get_running_loop().create_task(pool.close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+class _NoCookies(aiohttp.DummyCookieJar):
+    """A proxy keeps no cookies; aiohttp's dummy jar still builds a SimpleCookie per request."""
+
+    _EMPTY: "BaseCookie[str]" = SimpleCookie()
+
+    def filter_cookies(self, request_url: Any) -> "BaseCookie[str]":
+        return self._EMPTY  # aiohttp only reads it when the request passes no cookies of its own
 
 
 class _Guarded(ResponseHandler):
@@ -112,7 +122,7 @@ class Pool:
         self.session = aiohttp.ClientSession(
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=aiohttp.DummyCookieJar(), read_bufsize=2**14)
+            cookie_jar=_NoCookies(), read_bufsize=2**14)
         self.inflight = 0  # requests holding one of the pool's slots now
         self.limit = upstream.max_connections
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()

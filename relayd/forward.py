@@ -290,9 +290,7 @@ async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str]
     ct = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
-            resp = await target.pool.session.request(
-                method, url, headers=headers, data=body.data, timeout=ct, allow_redirects=False,
-                proxy=up.proxy, compress=None)
+            resp = await target.pool.send(method, url, headers, body.data, ct)
     except aiohttp.ConnectionTimeoutError:
         raise _Failure(End.CONNECT_ERROR, 504,
                        f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None

@@ -292,6 +292,7 @@ class Stream:
             return self._result
         finally:
             clock.stop()
+            self._clock = None  # the clock holds self._beat: no cycle for the GC to find
             if self._proto is not None:
                 self._proto.sink = None
                 self._proto.pushed.clear()

@@ -22,11 +22,15 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict
+from yarl import URL
 
+from . import upstream_http
 from .config import Upstream
 
 # aiohttp would add these on its own; a proxy must send only what the client sent.
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+_READ_BUFSIZE = 2**14
 # asyncio keeps only weak references to tasks: hold closing pools until they are closed.
 _closing: set[asyncio.Task[None]] = set()
 
@@ -122,7 +126,8 @@ class Pool:
         self.session = aiohttp.ClientSession(
             connector=self.connector, auto_decompress=False, trust_env=False,
             skip_auto_headers=_SKIP_AUTO, timeout=aiohttp.ClientTimeout(total=None),
-            cookie_jar=_NoCookies(), read_bufsize=2**14)
+            cookie_jar=_NoCookies(), read_bufsize=_READ_BUFSIZE)
+        self.sender: upstream_http.Sender | None = None  # built at first use, inside the loop
         self.inflight = 0  # requests holding one of the pool's slots now
         self.limit = upstream.max_connections
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -131,6 +136,21 @@ class Pool:
         self.closed = False
         self.failures = 0
         self.open_until = 0.0
+
+    async def send(self, method: str, url: URL, headers: CIMultiDict[str], data: Any,
+                   timeout: aiohttp.ClientTimeout) -> Any:
+        """Send one request; the response has aiohttp's status/headers/content/release/close.
+
+        A body in memory without a proxy takes relayd's short path (``upstream_http``);
+        a streamed body or a proxied upstream takes aiohttp's whole client path.
+        """
+        up = self.upstream
+        if up.proxy is None and (data is None or type(data) is bytes):
+            if self.sender is None:
+                self.sender = upstream_http.Sender(self.connector, up.url.origin(), _READ_BUFSIZE)
+            return await self.sender.send(method, url, headers, data, timeout)
+        return await self.session.request(method, url, headers=headers, data=data, timeout=timeout,
+                                          allow_redirects=False, proxy=up.proxy, compress=None)
 
     # -- breaker: consecutive failures open it for `cooldown` seconds
 

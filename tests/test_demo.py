@@ -64,11 +64,16 @@ class Demo:
             assert time.monotonic() < end, f"demo never printed {needle!r}:\n{self.text()}"
             time.sleep(0.05)
 
-    def relayd_pid(self) -> int:
-        for line in self.text().splitlines():
-            if line.startswith("{") and json.loads(line).get("event") == "ready":
-                return int(json.loads(line)["pid"])
-        raise AssertionError("no ready line from relayd:\n" + self.text())
+    def relayd_pid(self, timeout: float = 20) -> int:
+        # The demo announces itself once relayd's port accepts; relayd logs "ready" once
+        # its workers serve, which under load can come a little later.
+        end = time.monotonic() + timeout
+        while True:
+            for line in self.text().splitlines():
+                if line.startswith("{") and json.loads(line).get("event") == "ready":
+                    return int(json.loads(line)["pid"])
+            assert time.monotonic() < end, "no ready line from relayd:\n" + self.text()
+            time.sleep(0.05)
 
     def close(self) -> None:
         end_process(self.proc, signal.SIGINT, 20)

@@ -120,3 +120,85 @@ async def test_client_that_reads_nothing_stops_the_upstream_being_read(make_rela
             assert written > stuck
         finally:
             sock.close()
+
+
+# -- the short request path (upstream_http): what aiohttp's client did, relayd must still do
+
+
+async def test_interim_1xx_responses_are_skipped(make_relayd):
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 100 Continue\r\n\r\n"
+                     + b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n"
+                     + b'{"ok":1}')
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/u/v1/models") as r:
+                assert r.status == 200 and await r.read() == b'{"ok":1}'
+
+
+async def test_request_head_framing_upstream_sees(make_relayd):
+    """Host, a Content-Length for a body in memory (or 0 for a bodiless POST), one request."""
+    heads: list[bytes] = []
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head)
+                length = int(next((l.split(b":")[1] for l in head.split(b"\r\n")
+                                   if l.lower().startswith(b"content-length:")), b"0"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, url,
+                           extra="  v: {url: \"%s\", provider: openai, api_key: k2}" % url)
+                    .replace("- {path: /u, upstream: u}", "- {path: /u, upstream: [u, v]}"))
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", data=b'{"a":"b"}',
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 200
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/x", data=b"") as r:
+                assert r.status == 200
+    finally:
+        server.close()
+    first = heads[0].decode("latin-1").lower()
+    assert first.startswith("post /v1/chat/completions http/1.1\r\n")
+    assert f"host: {url.removeprefix('http://')}\r\n" in first
+    assert "content-length: 9\r\n" in first and "transfer-encoding" not in first
+    assert "content-length: 0\r\n" in heads[1].decode("latin-1").lower()
+
+
+async def test_dead_pooled_connection_is_retried_once_for_get_not_for_post(make_relayd):
+    """An upstream that drops a kept-alive connection just as it is reused: a GET is sent
+    again on a fresh connection (as aiohttp does); a POST is not (it may have been acted on)."""
+    served: set[int] = set()
+
+    async def handler(reader, writer, n):
+        if id(writer) not in served:  # a connection's first request
+            served.add(id(writer))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            return
+        writer.transport.abort()  # its second one: reset, no answer
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            for method, want in (("POST", 502), ("GET", 200)):  # each begins on a fresh connection
+                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
+                    assert r.status == 200  # a fresh connection's first request
+                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
+                    assert r.status == want, (method, r.status, await r.text())

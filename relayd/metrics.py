@@ -95,6 +95,7 @@ class Metrics:
             gate.counter = self.refused.labels(name)
 
         self._children: dict[tuple[object, ...], Any] = {}
+        self._ended: dict[tuple[object, ...], tuple[Any, ...]] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """prometheus_client's labels() hashes and locks on every call; label sets repeat."""
@@ -114,22 +115,31 @@ class Metrics:
         self._child(self.active, route).dec()
 
     def finished(self, ex: Exchange) -> None:
-        route = ex.route or "none"
-        c = self._child
         client = ex.client_name
-        c(self.requests, route, ex.upstream or "none", str(ex.status), client or "none").inc()
-        c(self.stream_end, route, str(ex.end)).inc()
-        if ex.ttfb is not None:
-            c(self.ttfb, route).observe(ex.ttfb)
-        c(self.duration, route).observe(ex.duration)
+        # One lookup for the children every request touches: per label set, the same ones
+        # each time (a request's labels repeat; building each child's key costs more than
+        # the increment).  The ttfb child is created only for requests that had one, as it
+        # always was: a series must not appear for requests that never reached an upstream.
+        key = (ex.route, ex.upstream, ex.status, client, ex.end, ex.ttfb is not None)
+        b = self._ended.get(key)
+        if b is None:
+            b = self._ended[key] = self._ended_children(ex)
+        requests, end, ttfb, duration, bytes_in, bytes_out = b
+        requests.inc()
+        end.inc()
+        if ttfb is not None:
+            ttfb.observe(ex.ttfb)
+        duration.observe(ex.duration)
         if ex.injected:
-            c(self.injected, route, str(ex.injected)).inc()
+            self._child(self.injected, ex.route or "none", str(ex.injected)).inc()
         if ex.heartbeats:
             self.heartbeats.inc(ex.heartbeats)
-        c(self.bytes, route, "in").inc(ex.bytes_in)
-        c(self.bytes, route, "out").inc(ex.bytes_out)
+        bytes_in.inc(ex.bytes_in)
+        bytes_out.inc(ex.bytes_out)
         usage = ex.usage
         if usage is not None:
+            c = self._child
+            route = ex.route or "none"
             if usage.input:
                 c(self.tokens, route, "input").inc(usage.input)
             if usage.output:
@@ -139,6 +149,17 @@ class Metrics:
                     c(self.client_tokens, client, "input").inc(usage.input)
                 if usage.output:
                     c(self.client_tokens, client, "output").inc(usage.output)
+
+    def _ended_children(self, ex: Exchange) -> tuple[Any, ...]:
+        route = ex.route or "none"
+        c = self._child
+        return (c(self.requests, route, ex.upstream or "none", str(ex.status),
+                  ex.client_name or "none"),
+                c(self.stream_end, route, str(ex.end)),
+                c(self.ttfb, route) if ex.ttfb is not None else None,
+                c(self.duration, route),
+                c(self.bytes, route, "in"),
+                c(self.bytes, route, "out"))
 
     def render(self, pools: Iterable[Pool], active: int) -> bytes:
         self.refresh(pools, active)

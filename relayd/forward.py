@@ -106,8 +106,8 @@ class RequestBody:
         if self.replay or request.content_length is None or "Expect" in request.headers:
             return False
         content = request.content
-        if not content.is_eof():
-            return False
+        if not content.is_eof() or content.exception() is not None:
+            return False  # still coming, or broken: the streaming path reports it as before
         data = content.read_nowait()
         self.data, self.bytes_in, self.replayable = data, len(data), False
         return True

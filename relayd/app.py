@@ -55,10 +55,23 @@ class App:
         self.registry = PoolRegistry()
         self.replay = ReplayBudget()
         self.active: set[Exchange] = set()
-        self.draining = False
+        self._draining = False
         self.generation = 0
         self.table: RouteTable | None = None
         self.install(config)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        """From the start of a drain every count reaches the metrics at once: the
+        process may exit as soon as the last request has ended."""
+        self._draining = value
+        self.metrics.eager = value
+        if value:
+            self.metrics.flush()
 
     @property
     def config(self) -> Config:

@@ -95,6 +95,23 @@ class RequestBody:
         self._held = 0         # bytes of the budget this body holds
         self._head = b""
 
+    def ready(self) -> bool:
+        """True when nothing is left to wait for: no body, or (no failover to buffer for)
+        a Content-Length body that arrived whole with the head, as small ones do.  That
+        one goes upstream as bytes, which aiohttp frames exactly as the streamed body
+        (the client's Content-Length) at a fraction of an async generator's cost."""
+        request = self.request
+        if not request.body_exists:
+            return True
+        if self.replay or request.content_length is None or "Expect" in request.headers:
+            return False
+        content = request.content
+        if not content.is_eof() or content.exception() is not None:
+            return False  # still coming, or broken: the streaming path reports it as before
+        data = content.read_nowait()
+        self.data, self.bytes_in, self.replayable = data, len(data), False
+        return True
+
     async def prepare(self) -> None:
         request = self.request
         if not request.body_exists:
@@ -168,11 +185,12 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
     query = request.raw_path.partition("?")[2]
     base_headers = hdrs.for_upstream(request.headers, request_id)
     timeouts = route.timeouts
-    try:
-        async with asyncio.timeout(timeouts.first_byte or None):
-            await body.prepare()
-    except TimeoutError:
-        raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
+    if not body.ready():
+        try:
+            async with asyncio.timeout(timeouts.first_byte or None):
+                await body.prepare()
+        except TimeoutError:
+            raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
 
     kept_error: web.Response | None = None
     last_failure: _Failure | None = None
@@ -183,7 +201,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         up = target.upstream
         out.upstream = up.name
         out.attempts += 1
-        headers = CIMultiDict(base_headers)
+        # The last candidate may change the request's own copy; earlier ones get theirs.
+        headers = base_headers if i == len(candidates) - 1 else CIMultiDict(base_headers)
         providers.get(up.provider).set_auth(headers, up.api_key)
         for k, v in up.headers:
             headers[k] = v
@@ -287,7 +306,7 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response |
 async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str],
                 body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
     up = target.upstream
-    ct = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect or None)
+    ct = _client_timeout(timeouts.connect)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
             resp = await target.pool.send(method, url, headers, body.data, ct)
@@ -311,6 +330,17 @@ async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str]
         resp.close()
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")
     return resp
+
+
+_TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}
+
+
+def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
+    """One (immutable) ClientTimeout per connect value, not one per request."""
+    ct = _TIMEOUTS.get(connect)
+    if ct is None:
+        ct = _TIMEOUTS[connect] = aiohttp.ClientTimeout(total=None, sock_connect=connect or None)
+    return ct
 
 
 def _connect_why(exc: aiohttp.ClientConnectorError) -> str:

@@ -129,3 +129,53 @@ async def test_reload_checks_the_pair_before_touching_the_live_context(tmp_path,
     install(two, live)
     holder.reload(cfg, str(cfg_path))
     assert await _serve_cn(holder, two[0]) == "cert-two"
+
+
+async def test_https_upstream_verified_against_ca_file_refused_without_it(make_relayd, tmp_path):
+    """An HTTPS upstream with its own CA: trusted through `tls.ca_file`, a clean 502
+    ("TLS handshake failed") without it, and reachable with `verify: false`."""
+    from aiohttp import web
+
+    cert, key = make_cert(tmp_path / "up", "upstream", 7)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def answer(req: web.Request) -> web.StreamResponse:
+        body = await req.read()
+        if req.path.endswith("/stream"):
+            r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await r.prepare(req)
+            await r.write(b'data: {"n":1}\n\ndata: [DONE]\n\n')
+            return r
+        return web.json_response({"got": len(body), "host": req.headers["Host"]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    up = free_port()
+    await web.TCPSite(runner, "127.0.0.1", up, ssl_context=ctx).start()
+    port = free_port()
+    try:
+        make_relayd(f"""listen: 127.0.0.1:{port}
+upstreams:
+  trusted: {{url: "https://127.0.0.1:{up}", provider: openai, api_key: k, tls: {{ca_file: {cert}}}}}
+  unknown: {{url: "https://127.0.0.1:{up}", provider: openai, api_key: k}}
+  unverified: {{url: "https://127.0.0.1:{up}", provider: openai, api_key: k, tls: {{verify: false}}}}
+routes:
+  - {{path: /trusted, upstream: trusted}}
+  - {{path: /unknown, upstream: unknown}}
+  - {{path: /unverified, upstream: unverified}}
+""")
+        async with aiohttp.ClientSession() as s:
+            for route in ("trusted", "unverified"):
+                async with s.post(f"http://127.0.0.1:{port}/{route}/v1/x", data=b"12345") as r:
+                    assert r.status == 200, await r.text()
+                    assert await r.json() == {"got": 5, "host": f"127.0.0.1:{up}"}
+                async with s.get(f"http://127.0.0.1:{port}/{route}/v1/stream") as r:
+                    assert r.status == 200 and await r.read() == b'data: {"n":1}\n\ndata: [DONE]\n\n'
+            async with s.post(f"http://127.0.0.1:{port}/unknown/v1/x", data=b"12345") as r:
+                assert r.status == 502
+                assert "TLS handshake failed" in (await r.json())["error"]["message"]
+    finally:
+        await runner.cleanup()

@@ -202,3 +202,46 @@ async def test_dead_pooled_connection_is_retried_once_for_get_not_for_post(make_
                     assert r.status == 200  # a fresh connection's first request
                 async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
                     assert r.status == want, (method, r.status, await r.text())
+
+
+async def test_proxied_upstream_takes_aiohttp_path_and_reaches_the_upstream(make_relayd, fake):
+    """`proxy:` sends requests through an HTTP forward proxy (aiohttp's whole client path)."""
+    from yarl import URL
+    seen: list[bytes] = []
+
+    async def proxy_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b"\r\n", 1)[0])
+            target = URL(head.split(b" ", 2)[1].decode())
+            up_r, up_w = await asyncio.open_connection(target.host, target.port)
+            up_w.write(head)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                try:
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                finally:
+                    dst.close()
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    proxy = await asyncio.start_server(proxy_conn, "127.0.0.1", 0)
+    pport = proxy.sockets[0].getsockname()[1]
+    try:
+        port = free_port()
+        make_relayd(f"""listen: 127.0.0.1:{port}
+upstreams:
+  p: {{url: "{fake.url}", provider: openai, api_key: sk-proxied, proxy: "http://127.0.0.1:{pport}"}}
+routes:
+  - {{path: /p, upstream: p}}
+""")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/p/v1/chat/completions", json={}) as r:
+                assert r.status == 200
+                assert await r.read() == b'{"ok":true}'
+        assert seen and seen[0].startswith(b"POST " + fake.url.encode() + b"/v1/chat/completions ")
+    finally:
+        proxy.close()

@@ -248,14 +248,16 @@ async def small_json(t: Target, clients: int, total: int, max_s: float) -> tuple
     return len(lat), time.perf_counter() - t0, lat
 
 
-async def open_held(t: Target, conns: list[Conn], upto: int, batch: int = 250) -> None:
-    """Open held streams until `upto` are open, each having received its first event."""
+async def open_held(t: Target, conns: list[Conn], upto: int, batch: int = 250,
+                    timeout: float = 30.0) -> None:
+    """Open held streams until `upto` are open, each having received its first event
+    within `timeout` seconds (a relay under tracemalloc needs longer)."""
     async def one() -> None:
         c = await connect(t)
         got = asyncio.get_running_loop().create_future()
         c.send("POST", f"{t.prefix}/hold", REQ_BODY,
                lambda piece, _t: got.done() or got.set_result(None))
-        await asyncio.wait_for(got, 30)
+        await asyncio.wait_for(got, timeout)
         conns.append(c)
 
     while len(conns) < upto:

@@ -40,7 +40,8 @@ class UsageMeter:
     def __init__(self) -> None:
         self._first: bytes | None = None
         self._last: bytes | None = None
-        self._tail = bytearray()
+        # Only JSON bodies fill it; an SSE stream, held for minutes, never needs one.
+        self._tail: bytearray | None = None
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
@@ -55,6 +56,8 @@ class UsageMeter:
     def observe_body(self, chunk: bytes) -> None:
         """Called with each chunk of a JSON body; keeps only its last 64 KiB."""
         tail = self._tail
+        if tail is None:
+            tail = self._tail = bytearray()
         tail += chunk
         if len(tail) > 2 * _JSON_TAIL:
             del tail[: len(tail) - _JSON_TAIL]

@@ -18,6 +18,8 @@ Modules, in that order:
                  401/403, the key removed before forwarding
 - ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker;
                  the guarded connection protocol that also hands each read to a stream
+- ``upstream_http``  one request on a pooled connection for a body in memory: head and
+                 body in one write, the answer from aiohttp's parser (others: aiohttp)
 - ``forward``    before commit: request body (buffered for failover), upstream order,
                  send, failure classification, failover → open response or error response
 - ``stream``     after commit: the body pushed from the upstream connection's reads to the

@@ -121,7 +121,9 @@ class Pool:
         self.connector = aiohttp.TCPConnector(
             limit=upstream.max_connections, limit_per_host=0,
             keepalive_timeout=upstream.keepalive or 0.001, ssl=ssl_ctx, ttl_dns_cache=60)
-        # The one private hook used: aiohttp has no public protocol-factory option.
+        # aiohttp has no public protocol-factory option.  This and the other aiohttp
+        # internals relayd relies on (the reader takeover in stream.py, the connector and
+        # parser in upstream_http.py) are why setup.cfg pins aiohttp to one minor version.
         self.connector._factory = functools.partial(_Guarded, loop=self.connector._loop)
         self.session = aiohttp.ClientSession(
             connector=self.connector, auto_decompress=False, trust_env=False,

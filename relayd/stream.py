@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -75,16 +75,15 @@ class _Clock:
     that apart from a client disconnect by ``reason`` and hands a real cancel on).
     """
 
-    __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "tracker", "last",
-                 "last_beat", "reading", "reason", "handle", "on_beat")
+    __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
+                 "reading", "reason", "handle", "on_beat")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
-                 total_deadline: float, beat: float, tracker: BoundaryTracker | None,
-                 on_beat: Callable[[], None]) -> None:
+                 total_deadline: float, beat: float, on_beat: Callable[[], None]) -> None:
         self.loop = loop
         self.task = asyncio.current_task()
         self.idle, self.send, self.total_deadline = idle, send, total_deadline
-        self.beat, self.tracker, self.on_beat = beat, tracker, on_beat
+        self.beat, self.on_beat = beat, on_beat  # beat: math.inf for no heartbeats
         self.last = self.last_beat = loop.time()  # last progress: bytes arrived, or a drain ended
         self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
         self.reason: End | None = None
@@ -95,9 +94,8 @@ class _Clock:
         # A write begins after `last` (data) or `last_beat` (a heartbeat), so waking at
         # the earlier of idle and send from there is never late for either.
         since = max(self.last, self.last_beat)
-        when = min(self.last + self.idle, since + self.send, self.total_deadline)
-        if self.tracker is not None:
-            when = min(when, since + self.beat)
+        when = min(self.last + self.idle, since + self.send, since + self.beat,
+                   self.total_deadline)
         self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
 
     def _fire(self) -> None:
@@ -110,10 +108,9 @@ class _Clock:
                 reason = End.SEND_TIMEOUT
         elif now >= self.last + self.idle:
             reason = End.IDLE_TIMEOUT
-        elif self.tracker is not None and now >= max(self.last, self.last_beat) + self.beat:
-            self.last_beat = now
-            if self.tracker.at_boundary:  # never inside a held event; else one period later
-                self.on_beat()
+        elif now >= max(self.last, self.last_beat) + self.beat:
+            self.last_beat = now  # a beat the stream cannot send now is tried a period later
+            self.on_beat()
         if reason is not None:
             self.reason = reason
             if self.task is not None:
@@ -239,7 +236,7 @@ class Stream:
             loop, t.idle or math.inf, t.send or math.inf,
             loop.time() + t.total if t.total else math.inf,
             self.heartbeat if tracker is not None and self.heartbeat else math.inf,
-            tracker, self._beat)
+            self._beat)
         resp = self.resp
         content = resp.content
         transport = self._transport = self.request.transport
@@ -262,9 +259,9 @@ class Stream:
                     content._http_chunk_splits = None
                     proto.sink = self.pump
             if self._result is End.DONE:
-                stalled = await self._write(self.out.write_eof, first)
+                stalled = await self._await_client(self.out.write_eof(first))
             elif first:
-                stalled = await self._write(self.out.write, first)
+                stalled = await self._await_client(self.out.write(first))
             else:
                 writer.send_headers()  # the client learns the status now, not at the first event
                 stalled = None
@@ -273,7 +270,7 @@ class Stream:
             self.bytes_out += len(first)
             while self._result is None:
                 if self._blocked:
-                    stalled = await self._write(writer.drain, b"")
+                    stalled = await self._await_client(writer.drain())
                     if stalled is not None:
                         return stalled
                     self._blocked = False
@@ -397,18 +394,21 @@ class Stream:
                 upstream.pause_reading()
 
     def _beat(self) -> None:
-        """The clock's heartbeat: only while reading, so never into a full client buffer."""
-        if self._result is None and not self._blocked:
+        """The clock's heartbeat: only while reading, so never into a full client buffer,
+        and only at a block boundary, never inside a held event."""
+        tracker = self.tracker
+        if (self._result is None and not self._blocked and tracker is not None
+                and tracker.at_boundary):
             self.heartbeats += 1
             self._send(HEARTBEAT)
 
-    async def _write(self, write: Any, data: bytes) -> End | None:
-        """Await a write (or drain); the deadline that interrupted it, else None."""
+    async def _await_client(self, write: Awaitable[None]) -> End | None:
+        """Await a write or a drain; the deadline that interrupted it, else None."""
         clock = self._clock
         assert clock is not None
         clock.reading = False
         try:
-            await write(data) if data else await write()
+            await write
             return None
         except asyncio.CancelledError:
             woke = clock.woke()

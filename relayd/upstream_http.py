@@ -55,7 +55,7 @@ class Response:
     def _eof(self) -> None:
         conn, self.connection = self.connection, None
         if conn is not None:
-            conn.release()
+            conn.release()  # aiohttp closes it instead if the body was not read to the end
 
     def _abandon(self) -> None:
         content = self.content
@@ -64,9 +64,7 @@ class Response:
 
     def release(self) -> None:
         self._abandon()
-        conn, self.connection = self.connection, None
-        if conn is not None:
-            conn.release()  # aiohttp closes it instead if the body was not read to the end
+        self._eof()
 
     def close(self) -> None:
         self._abandon()

@@ -17,7 +17,6 @@ bound (``bind``), takes validated configs from it (``apply``) and drains on SIGT
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import os
 import signal
@@ -275,35 +274,13 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
     return new
 
 
-def tune_memory() -> None:
+def tune_gc() -> None:
     """After start-up: freeze what start-up allocated (never collected again, and left
-    unwritten in forked workers), collect generation 0 less often (50,000 allocations
-    instead of 700: a proxy allocates per chunk, but makes few reference cycles), and keep
-    malloc from fragmenting the heap with large read buffers."""
+    unwritten in forked workers) and collect generation 0 less often (50,000 allocations
+    instead of 700): a proxy allocates per chunk, but makes few reference cycles."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-    _fixed_mmap_threshold()
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def _fixed_mmap_threshold() -> None:
-    """Keep glibc from raising its mmap threshold: buffers of 128 KiB and more (an upstream
-    read of up to 256 KiB and its copies) stay mmap'ed and go back to the system when freed.
-
-    By default glibc raises the threshold to the size of the largest block freed, after
-    which such buffers come from the heap and leave it fragmented: a client that stops
-    reading then costs about 400 KiB of RSS per stream instead of about 300 (measured by
-    test_deadlines' stalled readers).  Not glibc (musl, macOS): nothing to do.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -346,7 +323,7 @@ async def serve(path: str, config: Config) -> int:
         await daemon.app.registry.close()
         return 1
     dog = asyncio.get_running_loop().create_task(daemon.watchdog())
-    tune_memory()
+    tune_gc()
     await daemon.stopping.wait()
     await daemon.drain()
     dog.cancel()

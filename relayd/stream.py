@@ -318,73 +318,100 @@ class Stream:
     # -- the push path: runs in the upstream connection's data_received / connection_lost
 
     def pump(self) -> None:
-        """After each upstream read and at the connection's loss: forward what is complete."""
+        """After each upstream read and at the connection's loss: forward what is complete.
+
+        Each parsed piece (an HTTP chunk: nearly always one event) is taken on its own and
+        the pieces leave in one write.  Joining a large read first and then slicing it at
+        its last boundary made two short-lived copies of up to 256 KiB per read, which
+        fragment the heap: a client that stops reading cost about 100 KiB more RSS.
+        """
         pending = self._pending
-        if pending:
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
-        else:
-            data = b""
         if self._result is not None:
+            pending.clear()
             return
-        out = self._take(data)
-        if out:
-            self._send(out)
-            self.bytes_out += len(out)
+        outs = []
+        if pending:
+            assert self._clock is not None
+            self._clock.last = self._clock.loop.time()
+            for piece in pending:
+                out = self._feed(piece)
+                if out:
+                    outs.append(out)
+            pending.clear()
+        tail = self._end()
+        if tail:
+            outs.append(tail)
+        if outs:
+            self.bytes_out += self._send(outs)  # the upstream's bytes: heartbeats do not count
         if self._result is not None or self._blocked:
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
     def _take(self, data: bytes) -> bytes:
-        """Upstream body bytes in, bytes the client may have now out; notes the end it sees."""
+        """What the reader held at takeover: bytes the client may have now (and the end)."""
         if data:
             assert self._clock is not None
             self._clock.last = self._clock.loop.time()
-            tracker = self.tracker
-            if tracker is not None:
-                data = tracker.feed(data)
-                if data:
-                    ends = self._ends
-                    if ends is not None and not self.ended and ends(data):
-                        self.ended = True
-                    self.meter.observe_events(data)
-                    self.last_block = data
-                    if self.crlf is None:
-                        self.crlf = b"\r" in data
-            elif self.json_body:
-                self.meter.observe_body(data)
+            data = self._feed(data)
+        return data + self._end()
+
+    def _feed(self, data: bytes) -> bytes:
+        """Upstream body bytes in, the complete blocks among them (with what was held) out."""
+        tracker = self.tracker
+        if tracker is not None:
+            data = tracker.feed(data)
+            if data:
+                ends = self._ends
+                if ends is not None and not self.ended and ends(data):
+                    self.ended = True
+                self.meter.observe_events(data)
+                self.last_block = data
+                if self.crlf is None:
+                    self.crlf = b"\r" in data
+        elif self.json_body:
+            self.meter.observe_body(data)
+        return data
+
+    def _end(self) -> bytes:
+        """Notes how the body ended, if it has; the held tail the client should still get."""
         content = self.resp.content
         if content.exception() is not None:
             self._result = self.stop_reason or End.UPSTREAM_RESET
         elif content.is_eof():
             if self.stop_reason:
                 self._result = self.stop_reason
-                return data
+                return b""
             self._result = End.DONE
             tracker = self.tracker
             if tracker is not None:
                 tail = tracker.tail
                 if (self.ended or not self.endpoint.natural_end
                         or (tail and self.provider.tail_is_error(tail))):
-                    return data + tail
+                    return tail
                 self._result = End.UPSTREAM_EOF
-        return data
+        return b""
 
-    def _send(self, data: bytes) -> None:
-        """Write to the client now; a full client buffer pauses the upstream (backpressure)."""
+    def _send(self, parts: list[bytes]) -> int:
+        """Write to the client now, saying how many bytes; a full client buffer pauses the
+        upstream (backpressure)."""
         tr = self._transport
         if tr is None or tr.is_closing():
             self._result = End.CLIENT_GONE
-            return
+            return 0
+        size = 0
+        for part in parts:
+            size += len(part)
         if self._chunked:
-            n = len(data)
-            if n < _WRITELINES:
-                tr.write(b"%x\r\n%b\r\n" % (n, data))
-            else:
-                tr.writelines((b"%x\r\n" % n, data, b"\r\n"))
+            framed = []
+            for part in parts:
+                framed += (b"%x\r\n" % len(part), part, b"\r\n")
         else:
-            tr.write(data)
+            framed = parts
+        if size < _WRITELINES:
+            tr.write(framed[0] if len(framed) == 1 else b"".join(framed))
+        else:
+            tr.writelines(framed)  # large parts are not copied
         if self._result is None and tr.get_write_buffer_size() > self._high:
             self._blocked = True
             # The transport, not the protocol: aiohttp's protocol-level pause also pauses
@@ -392,6 +419,7 @@ class Stream:
             upstream = self._proto.transport
             if upstream is not None:
                 upstream.pause_reading()
+        return size
 
     def _beat(self) -> None:
         """The clock's heartbeat: only while reading, so never into a full client buffer,
@@ -400,7 +428,7 @@ class Stream:
         if (self._result is None and not self._blocked and tracker is not None
                 and tracker.at_boundary):
             self.heartbeats += 1
-            self._send(HEARTBEAT)
+            self._send([HEARTBEAT])
 
     async def _await_client(self, write: Awaitable[None]) -> End | None:
         """Await a write or a drain; the deadline that interrupted it, else None."""

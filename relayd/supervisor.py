@@ -115,7 +115,7 @@ class Supervisor(lifecycle.Reloads):
             log_warnings(self.log, cfg)
             lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
         dog = loop.create_task(self._watchdog())
-        lifecycle.tune_memory()
+        lifecycle.tune_gc()
         await self.stopping.wait()
         code = await self._drain()
         dog.cancel()

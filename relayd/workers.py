@@ -110,7 +110,7 @@ def child(wid: int, path: str, config: Config, generation: int, sockets: list[so
 
 async def _serve(wid: int, path: str, config: Config, generation: int,
                  sockets: list[socket.socket], sock: socket.socket) -> int:
-    from .lifecycle import Daemon, tune_memory
+    from .lifecycle import Daemon, tune_gc
     chan = Channel(sock)
     await chan.open()
     daemon = Daemon(path, config, sockets=sockets, worker=wid)
@@ -119,7 +119,7 @@ async def _serve(wid: int, path: str, config: Config, generation: int,
     await daemon.start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_SIGNALS)
     chan.send("ready", daemon.app.generation)
-    tune_memory()
+    tune_gc()
     orders = asyncio.get_running_loop().create_task(_obey(chan, daemon))
     await daemon.stopping.wait()
     await daemon.drain()

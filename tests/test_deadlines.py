@@ -103,7 +103,7 @@ async def test_stalled_readers_hold_bounded_memory(fake, make_relayd):
     print(f"stalled readers: {per_stream:.0f} KiB of relayd RSS per stream")
     # The bound: relayd's send buffer for the client (64 KiB high-water) plus the one
     # upstream read (up to 256 KiB) that crossed it, plus allocator slack.  Measured: 292
-    # KiB with the pull loop (aiohttp's reader paused its parser mid-read); 270 to 390 with
+    # KiB with the pull loop (aiohttp's reader paused its parser mid-read); 300 to 415 with
     # the pushed body, which parses the whole read before pausing; 456 with 64 KiB
     # upstream read buffers, long ago.
     assert per_stream < 450

@@ -64,6 +64,18 @@ class _Pushed(aiohttp.StreamReader):
         pass
 
 
+class _Out(web.StreamResponse):
+    """The client response: its head waits for the first body bytes and leaves with them.
+
+    aiohttp's ``StreamResponse`` sends the head at ``prepare`` in a write of its own, so an
+    upstream read holding the headers and the first event cost the client two sends
+    (``Response`` opts out the same way).  ``_copy`` sends the head alone only when no
+    body byte came with it.
+    """
+
+    _send_headers_immediately = False
+
+
 class _Clock:
     """One lazily re-armed timer per stream for every deadline.
 
@@ -157,7 +169,7 @@ class Stream:
         sse = ctype == "text/event-stream"
         self.endpoint = provider.endpoint(resp.url.raw_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
-        self.out = web.StreamResponse(status=resp.status, reason=resp.reason,
+        self.out = _Out(status=resp.status, reason=resp.reason,
                                       headers=for_client(resp.headers, request_id, sse))
         self.committed = False
         # A compressed SSE body cannot be split into events: it is piped, never added to.

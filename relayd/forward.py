@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from . import headers as hdrs
-from . import providers
+from . import lean, providers
 from .exchange import End
 from .routes import Match, Target, upstream_url
 
@@ -109,6 +109,7 @@ class RequestBody:
         if not content.is_eof() or content.exception() is not None:
             return False  # still coming, or broken: the streaming path reports it as before
         data = content.read_nowait()
+        lean.drop_buffer(content)  # read to its end: a held stream keeps no empty buffer
         self.data, self.bytes_in, self.replayable = data, len(data), False
         return True
 
@@ -152,11 +153,11 @@ class RequestBody:
             yield chunk
 
     def release(self) -> None:
-        """The body is no longer needed for a retry: give its bytes back to the budget."""
+        """The attempts are over: give the bytes back to the budget, and let the body go
+        (a long stream would keep a large prompt for its whole length)."""
         self.budget.give(self._held)
         self._held = 0
-        if self.replayable:
-            self.data = None
+        self.data = None
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:

@@ -42,7 +42,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
-from . import logs
+from . import lean, logs
 from .tls import ListenerCert
 
 SERVER = "relayd"
@@ -263,6 +263,7 @@ class Connection(web.RequestHandler):
         self._head_since: float | None = None  # when the unfinished head began, if one is
         self._reject = reject
         self._refused = False
+        self._messages = lean.SmallQueue()  # type: ignore[assignment]
         loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
         self._head_loop: asyncio.AbstractEventLoop = loop
         self._parser = _Parser(self, lambda: HttpRequestParser(
@@ -354,10 +355,10 @@ class Request(web.BaseRequest):
         # responses (web.Response) say relayd; a relayed one (Stream's StreamResponse)
         # keeps the upstream's value or carries none.
         if response.headers.get("Server") == SERVER_SOFTWARE:
-            if type(response) is web.StreamResponse:
-                del response.headers["Server"]
-            else:
+            if isinstance(response, web.Response):
                 response.headers["Server"] = SERVER
+            else:
+                del response.headers["Server"]
 
 
 class ClientServer(web.Server):

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import providers
+from . import lean, providers
 from .exchange import End
 from .forward import fmt
 from .headers import for_client, media_type
@@ -265,10 +265,7 @@ class Stream:
                     proto = self._proto = conn.protocol
                     proto.pushed = self._pending
                     content.__class__ = _Pushed
-                    # Nothing reads the reader's buffers again: an empty deque still holds
-                    # a 64-slot block, about 1.5 KB per held stream for the two.
-                    content._buffer = ()  # type: ignore[assignment]
-                    content._http_chunk_splits = None
+                    lean.drop_buffer(content)  # nothing is buffered in it again
                     proto.sink = self.pump
             if self._result is End.DONE:
                 stalled = await self._await_client(self.out.write_eof(first))

@@ -25,7 +25,7 @@ from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import upstream_http
+from . import lean, upstream_http
 from .config import Upstream
 
 # aiohttp would add these on its own; a proxy must send only what the client sent.
@@ -67,6 +67,10 @@ class _Guarded(ResponseHandler):
     # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
     sink: Callable[[], None] | None = None
     pushed: list[bytes]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffer = lean.SmallQueue()  # type: ignore[assignment]  # one response at a time
 
     def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
         self._awaiting, self._finals = True, 0

@@ -1,9 +1,11 @@
 """The main process with ``workers`` > 1: binds the listeners once, forks the workers
 that serve them, and speaks for the whole service.
 
-- Listening sockets are bound here and inherited by every worker; the main process
-  keeps its copies open until it drains, so a restarted worker gets them too and no
-  reload ever closes one (closing a listening socket drops its queued connections).
+- Listening sockets are bound here: one per worker in one ``SO_REUSEPORT`` group
+  (``lifecycle.ListenGroup``), so the kernel spreads new connections evenly.  Each worker
+  inherits its own; the main process keeps its copies open until it drains, so no reload
+  ever closes one (closing a listening socket drops its queued connections).  A dead
+  worker's socket is closed (nothing would accept on it) and its restart gets a new one.
 - SIGHUP: the file is validated here, once; an invalid one is logged ("reload failed")
   and never reaches a worker.  A valid one is sent to every worker, which swaps it in
   process (requests in flight keep their table), and the reload is done (READY=1) when
@@ -55,6 +57,7 @@ class Slot:
         self.started = 0.0
         self.crashes = 0
         self.exit_code: int | None = None
+        self.sockets: list[socket.socket] = []  # its listening sockets in the group
         self.restart: asyncio.TimerHandle | None = None
 
 
@@ -64,7 +67,7 @@ class Supervisor(lifecycle.Reloads):
         self.log = logs.get()
         self.slots = [Slot(i) for i in range(n)]
         self.generation = 1
-        self.sockets: list[socket.socket] = []
+        self.group: lifecycle.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
         self.draining = False
         self.stopping = asyncio.Event()
@@ -87,14 +90,15 @@ class Supervisor(lifecycle.Reloads):
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         try:
-            self.sockets = lifecycle.bind(self.config.listen, "listen")
+            self.group = lifecycle.ListenGroup(self.config.listen, "listen")
+            for slot in self.slots:
+                slot.sockets = self.group.member()
             if self.config.admin_listen is not None:
                 await self._start_admin()
         except lifecycle.ListenError as exc:
             self.log.error("cannot listen", **{exc.key: exc.address}, error=exc.why)
             print(f"relayd: {exc}", file=sys.stderr)
-            for s in self.sockets:
-                s.close()
+            self._close_listeners(self.slots)
             if self.admin is not None:
                 await self.admin.cleanup()
             return 1
@@ -150,14 +154,22 @@ class Supervisor(lifecycle.Reloads):
         slot.restart = None
         if self.draining:
             return
+        if not slot.sockets:
+            assert self.group is not None
+            try:
+                slot.sockets = self.group.member()
+            except lifecycle.ListenError as exc:
+                self._restart(slot, None, None, f"cannot listen: {exc.why}")
+                return
         ours, theirs = socket.socketpair()
         drop = [s.chan.sock.fileno() for s in self.slots if s.chan is not None]
         drop += [ours.fileno()] + self._admin_fds()
+        drop += [sock.fileno() for s in self.slots if s is not slot for sock in s.sockets]
         sys.stdout.flush()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, workers.FORK_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            workers.child(slot.wid, self.path, self.config, self.generation, self.sockets,
+            workers.child(slot.wid, self.path, self.config, self.generation, slot.sockets,
                           theirs, drop, self.loop_name)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
@@ -201,6 +213,7 @@ class Supervisor(lifecycle.Reloads):
             code = os.waitstatus_to_exitcode(status)
             metrics.process_gone(pid, self.dir)
             slot.pid, slot.ready, slot.exit_code = None, False, code
+            self._close_listeners([slot])  # connections would queue on it for nobody
             if slot.chan is not None:
                 slot.chan.close()
                 slot.chan = None
@@ -208,13 +221,24 @@ class Supervisor(lifecycle.Reloads):
             if not self.draining:
                 self._restart(slot, pid, code)
 
-    def _restart(self, slot: Slot, pid: int, code: int) -> None:
+    @staticmethod
+    def _close_listeners(slots: list[Slot]) -> None:
+        for slot in slots:
+            for s in slot.sockets:
+                s.close()
+            slot.sockets = []
+
+    def _restart(self, slot: Slot, pid: int | None, code: int | None, why: str = "") -> None:
         young = time.monotonic() - slot.started < YOUNG
         slot.crashes = slot.crashes + 1 if young else 0
         delay = min(RESTART_MIN * 2 ** slot.crashes, RESTART_MAX)
-        how = {"exit_code": code} if code >= 0 else {"signal": signal.Signals(-code).name}
-        self.log.error("worker exited unexpectedly; restarting", worker=slot.wid, pid=pid,
-                       **how, restart_in_s=round(delay, 2), crash_loop=slot.crashes)
+        if code is None:
+            self.log.error("worker could not start; retrying", worker=slot.wid, error=why,
+                           restart_in_s=round(delay, 2), crash_loop=slot.crashes)
+        else:
+            how = {"exit_code": code} if code >= 0 else {"signal": signal.Signals(-code).name}
+            self.log.error("worker exited unexpectedly; restarting", worker=slot.wid, pid=pid,
+                           **how, restart_in_s=round(delay, 2), crash_loop=slot.crashes)
         lifecycle.notify(f"STATUS={self.status_line()}")
         slot.restart = asyncio.get_running_loop().call_later(delay, self._spawn, slot)
 
@@ -292,8 +316,7 @@ class Supervisor(lifecycle.Reloads):
             if slot.restart is not None:
                 slot.restart.cancel()
             self._kill(slot, signal.SIGTERM)
-        for s in self.sockets:  # with the workers' copies closed too, connections are refused
-            s.close()
+        self._close_listeners(self.slots)  # with the workers' copies closed too, connections are refused
         if not await self._until(lambda: not self._live(), self.config.shutdown_grace + 5):
             self.log.error("workers did not finish draining; killing them",
                            pids=[s.pid for s in self._live()])

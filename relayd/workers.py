@@ -5,8 +5,8 @@ child must never touch that inherited loop: its epoll instance is shared with th
 parent, so closing or unregistering anything through it would unregister the parent's
 sockets.  The child keeps a reference to it (so it is never garbage-collected and
 closed), resets signal handling, unsets NOTIFY_SOCKET (only the main process speaks to
-systemd) and runs a fresh loop with a ``lifecycle.Daemon`` on the inherited listening
-sockets.  It never returns into the parent's code: it leaves through ``os._exit``.
+systemd) and runs a fresh loop with a ``lifecycle.Daemon`` on its own inherited listening
+sockets (``lifecycle.ListenGroup``; it closes the other workers').  It never returns into the parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
 Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:
@@ -89,7 +89,7 @@ def child(wid: int, path: str, config: Config, generation: int, sockets: list[so
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDWR)
-        for fd in drop_fds:  # the admin listener, other workers' channels: not ours
+        for fd in drop_fds:  # the admin listener, other workers' channels and sockets: not ours
             os.dup2(null, fd)
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)

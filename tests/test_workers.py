@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -151,6 +153,65 @@ async def test_killed_worker_is_restarted_while_the_other_serves(fake, make_rela
             assert resp.status == 200 and (await resp.json())["workers_serving"] == 2
     for _ in range(10):
         assert await get(port, "/local/echo") == 200
+
+
+async def close_all(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
+    for _, w in conns:
+        w.close()
+    await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
+
+
+async def test_a_burst_of_connections_is_spread_over_the_workers(fake, make_relayd):
+    """One SO_REUSEPORT socket per worker: the kernel spreads new connections.  With one
+    shared socket the first worker to wake accepted the whole queue (a burst of 60 went
+    60 to 0), so a batch of streams landed on one core."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO))
+    pids = ready_line(r)["worker_pids"]
+    for _ in range(3):
+        conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(100)))
+        try:
+            assert wait_for(lambda: sum(client_conns(p, port) for p in pids) == 100)
+            each = [client_conns(p, port) for p in pids]
+            assert min(each) >= 25, f"accepted per worker: {each}"
+        finally:
+            await close_all(conns)
+        assert wait_for(lambda: sum(client_conns(p, port) for p in pids) == 0)
+
+
+async def test_a_restarted_worker_listens_again(fake, make_relayd):
+    """A dead worker's socket is closed at once (connections would queue on it for nobody)
+    and its restart joins the group with a new one: every connection is served, then and
+    after, and the new worker takes its share."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO))
+    victim, other = ready_line(r)["worker_pids"]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(30):
+        assert await get(port, "/local/echo") == 200
+    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1 and victim not in children(r.proc.pid))
+    new = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("event") == "worker serving" and l.get("pid") == new
+                                for l in r.logs()))
+    conns = await asyncio.gather(*(asyncio.open_connection("127.0.0.1", port) for _ in range(60)))
+    try:
+        assert wait_for(lambda: client_conns(new, port) + client_conns(other, port) == 60)
+        assert client_conns(new, port) >= 10
+    finally:
+        await close_all(conns)
+
+
+def test_a_second_relayd_on_the_same_port_is_refused(fake, make_relayd, tmp_path):
+    """SO_REUSEPORT must not let a second instance join the first one's group and take
+    half its connections: the address is bound once without it first."""
+    port = free_port()
+    make_relayd(basic_config(fake.url, port, top=TWO))
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text(basic_config(fake.url, port, top=TWO))
+    out = subprocess.run([sys.executable, "-m", "relayd", "run", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (listen)" in out.stderr and "in use" in out.stderr
 
 
 async def test_drain_completes_streams_on_both_workers(fake, make_relayd):

@@ -91,6 +91,8 @@ class Scenario:
     content_length: bool = False   # send Content-Length instead of chunked
     gzip_body: bytes | None = None # raw bytes sent as-is with Content-Encoding: gzip
     repeat: int = 1                # send `body` this many times (large streams without the memory)
+    hold: threading.Event | None = None  # when given, wait for it (up to 30 s) before chunk hold_at
+    hold_at: int = 0
 
 
 class FakeProvider:
@@ -231,6 +233,8 @@ class FakeProvider:
             part = part[: limit - sent]
             if i and sc.delay:
                 await asyncio.sleep(sc.delay)
+            if sc.hold is not None and i == sc.hold_at:
+                await _held(sc.hold, 30)
             await resp.write(part)
             sent += len(part)
         if sc.fault == "reset":
@@ -243,6 +247,14 @@ class FakeProvider:
         await resp.write_eof()
         self.completed.append(time.monotonic())
         return resp
+
+
+async def _held(gate: threading.Event, timeout: float) -> None:
+    """Until the test thread sets gate: a stream that must outlast some steps of a test
+    stays open until the test says so, not for a length of time guessed to be enough."""
+    end = time.monotonic() + timeout
+    while not gate.is_set() and time.monotonic() < end:
+        await asyncio.sleep(0.01)
 
 
 def gzip_of(data: bytes) -> bytes:

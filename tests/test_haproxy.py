@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +37,7 @@ if haproxy is None and not os.environ.get("CI"):
 
 QUICK = fixture("openai-chat-usage.sse")
 SLOW_EVENTS = 40
+HOLD_AT = SLOW_EVENTS  # a line index, two lines an event: the long streams wait halfway for their gate
 SLOW = b"".join(b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"t%d"}}]}\n\n' % i
                 for i in range(SLOW_EVENTS)) + b"data: [DONE]\n\n"
 
@@ -101,15 +103,30 @@ class HAProxy:
     def request_lines(self, tag: str) -> list[str]:
         return [l for l in self.text().splitlines() if f"probe={tag}" in l]
 
+    async def wait_requests(self, tag: str, n: int, timeout: float = 5) -> list[str]:
+        """The log lines of the requests tagged tag* once there are n (exactly n, or fail).
+
+        HAProxy logs a request when its stream ends, which can be after the client has
+        read the last byte: a test that counts lines right after its requests returned
+        can miss the last one.
+        """
+        end = time.monotonic() + timeout
+        while len(lines := self.request_lines(tag)) < n and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert len(lines) == n, f"{len(lines)} of {n} {tag}* requests logged:\n{self.text()}"
+        return lines
+
     def stop(self) -> None:
         end_process(self.proc, signal.SIGTERM, 10)
         self._f.close()
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, fake: FakeProvider) -> Iterator[tuple[HAProxy, list[Relayd], int]]:
+def cluster(tmp_path: Path, fake: FakeProvider) -> Iterator[tuple[HAProxy, list[Relayd], int, threading.Event]]:
+    """HAProxy, the two relayds behind it, its port, and the gate the long streams wait at."""
+    gate = threading.Event()
     fake.add("haproxy-quick", Scenario(body=QUICK, chunking="lines"))
-    fake.add("haproxy-slow", Scenario(body=SLOW, chunking="lines", delay=0.05))
+    fake.add("haproxy-slow", Scenario(body=SLOW, chunking="lines", delay=0.01, hold=gate, hold_at=HOLD_AT))
     relayds: list[Relayd] = []
     hap: HAProxy | None = None
     try:
@@ -121,8 +138,9 @@ def cluster(tmp_path: Path, fake: FakeProvider) -> Iterator[tuple[HAProxy, list[
         front = free_port()
         hap = HAProxy(tmp_path, render(front, [(r.port, r.admin) for r in relayds]))  # type: ignore[attr-defined]
         wait_port(front)
-        yield hap, relayds, front
+        yield hap, relayds, front, gate
     finally:
+        gate.set()  # a failed test leaves no stream held in the shared fake
         if hap is not None:
             hap.stop()
         for r in relayds:
@@ -153,17 +171,48 @@ async def serving_stream(relayds: list[Relayd], timeout: float = 10) -> int:
     raise AssertionError("no relayd reports the stream as active")
 
 
-async def test_rolling_restart_through_haproxy(cluster: tuple[HAProxy, list[Relayd], int]) -> None:
-    hap, relayds, front = cluster
+async def wait_refused(port: int, timeout: float = 5) -> None:
+    """Until a connect to port is refused: every process that held the listener closed it.
+
+    With workers (one per CPU by default) /readyz is the main process's: it answers 503
+    as soon as that process takes SIGTERM, and each worker closes its copy of the
+    listener when it takes the SIGTERM forwarded to it, a few ms later (more on a busy
+    machine).  A request that arrives in between is accepted and served in full, as any
+    request in flight at a drain; this waits for the state after it.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except ConnectionRefusedError:
+            return
+        w.close()
+        try:
+            await w.wait_closed()
+        except OSError:
+            pass  # reset by the listener's close: still a connection that was accepted
+        assert time.monotonic() < end, f"127.0.0.1:{port} still accepts connections"
+        await asyncio.sleep(0.01)
+
+
+async def test_rolling_restart_through_haproxy(
+        cluster: tuple[HAProxy, list[Relayd], int, threading.Event]) -> None:
+    hap, relayds, front, gate = cluster
     async with aiohttp.ClientSession() as s:
-        # 1. streams go through, to both relayds
+        # 1. streams go through, to both relayds; every one of them has its access line
+        #    before the counts below start (relayd writes it after the last byte went out)
         for i in range(4):
             assert await post(s, front, "haproxy-quick", f"warm{i}") == (200, QUICK)
-        counts = [len(r.wait_access(1)) for r in relayds]
+        warm = await hap.wait_requests("warm", 4)
+        counts = [sum(f"relayd/relayd{i + 1} " in l for l in warm) for i in range(2)]
         assert all(c >= 1 for c in counts), f"requests per relayd: {counts}\n{hap.text()}"
+        for r, c in zip(relayds, counts):
+            assert len(r.wait_access(c)) == c
 
         # 2. a long stream on each relayd (leastconn puts the second on the other one),
-        #    then SIGTERM the relayd that carries the first
+        #    then SIGTERM the relayd that carries the first.  Both streams stop halfway,
+        #    at the fake's gate, until step 5 opens it: they outlast steps 3 and 4 however
+        #    slowly those run.
         arrivals: dict[str, list[tuple[float, bytes]]] = {"long0": [], "long1": []}
 
         async def long_stream(tag: str) -> tuple[int, bytes]:
@@ -185,6 +234,7 @@ async def test_rolling_restart_through_haproxy(cluster: tuple[HAProxy, list[Rela
         # 3. relayd says it is draining at once
         async with s.get(f"http://127.0.0.1:{draining.admin}/readyz") as r:  # type: ignore[attr-defined]
             assert r.status == 503 and (await r.json())["status"] == "draining"
+        await wait_refused(draining.port)  # type: ignore[attr-defined]
         # Until the next health check HAProxy still counts the draining relayd as UP and, the
         # two being tied at one stream each, picks it for every other request; its listener is
         # closed, so retry-on conn-failure + redispatch must carry those to the other relayd.
@@ -193,8 +243,8 @@ async def test_rolling_restart_through_haproxy(cluster: tuple[HAProxy, list[Rela
         name = f"relayd{a + 1}"
         down = await hap.wait_log(rf"Server relayd/{name} is DOWN, reason: Layer7 wrong status, code: 503")
         t_down = time.monotonic()
-        gap = [l for i in range(4) for l in hap.request_lines(f"gap{i}")]
-        assert len(gap) == 4 and all(f"relayd/relayd{2 - a} " in l for l in gap), hap.text()
+        gap = await hap.wait_requests("gap", 4)
+        assert all(f"relayd/relayd{2 - a} " in l for l in gap), hap.text()
         before_down = [l for l in gap if hap.text().index(l) < down.start()]
         if len(before_down) >= 2:  # at least one of them was sent to the draining relayd first
             assert any(retries(l) > 0 for l in before_down), hap.text()
@@ -206,13 +256,12 @@ async def test_rolling_restart_through_haproxy(cluster: tuple[HAProxy, list[Rela
         assert not any(t.done() for t in streams), "a long stream ended before the test could use it"
         assert draining.proc is not None and draining.proc.poll() is None  # still draining, not gone
         assert len(other.wait_access(before_other + 10)) == before_other + 10
-        lines = [l for i in range(6) for l in hap.request_lines(f"after{i}")]
-        assert len(lines) == 6, hap.text()
-        for line in lines:
+        for line in await hap.wait_requests("after", 6):
             assert f"relayd/relayd{2 - a} " in line and retries(line) == 0, line
 
         # 5. both long streams run to their end, intact (the one on the drained relayd kept
         #    streaming while HAProxy had the server DOWN); then the drained relayd exits 0
+        gate.set()
         for tag, task in zip(("long0", "long1"), streams):
             status, body = await asyncio.wait_for(task, 30)
             assert status == 200 and body == SLOW, tag

@@ -32,7 +32,7 @@ import report  # noqa: E402
 from client import Target  # noqa: E402
 
 RESULTS = procs.HERE / "results"
-FULL = dict(rounds=3, streams=(500, 1000), events=100, gap_ms=20, ttfb=100, lat_streams=12,
+FULL = dict(rounds=5, streams=(500, 1000), events=100, gap_ms=20, ttfb=100, lat_streams=12,
             lat_chunks=64, json_total=20000, json_s=6.0, hold=(2000, 5000), bulk_mb=200, gone=10)
 QUICK = dict(rounds=3, streams=(100, 200), events=50, gap_ms=20, ttfb=30, lat_streams=2,
              lat_chunks=64, json_total=3000, json_s=2.0, hold=(500, 1000), bulk_mb=50, gone=3)

@@ -109,3 +109,51 @@ async def test_tcp_nodelay_on_both_sides():
         await up_server.shutdown(0.1)
         await app.registry.close()
     assert seen == {"client_side": 1, "upstream_side": 1}
+
+
+async def test_turns_let_a_few_set_ups_through_per_loop_turn() -> None:
+    """Request set-ups are spread over loop turns (so established streams are pumped in
+    between), answers before new requests, first come first served, and a waiter that
+    left takes no turn."""
+    from relayd.app import Turns
+
+    turns = Turns(3)
+    order: list[str] = []
+    turn_of: dict[str, int] = {}
+    turn = 0
+
+    async def setup(name: str, answer: bool) -> None:
+        wait = turns.take(answer)
+        if wait is not None:
+            await wait
+        order.append(name)
+        turn_of[name] = turn
+
+    async def count_turns() -> None:
+        nonlocal turn
+        while len(order) < 10:
+            await asyncio.sleep(0)
+            turn += 1
+
+    counter = asyncio.create_task(count_turns())
+    # all started in one turn, as aiohttp starts the handlers of one read's requests: six
+    # new requests, then three answers whose set-up is due, then two more requests
+    tasks = [asyncio.create_task(setup(f"r{i}", False)) for i in range(6)]
+    tasks += [asyncio.create_task(setup(f"a{i}", True)) for i in range(3)]
+    tasks += [asyncio.create_task(setup(name, False)) for name in ("gone", "late")]
+    await asyncio.sleep(0)  # every task has taken its turn or queued for one
+    assert order == ["r0", "r1", "r2"]
+    tasks[-2].cancel()  # this client leaves while it waits
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await counter
+    # answers first, then the waiting requests in arrival order; "gone" never ran
+    assert order == ["r0", "r1", "r2", "a0", "a1", "a2", "r3", "r4", "r5", "late"]
+    # never more than three set-ups in one turn
+    per_turn: dict[int, int] = {}
+    for name in order:
+        per_turn[turn_of[name]] = per_turn.get(turn_of[name], 0) + 1
+    assert max(per_turn.values()) <= 3, per_turn
+    # and with nothing queued, a set-up goes on at once, in the same turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert turns.take(False) is None

@@ -240,6 +240,7 @@ class Daemon(Reloads):
         if self._signals > 1 and self.worker is not None:
             return  # the main process forwards stop signals and decides "at once"
         if self._signals > 1:
+            self.app.flush_access()
             self.log.warning("second stop signal: exiting now", signal=signal.Signals(sig).name)
             sys.stdout.flush()
             os._exit(1)
@@ -269,6 +270,7 @@ class Daemon(Reloads):
         if self.admin is not None:
             await self.admin.cleanup()
         await app.registry.close()
+        app.flush_access()
 
     async def watchdog(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC")

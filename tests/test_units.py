@@ -157,3 +157,22 @@ async def test_turns_let_a_few_set_ups_through_per_loop_turn() -> None:
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert turns.take(False) is None
+
+
+def test_scrub_redacts_configured_keys_wherever_they_are() -> None:
+    """The log's second line of defence: a configured key in any string value, nested or
+    not, is replaced before the line is rendered; other values pass untouched."""
+    from relayd import logs
+
+    logs.set_secrets(["sk-unit-secret-1234"])
+    event = {"event": "x", "path": "/v1/sk-unit-secret-1234/y", "n": 3, "none": None,
+             "usage": {"note": "key sk-unit-secret-1234", "input": 5},
+             "list": ["a", "sk-unit-secret-1234"], "tuple": ("sk-unit-secret-1234",),
+             "plain": "nothing here", "ratio": 0.5}
+    out = logs.scrub(None, "info", dict(event))
+    assert out["path"] == "/v1/[redacted]/y"
+    assert out["usage"] == {"note": "key [redacted]", "input": 5}
+    assert out["list"] == ["a", "[redacted]"] and out["tuple"] == ["[redacted]"]
+    assert {k: out[k] for k in ("event", "n", "none", "plain", "ratio")} == \
+        {k: event[k] for k in ("event", "n", "none", "plain", "ratio")}
+    assert "sk-unit-secret-1234" not in repr(out)

@@ -7,6 +7,8 @@ into a log value is replaced before the line is rendered.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import sys
 from typing import Any, Iterable
@@ -17,6 +19,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 _secrets: tuple[str, ...] = ()
 _worker: int | None = None
+_level = logging.INFO
+_out: Any = sys.stdout  # where structlog writes too: sys.stdout as configure found it
 
 
 def set_worker(n: int) -> None:
@@ -56,17 +60,48 @@ def scrub(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     # at (a call per value made this a third of an access line's cost).
     if _secrets:
         for key, value in event.items():
-            if value.__class__ is str:
+            kind = value.__class__
+            if kind is str:
                 for s in _secrets:
                     if s in value:
                         event[key] = _clean(value)  # an existing key: the dict keeps its size
                         break
-            elif isinstance(value, (str, dict, list, tuple)):
+            elif kind not in _SCALARS and isinstance(value, (str, dict, list, tuple)):
                 event[key] = _clean(value)
     return event
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+_ENCODER = json.JSONEncoder(default=repr)  # structlog's renderer falls back to repr too
+
+
+def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
+    """Info lines (``event``) in one write, without structlog's per-call chain.
+
+    For the access log, a line per request: structlog's bound-logger proxy, processor
+    chain and a write and flush per line cost 25 to 30 µs a line on the bench machine,
+    this about 15 with one write per batch.  The lines are the same JSON as structlog's
+    (same fields, ``ts``, ``level``, ``worker``, scrubbed; ``test_units`` compares them).
+    """
+    if not lines or _level > logging.INFO:
+        return
+    ts = datetime.datetime.now(tz=datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    out = []
+    for fields in lines:
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["ts"] = ts
+        if _worker is not None:
+            fields["worker"] = _worker
+        out.append(_ENCODER.encode(scrub(None, "info", fields)))
+    out.append("")
+    _out.write("\n".join(out))
+    _out.flush()
+
+
 def configure(level: str = "info") -> None:
+    global _level, _out
+    _level, _out = _LEVELS.get(level, logging.INFO), sys.stdout
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -176,3 +176,34 @@ def test_scrub_redacts_configured_keys_wherever_they_are() -> None:
     assert {k: out[k] for k in ("event", "n", "none", "plain", "ratio")} == \
         {k: event[k] for k in ("event", "n", "none", "plain", "ratio")}
     assert "sk-unit-secret-1234" not in repr(out)
+
+
+def test_access_lines_are_the_json_structlog_writes(capsys) -> None:
+    """Access lines skip structlog's per-call chain (``logs.write_lines``) but must read the
+    same: the same fields, ``level``, ``event``, a ``ts`` in structlog's format, the secret
+    scrub, and nothing below the configured level."""
+    import json
+    import re
+
+    from relayd import logs
+
+    try:
+        logs.configure("info")  # both writers now write to the captured stdout
+        logs.set_secrets(["sk-unit-line-secret"])
+        fields = {"request_id": "r1", "path": "/x/sk-unit-line-secret", "status": 200,
+                  "ttfb_ms": 1.5, "injected_error": None, "usage": {"input_tokens": 3}}
+        logs.get().info("access", **dict(fields))
+        logs.write_lines("access", [dict(fields), dict(fields, request_id="r2")])
+        out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(out) == 3
+        by_structlog, ours, second = out
+        ts = [line.pop("ts") for line in out]
+        assert ours == by_structlog and second == dict(ours, request_id="r2")
+        assert ours["path"] == "/x/[redacted]" and ours["event"] == "access" and ours["level"] == "info"
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", t) for t in ts)
+        logs.configure("warning")
+        logs.write_lines("access", [dict(fields)])
+        assert capsys.readouterr().out == ""
+    finally:
+        with capsys.disabled():
+            logs.configure("info")

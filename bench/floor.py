@@ -11,9 +11,7 @@ relayd's tracker and checks) add on top.  Usage: python bench/floor.py (about 1 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,12 +22,7 @@ from client import Target  # noqa: E402
 
 
 async def main() -> None:
-    procs.raise_nofile()
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {0})
-    ps = procs.Procs(Path(tempfile.mkdtemp(prefix="relayd-floor-")))
-    up = procs.free_port()
-    ps.upstream(up)
+    ps, up = procs.harness("relayd-floor-")
     rp, tp, np_ = procs.free_port(), procs.free_port(), procs.free_port()
     targets = {
         "relayd": (Target("relayd", rp, "/v1"), ps.relayd("relayd", rp, up, access_log=False).pid),

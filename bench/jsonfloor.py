@@ -16,10 +16,8 @@ the load and the fake upstream to core 0, like ``make bench``.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,12 +68,7 @@ def serve(kind: str, port: int) -> None:
 
 
 async def main(rounds: int = 3) -> None:
-    procs.raise_nofile()
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {0})
-    ps = procs.Procs(Path(tempfile.mkdtemp(prefix="relayd-jsonfloor-")))
-    up = procs.free_port()
-    ps.upstream(up)
+    ps, up = procs.harness("relayd-jsonfloor-")
     rp, np_, ap, wp = (procs.free_port() for _ in range(4))
     me = [sys.executable, str(Path(__file__).resolve())]
     targets = {

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,3 +182,15 @@ upstreams:
 routes:
   - {{path: /v1, upstream: bench}}
 """
+
+
+def harness(prefix: str) -> tuple["Procs", int]:
+    """A side harness's start, as ``run.py`` does it: descriptors raised, this process (the
+    load) on core 0, a fresh fake upstream.  Returns the process set and the upstream's port."""
+    raise_nofile()
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {0})
+    ps = Procs(Path(tempfile.mkdtemp(prefix=prefix)))
+    up = free_port()
+    ps.upstream(up)
+    return ps, up

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,13 +88,8 @@ async def drive() -> None:
     import procs
     import report
 
-    procs.raise_nofile()
-    if (os.cpu_count() or 1) >= 2:
-        os.sched_setaffinity(0, {0})
-    tmp = Path(tempfile.mkdtemp(prefix="relayd-stamps-"))
-    ps = procs.Procs(tmp)
-    up = procs.free_port()
-    ps.upstream(up)
+    ps, up = procs.harness("relayd-stamps-")
+    tmp = ps.tmp
     port = procs.free_port()
     cfg = tmp / "relayd.yaml"
     cfg.write_text("workers: 1\n" + procs.relayd_config(port, up, False))

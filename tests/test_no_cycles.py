@@ -48,8 +48,9 @@ async def upstream() -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-async def test_requests_leave_no_cyclic_garbage(tmp_path: Path) -> None:
-    runner, up = await upstream()
+async def relayd(tmp_path: Path, up: int) -> tuple[int, Daemon]:
+    """relayd in this process: /one to the upstream, /two to it twice over (failover: the
+    body is buffered)."""
     port = free_port()
     path = tmp_path / "relayd.yaml"
     path.write_text(f"""listen: 127.0.0.1:{port}
@@ -63,6 +64,12 @@ routes:
 """)
     daemon = Daemon(str(path), configuration.load(str(path)))
     await daemon.start()
+    return port, daemon
+
+
+async def test_requests_leave_no_cyclic_garbage(tmp_path: Path) -> None:
+    runner, up = await upstream()
+    port, daemon = await relayd(tmp_path, up)
     found: dict[str, float] = {}
     try:
         async with aiohttp.ClientSession() as client:
@@ -116,17 +123,7 @@ async def test_a_held_stream_keeps_no_request_body(tmp_path: Path) -> None:
     await runner.setup()
     up = free_port()
     await web.TCPSite(runner, "127.0.0.1", up).start()
-    port = free_port()
-    path = tmp_path / "relayd.yaml"
-    path.write_text(f"""listen: 127.0.0.1:{port}
-access_log: false
-upstreams:
-  u: {{url: "http://127.0.0.1:{up}", provider: openai, api_key: sk-held}}
-routes:
-  - {{path: /one, upstream: u}}
-""")
-    daemon = Daemon(str(path), configuration.load(str(path)))
-    await daemon.start()
+    port, daemon = await relayd(tmp_path, up)
     n, size = 10, 48 * 1024
     # Each request (head and body) goes out in one write, so relayd has the whole body
     # with the head: the path that sends it upstream as bytes.

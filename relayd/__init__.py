@@ -6,8 +6,10 @@ One request flows one way:
 
 Modules, in that order:
 
+- ``allow``      allow lists, checked when a connection is accepted (client and admin
+                 listeners)
 - ``server``     client connections: head and keep-alive deadlines, head size cap (431),
-                 JSON 400 for malformed requests, allow lists, ``Server: relayd``
+                 JSON 400 for malformed requests, ``Server: relayd``
 - ``config``     relayd's schema, each key declared once with its default → validated,
                  immutable ``Config``; ``yamlconf`` is the generic YAML-with-lines walker
                  under it (every error as FILE:LINE: path: why)
@@ -32,11 +34,15 @@ Modules, in that order:
 - ``exchange``   ``Exchange`` (what one request did) and ``End`` (how it ended)
 - ``usage``      passive token accounting read on the side of the stream
 - ``app``        the handler (the one writer of ``Exchange``), the one swappable table
-                 reference, request ids, admin endpoints
+                 reference, set-up turns under a burst, request ids, access lines, admin
+                 endpoints
+- ``lean``       smaller stand-ins for aiohttp's per-connection containers (memory per
+                 held stream)
 - ``lifecycle``  one process: listen, sd_notify, SIGHUP reload, SIGTERM drain, watchdog,
-                 uvloop and GC set-up
-- ``supervisor``, ``workers``  ``workers: N``: the main process binds, validates reloads once,
-                 forks and restarts workers, serves the admin listener with summed metrics
+                 uvloop and GC set-up; the workers' ``SO_REUSEPORT`` listening group
+- ``supervisor``, ``workers``  ``workers: N``: the main process binds a socket per worker,
+                 validates reloads once, forks and restarts workers, serves the admin
+                 listener with summed metrics
 - ``tls``        the listener's certificate, re-read on reload
 - ``cli``        ``relayd run | check | --version``
 - ``demo``       a fake provider for ``make demo``

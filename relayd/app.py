@@ -23,7 +23,6 @@ from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE, Metrics
-from .server import admin_gate
 from .routes import Match, RouteTable, resolve, under
 from .stream import Stream
 from .upstreams import PoolRegistry
@@ -321,7 +320,7 @@ class App:
     # -- admin listener
 
     def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[admin_gate(lambda: self.config)])
+        app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

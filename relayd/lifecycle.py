@@ -33,6 +33,7 @@ from . import logs, tls
 from .app import App
 from .config import Config, ConfigError, Listen
 from .exchange import End
+from .allow import AdminRunner
 from .server import ClientServer, FdShortage, FdWatch, log_warnings
 
 
@@ -173,7 +174,7 @@ class Daemon(Reloads):
             self.log.info("worker ready", generation=self.app.generation, pid=os.getpid())
             return
         if cfg.admin_listen is not None:
-            self.admin = web.AppRunner(self.app.admin_app(), access_log=None, handle_signals=False)
+            self.admin = AdminRunner(self.app.admin_app(), lambda: self.app.config.admin_allow)
             await self.admin.setup()
             try:
                 await web.TCPSite(self.admin, cfg.admin_listen.host, cfg.admin_listen.port,

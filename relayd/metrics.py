@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .server import GATES
+from .allow import GATES
 
 if TYPE_CHECKING:
     from .exchange import Exchange

@@ -21,95 +21,27 @@ one (aiohttp drops every message of a segment that fails to parse).
 Every response relayd itself makes says ``Server: relayd``; a relayed response keeps
 the upstream's ``Server`` header, or has none (never aiohttp's own).
 
-``Gate`` applies a listener's ``allow`` list when a connection is made, before a byte of
-it is read: a peer outside is closed with no response (nothing to learn about relayd
-from it), counted, and logged at most once per ``every`` seconds with the count, so a
-scan cannot flood the log.  The list is read from the current config, so a reload
-changes it for new connections.  With ``tls`` the handshake comes first (asyncio calls
-the protocol only once it is done); nothing of the HTTP layer is read either way.
+The allow lists are checked at accept (``allow.GATES``) before any of this runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
-from . import lean, logs
+from . import lean
+from .allow import GATES
 from .tls import ListenerCert
 
 SERVER = "relayd"
 _QUEUE = 32  # aiohttp's MAX_MSG_QUEUE_SIZE: pipelined requests parsed ahead
-
-
-# -- allow lists
-
-class Gate:
-    """One listener's allow list check, with its refusal count and rate-limited log."""
-
-    def __init__(self, listener: str, every: float = 10.0) -> None:
-        self.listener, self.every = listener, every
-        self.counter: Any = None  # the process's metric child, once metrics exist
-        self.total = 0
-        self._since = 0
-        self._last = -every
-
-    def admits(self, transport: asyncio.BaseTransport, allow: Sequence[Any]) -> bool:
-        """True if the peer may talk to this listener; else close the transport now."""
-        if not allow:
-            return True
-        peer = transport.get_extra_info("peername")
-        ip = _address(peer[0] if isinstance(peer, (tuple, list)) and peer else None)
-        if ip is not None and any(ip in net for net in allow):
-            return True
-        transport.close()
-        self.total += 1
-        if self.counter is not None:
-            self.counter.inc()
-        self._since += 1
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            logs.get().warning("connection refused: peer not in the allow list",
-                               listener=self.listener, peer=str(ip) if ip else None,
-                               refused=self._since, refused_total=self.total)
-            self._last, self._since = now, 0
-        return False
-
-
-def _address(host: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The peer's address; an IPv4-mapped IPv6 peer (dual-stack socket) as IPv4."""
-    try:
-        ip = ipaddress.ip_address(str(host).partition("%")[0])
-    except ValueError:
-        return None  # not an IP peer: no allow entry can match it
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-# One per listener of the process; metrics reads their totals.
-GATES = {"listen": Gate("listen"), "admin_listen": Gate("admin_listen")}
-
-
-def admin_gate(current: Callable[[], Any]) -> Any:
-    """``admin_allow`` for an admin app: a peer outside gets its connection closed and no
-    answer.  The admin site is an aiohttp AppRunner, which offers no hook at accept, so
-    the check runs on the request head; nothing is read past it and nothing is sent."""
-    @web.middleware
-    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
-        transport = request.transport
-        if transport is not None and not GATES["admin_listen"].admits(
-                transport, current().admin_allow):
-            raise asyncio.CancelledError()
-        return await handler(request)
-    return gate
 
 
 # -- running out of file descriptors

@@ -39,7 +39,8 @@ from aiohttp import web
 from . import lifecycle, logs, metrics, workers
 from .config import Config
 from .metrics import CONTENT_TYPE, Metrics
-from .server import admin_gate, log_warnings
+from .allow import AdminRunner
+from .server import log_warnings
 
 RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 10.0, 5.0
 
@@ -127,11 +128,11 @@ class Supervisor(lifecycle.Reloads):
         return code
 
     async def _start_admin(self) -> None:
-        app = web.Application(middlewares=[admin_gate(lambda: self.config)])
+        app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        self.admin = web.AppRunner(app, access_log=None, handle_signals=False)
+        self.admin = AdminRunner(app, lambda: self.config.admin_allow)
         await self.admin.setup()
         listen = self.config.admin_listen
         assert listen is not None

@@ -294,6 +294,18 @@ def _closed_at_once(port: int) -> bool:
             return True
 
 
+def _closed_silently(port: int) -> bool:
+    """True if relayd closes a connection that has sent nothing (refused at accept)."""
+    with socket.create_connection(("127.0.0.1", port), 2) as s:
+        s.settimeout(3)
+        try:
+            return s.recv(1024) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+
 def test_allow_lists_close_outsiders_at_accept(make_relayd, fake):
     port, admin = free_port(), free_port()
     r = make_relayd(basic_config(fake.url, port, admin, top="allow: [10.0.0.0/8, '::1']\n"
@@ -301,6 +313,7 @@ def test_allow_lists_close_outsiders_at_accept(make_relayd, fake):
     for _ in range(3):
         assert _closed_at_once(port)
     assert _closed_at_once(admin)
+    assert _closed_silently(admin)  # at accept, before a request head (it sends none)
     assert wait_for(lambda: any(l.get("event") == "connection refused: peer not in the allow list"
                                 and l.get("listener") == "listen" for l in r.logs()))
     refusals = [l for l in r.logs() if l.get("event", "").startswith("connection refused")]
@@ -322,7 +335,15 @@ def test_allow_lists_close_outsiders_at_accept(make_relayd, fake):
     assert not _closed_at_once(port)
     body = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
     assert metric(body, "relayd_refused_connections_total", listener="listen") == 3
-    assert metric(body, "relayd_refused_connections_total", listener="admin_listen") == 1
+    assert metric(body, "relayd_refused_connections_total", listener="admin_listen") == 2
+
+
+def test_admin_allow_at_accept_in_one_process(make_relayd, fake):
+    """The single-process daemon runs its own admin listener: the same check at accept."""
+    port, admin = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, admin, top="workers: 1\nadmin_allow: [192.168.0.0/16]"))
+    assert _closed_silently(admin) and _closed_at_once(admin)
+    assert not _closed_at_once(port)
 
 
 # -- units: where keys sit, the query edit, the gate's arithmetic
@@ -343,7 +364,7 @@ def test_presented_key_spots_and_query_edit():
 
 def test_gate_counts_and_rate_limits(monkeypatch):
     import ipaddress
-    from relayd import server
+    from relayd import allow as allow_lists
 
     class Transport:
         def __init__(self, peer):
@@ -361,8 +382,8 @@ def test_gate_counts_and_rate_limits(monkeypatch):
         def warning(self, event, **kw):
             logged.append(kw)
 
-    monkeypatch.setattr(server.logs, "get", lambda: Log())
-    gate = server.Gate("listen", every=3600)
+    monkeypatch.setattr(allow_lists.logs, "get", lambda: Log())
+    gate = allow_lists.Gate("listen", every=3600)
     allow = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
     assert gate.admits(Transport(("::ffff:10.1.2.3", 1, 0, 0)), allow)  # dual-stack peer
     assert gate.admits(Transport(("fd00::1", 1, 0, 0)), allow)

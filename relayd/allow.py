@@ -1,0 +1,111 @@
+"""Allow lists: which peers may talk to a listener, checked when a connection is made.
+
+``Gate`` applies a listener's list when a connection is made, before a byte of it is read
+(``allow`` in ``server.Connection``, ``admin_allow`` in ``AdminConnection``): a peer
+outside is closed with no response (nothing to learn about relayd from it), counted, and
+logged at most once per ``every`` seconds with the count, so a scan cannot flood the log.
+The list is read from the current config, so a reload changes it for new connections.
+With ``tls`` the handshake comes first (asyncio calls the protocol only once it is done);
+nothing of the HTTP layer is read either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from typing import Any, Callable, Sequence
+
+from aiohttp import web
+
+from . import logs
+
+
+class Gate:
+    """One listener's allow list check, with its refusal count and rate-limited log."""
+
+    def __init__(self, listener: str, every: float = 10.0) -> None:
+        self.listener, self.every = listener, every
+        self.counter: Any = None  # the process's metric child, once metrics exist
+        self.total = 0
+        self._since = 0
+        self._last = -every
+
+    def admits(self, transport: asyncio.BaseTransport, allow: Sequence[Any]) -> bool:
+        """True if the peer may talk to this listener; else close the transport now."""
+        if not allow:
+            return True
+        peer = transport.get_extra_info("peername")
+        ip = _address(peer[0] if isinstance(peer, (tuple, list)) and peer else None)
+        if ip is not None and any(ip in net for net in allow):
+            return True
+        transport.close()
+        self.total += 1
+        if self.counter is not None:
+            self.counter.inc()
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            logs.get().warning("connection refused: peer not in the allow list",
+                               listener=self.listener, peer=str(ip) if ip else None,
+                               refused=self._since, refused_total=self.total)
+            self._last, self._since = now, 0
+        return False
+
+
+def _address(host: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address; an IPv4-mapped IPv6 peer (dual-stack socket) as IPv4."""
+    try:
+        ip = ipaddress.ip_address(str(host).partition("%")[0])
+    except ValueError:
+        return None  # not an IP peer: no allow entry can match it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+# One per listener of the process; metrics reads their totals.
+GATES = {"listen": Gate("listen"), "admin_listen": Gate("admin_listen")}
+
+
+class AdminRunner(web.AppRunner):
+    """aiohttp's runner for the admin app, with ``admin_allow`` applied when a connection
+    is accepted, before a byte of it is read, as ``allow`` is on the client listener.
+
+    aiohttp builds the runner's server itself (``Application._make_handler``) and offers no
+    hook at accept, so the server it built becomes an ``AdminServer``: the same object with
+    a protocol factory that checks the list first (a subclass with no state of its own).
+    """
+
+    def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]]) -> None:
+        super().__init__(app, access_log=None, handle_signals=False)
+        self._allow = allow
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = AdminServer
+        server.allow = self._allow  # type: ignore[attr-defined]
+        return server
+
+
+class AdminServer(web.Server):
+    allow: Callable[[], Sequence[Any]]
+
+    def __call__(self) -> web.RequestHandler:
+        return AdminConnection(self, loop=self._loop, **self._kwargs)
+
+
+class AdminConnection(web.RequestHandler):
+    _refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        manager = self._manager
+        assert isinstance(manager, AdminServer)
+        if not GATES["admin_listen"].admits(transport, manager.allow()):
+            self._refused = True  # never handed to aiohttp: nothing to clean up there
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._refused:
+            super().connection_lost(exc)

@@ -156,7 +156,7 @@ class Stream:
                  "json_body", "out", "committed", "tracker", "_ends", "meter", "bytes_out",
                  "heartbeats", "injected", "stop_reason", "ended", "stalled", "last_block", "crlf",
                  "_pending", "_result", "_blocked", "_waiter", "_proto", "_transport", "_chunked",
-                 "_high", "_clock")
+                 "_writer", "_high", "_clock")
 
     def __init__(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                  provider: providers.Provider, timeouts: Any, heartbeat: float,
@@ -192,6 +192,7 @@ class Stream:
         self._proto: Any = None  # the upstream connection's protocol while attached
         self._transport: asyncio.Transport | None = None
         self._chunked = False
+        self._writer: Any = None
         self._high = 0
         self._clock: _Clock | None = None
 
@@ -255,6 +256,7 @@ class Stream:
         if transport is not None:
             self._high = transport.get_write_buffer_limits()[1]
         self._chunked = writer.chunked
+        self._writer = writer
         try:
             first = self._take(self._buffered(content))
             conn = resp.connection
@@ -350,8 +352,14 @@ class Stream:
         tail = self._end()
         if tail:
             outs.append(tail)
-        if outs:
-            self.bytes_out += self._send(outs)  # the upstream's bytes: heartbeats do not count
+        # A chunked body that ended here ends in the same write as its last bytes: the
+        # client's SDK waits for the final chunk, which would otherwise wait for this
+        # request's handler to run again (behind every other stream ending with it).
+        last = self._result is End.DONE and self._chunked
+        if outs or last:
+            self.bytes_out += self._send(outs, last)  # the upstream's bytes: heartbeats do not count
+            if last and self._result is End.DONE:  # (not if the client turned out gone)
+                self._writer._eof = True  # aiohttp's write_eof: nothing left to write
         if self._result is not None or self._blocked:
             waiter = self._waiter
             if waiter is not None and not waiter.done():
@@ -401,9 +409,9 @@ class Stream:
                 self._result = End.UPSTREAM_EOF
         return b""
 
-    def _send(self, parts: list[bytes]) -> int:
-        """Write to the client now, saying how many bytes; a full client buffer pauses the
-        upstream (backpressure)."""
+    def _send(self, parts: list[bytes], last: bool = False) -> int:
+        """Write to the client now (with ``last``, the final chunk too), saying how many
+        body bytes; a full client buffer pauses the upstream (backpressure)."""
         tr = self._transport
         if tr is None or tr.is_closing():
             self._result = End.CLIENT_GONE
@@ -415,6 +423,8 @@ class Stream:
             framed = []
             for part in parts:
                 framed += (b"%x\r\n" % len(part), part, b"\r\n")
+            if last:
+                framed.append(b"0\r\n\r\n")
         else:
             framed = parts
         if size < _WRITELINES:

@@ -73,8 +73,8 @@ class AdminRunner(web.AppRunner):
     is accepted, before a byte of it is read, as ``allow`` is on the client listener.
 
     aiohttp builds the runner's server itself (``Application._make_handler``) and offers no
-    hook at accept, so the server it built becomes an ``AdminServer``: the same object with
-    a protocol factory that checks the list first (a subclass with no state of its own).
+    hook at accept, so the server it built becomes an ``AdminServer``: the same object, with
+    a protocol factory that checks the list first and the function that reads the list.
     """
 
     def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]]) -> None:

@@ -84,8 +84,8 @@ class ListenGroup:
     ``SO_REUSEPORT`` group, so the kernel spreads new connections evenly over the workers.
 
     With one shared socket the worker that wakes first accepts every connection queued
-    (libuv accepts until the queue is empty): a burst of 60 new streams on 2 workers went
-    60 to 0 in the test that now guards this.  Bound by the main process; a worker inherits
+    (libuv accepts until the queue is empty): 100 connections at once on 2 workers went
+    100 to 0, every time, in the test that now guards this.  Bound by the main process; a worker inherits
     its own socket and closes the others'.  The address is first bound once without
     ``SO_REUSEPORT``, so a port another process holds (a second relayd included) is an
     error, not a silent share of its traffic.  A worker's socket is closed when the worker

@@ -183,11 +183,11 @@ async def test_request_head_framing_upstream_sees(make_relayd):
 async def test_dead_pooled_connection_is_retried_once_for_get_not_for_post(make_relayd):
     """An upstream that drops a kept-alive connection just as it is reused: a GET is sent
     again on a fresh connection (as aiohttp does); a POST is not (it may have been acted on)."""
-    served: set[int] = set()
+    served: set[asyncio.StreamWriter] = set()  # the writers themselves: an id can be reused
 
     async def handler(reader, writer, n):
-        if id(writer) not in served:  # a connection's first request
-            served.add(id(writer))
+        if writer not in served:  # a connection's first request
+            served.add(writer)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
             await writer.drain()
             return

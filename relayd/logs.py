@@ -7,7 +7,6 @@ into a log value is replaced before the line is rendered.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -73,6 +72,7 @@ def scrub(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 _SCALARS = frozenset({int, float, bool, type(None)})
 _ENCODER = json.JSONEncoder(default=repr)  # structlog's renderer falls back to repr too
+_STAMP = structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts")  # both writers' ts
 
 
 def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
@@ -85,15 +85,13 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
     """
     if not lines or _level > logging.INFO:
         return
-    ts = datetime.datetime.now(tz=datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    ts = _STAMP(None, "info", {})["ts"]  # one stamp per batch: the lines are written now
     out = []
     for fields in lines:
         fields["event"] = event
         fields["level"] = "info"
         fields["ts"] = ts
-        if _worker is not None:
-            fields["worker"] = _worker
-        out.append(_ENCODER.encode(scrub(None, "info", fields)))
+        out.append(_ENCODER.encode(scrub(None, "info", _add_worker(None, "info", fields))))
     out.append("")
     _out.write("\n".join(out))
     _out.flush()
@@ -105,7 +103,7 @@ def configure(level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            _STAMP,
             structlog.processors.format_exc_info,
             _add_worker,
             scrub,

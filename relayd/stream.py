@@ -85,6 +85,13 @@ class _Clock:
     itself if progress was made in the meantime, writes a heartbeat when one is due, and
     only on a real deadline interrupts the handler task by cancelling it (the task tells
     that apart from a client disconnect by ``reason`` and hands a real cancel on).
+
+    Which deadlines apply depends on what the stream waits for: ``idle`` and heartbeats
+    while it reads the upstream, ``send`` while it waits for the client, ``total``
+    always.  The timer is armed for the ones that apply (one that does not could be long
+    past, and would fire again at once, every loop turn); progress only moves deadlines
+    later, so only a change of state (``wait_for_client``/``wait_for_upstream``) can
+    need an earlier wake.
     """
 
     __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
@@ -100,15 +107,37 @@ class _Clock:
         self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
         self.reason: End | None = None
         self.handle: asyncio.TimerHandle | None = None
-        self._arm()
+        # At the start every deadline lies ahead: the earliest of all is never late for
+        # either state, and the first change of state needs no re-arm.
+        self._arm(min(self.last + self.idle, self.last + self.send, self.last + self.beat,
+                      total_deadline))
 
-    def _arm(self) -> None:
-        # A write begins after `last` (data) or `last_beat` (a heartbeat), so waking at
-        # the earlier of idle and send from there is never late for either.
-        since = max(self.last, self.last_beat)
-        when = min(self.last + self.idle, since + self.send, since + self.beat,
-                   self.total_deadline)
+    def _next(self) -> float:
+        """The earliest deadline that applies in the current state."""
+        since = max(self.last, self.last_beat)  # a write begins after data or a heartbeat
+        if self.reading:
+            return min(self.last + self.idle, since + self.beat, self.total_deadline)
+        return min(since + self.send, self.total_deadline)
+
+    def _arm(self, when: float) -> None:
         self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
+
+    def _state(self, reading: bool) -> None:
+        if self.reading is reading:
+            return
+        self.reading = reading
+        when = self._next()
+        handle = self.handle
+        if handle is None or handle.when() > when:
+            if handle is not None:
+                handle.cancel()
+            self._arm(when)
+
+    def wait_for_client(self) -> None:
+        self._state(False)
+
+    def wait_for_upstream(self) -> None:
+        self._state(True)
 
     def _fire(self) -> None:
         now = self.loop.time()
@@ -124,11 +153,12 @@ class _Clock:
             self.last_beat = now  # a beat the stream cannot send now is tried a period later
             self.on_beat()
         if reason is not None:
+            self.handle = None
             self.reason = reason
             if self.task is not None:
                 self.task.cancel()
             return
-        self._arm()
+        self._arm(self._next())
 
     def woke(self) -> End | None:
         """After a CancelledError: our reason, or None when the cancel came from outside."""
@@ -290,7 +320,7 @@ class Stream:
                     if upstream is not None:
                         upstream.resume_reading()
                     continue
-                clock.reading = True
+                clock.wait_for_upstream()
                 self._waiter = loop.create_future()
                 try:
                     await self._waiter
@@ -318,10 +348,10 @@ class Stream:
         """
         parts = []
         try:
+            # Until it comes back empty: ``is_eof`` only says the end has been parsed,
+            # and a resumed parser can parse the rest of a read and the end at once.
             while part := content.read_nowait():
                 parts.append(part)
-                if content.is_eof():
-                    break  # the whole body is here: nothing can be held back
         except (aiohttp.ClientError, OSError):
             pass  # the error stays on the reader for _take
         return b"".join(parts)
@@ -360,6 +390,11 @@ class Stream:
             self.bytes_out += self._send(outs, last)  # the upstream's bytes: heartbeats do not count
             if last and self._result is End.DONE:  # (not if the client turned out gone)
                 self._writer._eof = True  # aiohttp's write_eof: nothing left to write
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the handler when it has something to do: the body ended, or the client's
+        buffer is full and it must wait for the drain (and resume the upstream)."""
         if self._result is not None or self._blocked:
             waiter = self._waiter
             if waiter is not None and not waiter.done():
@@ -448,12 +483,13 @@ class Stream:
                 and tracker.at_boundary):
             self.heartbeats += 1
             self._send([HEARTBEAT])
+            self._wake()  # the beat may have filled the client's buffer (or found it gone)
 
     async def _await_client(self, write: Awaitable[None]) -> End | None:
         """Await a write or a drain; the deadline that interrupted it, else None."""
         clock = self._clock
         assert clock is not None
-        clock.reading = False
+        clock.wait_for_client()
         try:
             await write
             return None

@@ -81,8 +81,26 @@ class _Guarded(ResponseHandler):
             self._poisoned()
             return
         super().data_received(data)
+        if not self._awaiting and self._started_another():
+            self._poisoned()
         if self.sink is not None:
             self.sink()
+
+    def _started_another(self) -> bool:
+        """After a response ended within a read: did the same read begin another one?
+
+        A complete second response is caught in ``feed_data``; the start of one (``HTTP/1.1
+        200 OK\r\nContent-Le``) stays in the parser, raises nothing, and the rest would be
+        read as the next request's answer.  Ending the parser's input tells: llhttp's parser
+        answers a message only for a message it has begun.  The parser is replaced when
+        the connection sends its next request, so this one is spent anyway."""
+        parser = self._parser
+        if parser is None or self.upgraded:
+            return False
+        try:
+            return parser.feed_eof() is not None
+        except Exception:  # noqa: BLE001 - whatever is left in it is not a clean end
+            return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -203,7 +221,10 @@ class Pool:
                 self.release()  # handed a slot in the same instant: pass it on
             else:
                 fut.cancel()
-                self._waiters.remove(fut)
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass  # a release() in the same loop turn already dropped it, done
             raise
         return loop.time() - start
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 
 import aiohttp
@@ -11,8 +12,9 @@ from aiohttp import web
 
 from fakes import free_port
 from relayd import config as cfg
-from relayd import providers
+from relayd import providers, sse, stream
 from relayd.app import App, request_id
+from relayd.exchange import End
 from relayd.routes import upstream_url
 from relayd.upstreams import Pool
 from relayd.usage import UsageMeter
@@ -207,3 +209,102 @@ def test_access_lines_are_the_json_structlog_writes(capsys) -> None:
     finally:
         with capsys.disabled():
             logs.configure("info")
+
+
+@pytest.mark.parametrize("reading,idle,send,beat", [
+    (True, 3.0, 0.2, math.inf),     # reading: a send deadline long past does not apply
+    (False, 0.2, math.inf, math.inf),  # waiting for the client: idle does not apply
+    (False, 3.0, 1.0, 0.1),        # waiting for the client: heartbeats do not apply
+])
+async def test_stream_clock_never_fires_for_a_deadline_that_does_not_apply(reading, idle, send, beat):
+    """A deadline that does not apply in the stream's state is not a reason to wake: the
+    clock used to re-arm at it, already past, and fire every loop turn (100 % CPU)."""
+    fired = 0
+
+    class Counted(stream._Clock):
+        __slots__ = ()
+
+        def _fire(self) -> None:
+            nonlocal fired
+            fired += 1
+            super()._fire()
+
+    loop = asyncio.get_running_loop()
+    clock = Counted(loop, idle, send, math.inf, beat, lambda: None)
+    clock.wait_for_upstream() if reading else clock.wait_for_client()
+    try:
+        await asyncio.sleep(0.8)
+    finally:
+        clock.stop()
+    assert clock.reason is None
+    assert fired <= 3, fired
+
+
+async def test_stream_clock_wakes_for_the_deadline_a_change_of_state_brings() -> None:
+    """Armed for a far idle deadline while reading, a stream that starts waiting for its
+    client must still end at its (nearer) send deadline."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    clock = stream._Clock(loop, 30.0, 0.3, math.inf, math.inf, lambda: None)
+    clock.wait_for_upstream()
+    await asyncio.sleep(0.5)  # fires at the start's send deadline, re-arms for idle (30 s)
+    clock.last = loop.time()  # an event arrived, its write now waits for the client
+    clock.wait_for_client()
+    start = loop.time()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
+    assert clock.woke() is End.SEND_TIMEOUT
+    assert 0.25 < loop.time() - start < 1.0
+    clock.stop()
+
+
+async def test_a_heartbeat_that_fills_the_client_buffer_wakes_the_handler() -> None:
+    """The beat is the write that crosses the high-water mark: the handler must wake to
+    wait for the drain, or the paused upstream is never resumed."""
+    client_side, reader_side = socket.socketpair()
+    up_side, up_peer = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    try:
+        tr, _ = await loop.create_connection(asyncio.Protocol, sock=client_side)
+        up_tr, _ = await loop.create_connection(asyncio.Protocol, sock=up_side)
+
+        class Proto:
+            transport = up_tr
+        st = stream.Stream.__new__(stream.Stream)
+        st.tracker, st._result, st._blocked, st._chunked = sse.BoundaryTracker(), None, False, False
+        while tr.get_write_buffer_size() == 0:  # the kernel's buffers full: nobody reads
+            tr.write(b"x" * 65536)
+        # Just under the mark: the next bytes, the heartbeat's, cross it.
+        st.heartbeats, st._transport, st._high, st._proto = 0, tr, tr.get_write_buffer_size(), Proto()
+        st._waiter = loop.create_future()
+        st._beat()
+        assert st.heartbeats == 1 and st._blocked
+        assert st._waiter.done()
+        tr.close()
+        up_tr.close()
+    finally:
+        for s in (reader_side, up_peer):
+            s.close()
+
+
+async def test_a_waiter_dropped_by_release_in_the_same_turn_is_no_error() -> None:
+    """The pool-slot wait timing out (or its client leaving) in the same loop turn as
+    another request's release: the waiter gets its own exception, not a ValueError."""
+    up = cfg.parse('upstreams: {a: {url: "http://127.0.0.1:1", provider: openai, max_connections: 1}}\n'
+                   'routes: [{path: /a, upstream: a}]', "t.yaml", {}).upstreams["a"]
+    pool = Pool(up)
+    try:
+        assert await pool.take(None) == 0.0
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(pool.take(5))
+        await asyncio.sleep(0)  # queued as a waiter
+
+        def same_turn() -> None:
+            task.cancel()   # the wait's timeout, or the client gone
+            pool.release()  # a stream ending in the same turn
+        loop.call_soon(same_turn)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.inflight == 0 and pool.waiting == 0
+    finally:
+        await pool.close()

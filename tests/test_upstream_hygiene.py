@@ -175,3 +175,76 @@ async def test_obs_text_in_upstream_header_passes_byte_exact(make_relayd):
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         writer.close()
         assert b"\r\nX-Latin: caf\xe9\r\n" in head and b"\r\nX-Utf: caf\xc3\xa9\r\n" in head
+
+
+async def test_start_of_another_response_after_a_complete_one_closes_the_connection(make_relayd):
+    """A complete response followed, in the same segment, by the start of another: the
+    connection is closed, so the rest of the stray one can never be read as the next
+    request's answer."""
+    async def handler(reader, writer, n):
+        writer.write(ok(b'{"n":%d}' % n) + b"HTTP/1.1 200 OK\r\nContent-Le")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(b'ngth: 13\r\n\r\n{"evil":true}')
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        for i in range(3):
+            status, body, _ = await get(port)
+            assert status == 200 and b"evil" not in body, (i, status, body)
+        assert up.connections == 3
+
+
+@pytest.mark.parametrize("method,tail", [("GET", b"\r\n"), ("HEAD", b"")])
+async def test_clean_ends_keep_the_connection_pooled(make_relayd, method, tail):
+    """What is not the start of a message (a stray CRLF), and a HEAD answer's announced
+    length with no body, leave the connection reusable."""
+    async def handler(reader, writer, n):
+        if method == "HEAD":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n")
+        else:
+            writer.write(ok(b'{"n":%d}' % n) + tail)
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
+                    assert r.status == 200
+                    await r.read()
+        assert up.connections == 1
+
+
+def _chunked(ctype: bytes, pieces: list[bytes]) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("ctype", [b"application/json", b"text/event-stream"])
+async def test_a_whole_chunked_body_larger_than_the_read_buffer_arrives_whole(make_relayd, ctype):
+    """A 40 KB chunked body that is all there when the stream takes it over: the reader
+    had paused at its 16 KiB buffer, and taking its bytes resumed the parser, which
+    parsed the rest and the end at once.  Every byte must still reach the client (it
+    lost the last 7 KB, and an SSE stream its [DONE], replaced by an error event)."""
+    if ctype == b"text/event-stream":
+        pieces = [b'data: {"i":%d,"p":"%s"}\n\n' % (i, b"x" * 970) for i in range(40)] + [b"data: [DONE]\n\n"]
+    else:
+        pieces = [b'{"a":"' + b"x" * 990 + b'"},' for _ in range(40)]
+    want = b"".join(pieces)
+
+    async def handler(reader, writer, n):
+        writer.write(_chunked(ctype, pieces))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={"stream": True}) as r:
+                    assert r.status == 200
+                    assert await r.read() == want

@@ -41,7 +41,7 @@ class UsageMeter:
         self._first: bytes | None = None
         self._last: bytes | None = None
         # Only JSON bodies fill it; an SSE stream, held for minutes, never needs one.
-        self._tail: bytearray | None = None
+        self._tail: bytes | bytearray | None = None
 
     def observe_events(self, segment: bytes) -> None:
         """Called with each released run of complete SSE blocks."""
@@ -57,7 +57,11 @@ class UsageMeter:
         """Called with each chunk of a JSON body; keeps only its last 64 KiB."""
         tail = self._tail
         if tail is None:
-            tail = self._tail = bytearray()
+            # Most bodies come in one piece: keep it, copy nothing.
+            self._tail = chunk if len(chunk) <= 2 * _JSON_TAIL else chunk[-_JSON_TAIL:]
+            return
+        if type(tail) is not bytearray:
+            tail = self._tail = bytearray(tail)
         tail += chunk
         if len(tail) > 2 * _JSON_TAIL:
             del tail[: len(tail) - _JSON_TAIL]
@@ -66,7 +70,7 @@ class UsageMeter:
         if self._first is None and not self._tail:
             return None
         found: list[dict[str, object]] = []
-        for buf in (self._first, self._last, bytes(self._tail) if self._tail else None):
+        for buf in (self._first, self._last, self._tail):
             if buf:
                 found.extend(_objects(buf))
         if not found:
@@ -97,12 +101,16 @@ def _output(u: dict[str, object]) -> int | None:
     return None
 
 
-def _objects(buf: bytes) -> list[dict[str, object]]:
-    text = buf.decode("utf-8", "replace")
+_KEY = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+
+
+def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:
+    """The usage objects in ``buf``; only the bytes from each key on are decoded."""
     out: list[dict[str, object]] = []
-    for m in re.finditer(r'"(?:usage|usageMetadata)"\s*:\s*\{', text):
+    for m in _KEY.finditer(buf):
+        text = buf[m.end() - 1:].decode("utf-8", "replace")  # from "{": a character boundary
         try:
-            obj, _ = _DECODER.raw_decode(text, m.end() - 1)
+            obj, _ = _DECODER.raw_decode(text)
         except ValueError:
             continue
         if isinstance(obj, dict):

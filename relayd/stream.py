@@ -273,13 +273,6 @@ class Stream:
 
     async def _copy(self, writer: Any) -> End:
         loop = asyncio.get_running_loop()
-        t = self.timeouts
-        tracker = self.tracker
-        clock = self._clock = _Clock(
-            loop, t.idle or math.inf, t.send or math.inf,
-            loop.time() + t.total if t.total else math.inf,
-            self.heartbeat if tracker is not None and self.heartbeat else math.inf,
-            self._beat)
         resp = self.resp
         content = resp.content
         transport = self._transport = self.request.transport
@@ -300,8 +293,20 @@ class Stream:
                     lean.drop_buffer(content)  # nothing is buffered in it again
                     proto.sink = self.pump
             if self._result is End.DONE:
-                stalled = await self._await_client(self.out.write_eof(first))
-            elif first:
+                # The whole body came with the head (most JSON answers): head, body and
+                # end leave in one write, and only a client too slow to take them needs
+                # the clock.
+                writer._send_headers_with_payload(first, True)
+                writer._eof = True
+                if transport is not None and transport.get_write_buffer_size() > self._high:
+                    self._start_clock()
+                    stalled = await self._await_client(writer.drain())
+                    if stalled is not None:
+                        return stalled
+                self.bytes_out += len(first)
+                return End.DONE
+            clock = self._start_clock()
+            if first:
                 stalled = await self._await_client(self.out.write(first))
             else:
                 writer.send_headers()  # the client learns the status now, not at the first event
@@ -333,11 +338,22 @@ class Stream:
                     self._waiter = None
             return self._result
         finally:
-            clock.stop()
-            self._clock = None  # the clock holds self._beat: no cycle for the GC to find
+            if self._clock is not None:
+                self._clock.stop()
+                self._clock = None  # the clock holds self._beat: no cycle for the GC to find
             if self._proto is not None:
                 self._proto.sink = None
                 self._proto.pushed.clear()
+
+    def _start_clock(self) -> _Clock:
+        loop = asyncio.get_running_loop()
+        t = self.timeouts
+        self._clock = _Clock(
+            loop, t.idle or math.inf, t.send or math.inf,
+            loop.time() + t.total if t.total else math.inf,
+            self.heartbeat if self.tracker is not None and self.heartbeat else math.inf,
+            self._beat)
+        return self._clock
 
     @staticmethod
     def _buffered(content: aiohttp.StreamReader) -> bytes:
@@ -403,8 +419,6 @@ class Stream:
     def _take(self, data: bytes) -> bytes:
         """What the reader held at takeover: bytes the client may have now (and the end)."""
         if data:
-            assert self._clock is not None
-            self._clock.last = self._clock.loop.time()
             data = self._feed(data)
         return data + self._end()
 
@@ -455,9 +469,9 @@ class Stream:
         for part in parts:
             size += len(part)
         if self._chunked:
-            framed = []
-            for part in parts:
-                framed += (b"%x\r\n" % len(part), part, b"\r\n")
+            # One chunk per write, however many pieces the read held: chunk framing is
+            # hop-by-hop, and every chunk costs the client a parse step.
+            framed = [b"%x\r\n" % size, *parts, b"\r\n"] if size else []
             if last:
                 framed.append(b"0\r\n\r\n")
         else:

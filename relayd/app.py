@@ -102,6 +102,7 @@ class Turns:
 
 SETUPS_PER_TURN = 8
 LINES_PER_TURN = 8  # access lines rendered and written per event-loop turn
+LINES_BACKLOG = 1024  # queued access lines beyond which they are all written at once
 
 
 class App:
@@ -306,11 +307,15 @@ class App:
 
     def _write_lines(self) -> None:
         lines = self._lines
-        logs.write_lines("access", [lines.popleft() for _ in range(min(len(lines), LINES_PER_TURN))])
-        if lines:
-            asyncio.get_running_loop().call_soon(self._write_lines)
-        else:
-            self._writing = False
+        # Past a backlog every line goes now: the queue must not outgrow the lines' pace.
+        n = len(lines) if len(lines) > LINES_BACKLOG else min(len(lines), LINES_PER_TURN)
+        try:
+            logs.write_lines("access", [lines.popleft() for _ in range(n)])
+        finally:  # a failed write (a full disk) loses its lines, never the ones after it
+            if lines:
+                asyncio.get_running_loop().call_soon(self._write_lines)
+            else:
+                self._writing = False
 
     def flush_access(self) -> None:
         """Every queued access line, now (at exit)."""

@@ -308,3 +308,55 @@ async def test_a_waiter_dropped_by_release_in_the_same_turn_is_no_error() -> Non
         assert pool.inflight == 0 and pool.waiting == 0
     finally:
         await pool.close()
+
+
+async def test_access_lines_survive_a_failed_write_and_a_backlog(monkeypatch) -> None:
+    """A write that fails (a full disk) loses its own lines, not the queue's future: the
+    lines after it are still written.  A backlog past ``LINES_BACKLOG`` goes in one turn."""
+    import io
+
+    from relayd import app as app_mod
+    from relayd import logs
+    from relayd.exchange import Exchange
+
+    class Disk(io.StringIO):
+        fail = 1
+
+        def write(self, text: str) -> int:
+            if self.fail:
+                self.fail -= 1
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+
+    disk = Disk()
+    monkeypatch.setattr(logs, "_out", disk)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        c = cfg.parse("access_log: true\nupstreams: {a: {url: \"http://127.0.0.1:1\", provider: openai}}\n"
+                      "routes: [{path: /a, upstream: a}]", "t.yaml", {})
+        a = App(c)
+
+        def queue(n: int, tag: str) -> None:
+            for i in range(n):
+                ex = Exchange(f"{tag}{i}", "GET", "/a", None)
+                ex.end = End.DONE
+                a._access(ex)
+
+        queue(3, "lost")       # the first turn's write fails: these three are gone
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert errors and isinstance(errors[0].get("exception"), OSError)
+        queue(2, "kept")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert [l for l in disk.getvalue().splitlines() if '"kept' in l] and "lost" not in disk.getvalue()
+        before = len(disk.getvalue().splitlines())
+        queue(app_mod.LINES_BACKLOG + 10, "burst")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(disk.getvalue().splitlines()) - before == app_mod.LINES_BACKLOG + 10
+        await a.registry.close()
+    finally:
+        loop.set_exception_handler(None)

@@ -333,7 +333,9 @@ class Stream:
                     woke = clock.woke()
                     if woke is None:
                         raise
-                    return woke
+                    # A deadline that fell in the turn the body ended (its final chunk may
+                    # be written already) does not make the ended stream a failed one.
+                    return self._result if self._result is not None else woke
                 finally:
                     self._waiter = None
             return self._result

@@ -24,6 +24,7 @@ class End(StrEnum):
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # no response headers in time
     POOL_TIMEOUT = "pool_timeout"              # no free upstream connection in time
     BODY_TIMEOUT = "body_timeout"              # the client did not send its body in time
+    BODY_INVALID = "body_invalid"              # the client's body broke its own framing
     UPSTREAM_RESET = "upstream_reset"          # the upstream connection broke mid-body
     UPSTREAM_EOF = "upstream_eof"              # clean close before the endpoint's natural end
     IDLE_TIMEOUT = "idle_timeout"              # upstream silent for too long mid-body

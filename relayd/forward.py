@@ -94,6 +94,7 @@ class RequestBody:
         self.complete = True   # every byte the client announced has arrived
         self._held = 0         # bytes of the budget this body holds
         self._head = b""
+        self.broken: str | None = None  # why the client's body broke its framing, if it did
 
     def ready(self) -> bool:
         """True when nothing is left to wait for: no body, or (no failover to buffer for)
@@ -125,7 +126,10 @@ class RequestBody:
             buf = bytearray()
             cap = self.limits.replay_body
             while True:
-                chunk = await content.readany()
+                try:
+                    chunk = await content.readany()
+                except web.RequestPayloadError as exc:
+                    raise _Failure(End.BODY_INVALID, 400, str(exc)) from None
                 if not chunk:
                     self.bytes_in = len(buf)
                     self.data = bytes(buf)
@@ -145,7 +149,11 @@ class RequestBody:
             yield self._head
         content = self.request.content
         while True:
-            chunk = await content.readany()
+            try:
+                chunk = await content.readany()
+            except web.RequestPayloadError as exc:
+                self.broken = str(exc)  # for the attempt to say "client", not "upstream"
+                raise
             if not chunk:
                 self.complete = True
                 return
@@ -221,7 +229,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             resp = await _send(target, request.method, url, headers, body, timeouts)
         except _Failure as f:
             target.pool.release()
-            if f.reason == End.BODY_TIMEOUT:
+            if f.reason in (End.BODY_TIMEOUT, End.BODY_INVALID):
                 raise  # the client's fault, not the upstream's: no breaker, no failover
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
@@ -239,7 +247,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f"status_{resp.status}",
                         cause=f"upstream answered {resp.status}")
             try:
-                kept_error = await _keep(resp, request_id)
+                kept_error = await _keep(resp, request_id, timeouts)
             finally:
                 target.pool.release()
             last_failure = None
@@ -289,11 +297,20 @@ def error_response(provider: providers.Provider, status: int, message: str, code
                         content_type="application/json", headers=provider.error_headers(request_id))
 
 
-async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response | None:
-    """A retryable error answer, kept to relay as is should every other upstream fail."""
+async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) -> web.Response | None:
+    """A retryable error answer, kept to relay as is should every other upstream fail.
+
+    Kept whole or not at all: a body cut short is a JSON document no SDK can parse, so
+    one that is larger than 1 MiB, broken, or slower than ``idle`` (``first_byte`` when
+    idle is off) gives way to relayd's own error."""
     try:
-        body = await resp.content.read(_KEEP_ERROR_BODY)
-        return web.Response(status=resp.status, reason=resp.reason, body=body,
+        async with asyncio.timeout(timeouts.idle or timeouts.first_byte or None):
+            body = bytearray()
+            while chunk := await resp.content.readany():
+                body += chunk
+                if len(body) > _KEEP_ERROR_BODY:
+                    return None
+        return web.Response(status=resp.status, reason=resp.reason, body=bytes(body),
                             headers=hdrs.for_client(resp.headers, request_id, drop_length=True))
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
@@ -305,6 +322,18 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str) -> web.Response |
 
 
 async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str],
+                body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
+    try:
+        return await _sent(target, method, url, headers, body, timeouts)
+    except Exception:
+        # A streamed body that broke its framing fails the upload, which the client
+        # library reports as a connection error: the client's fault, said as such.
+        if body.broken is not None:
+            raise _Failure(End.BODY_INVALID, 400, body.broken) from None
+        raise
+
+
+async def _sent(target: Target, method: str, url: URL, headers: CIMultiDict[str],
                 body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
     up = target.upstream
     ct = _client_timeout(timeouts.connect)

@@ -117,7 +117,7 @@ Reject = Callable[[web.BaseRequest, int, str, bytes], web.StreamResponse]
 class _Parser:
     """aiohttp's request parser, plus a head-size cap and recovery of pipelined requests."""
 
-    def __init__(self, conn: "Connection", make: Callable[[], Any], cap: int) -> None:
+    def __init__(self, conn: "Connection", make: Callable[..., Any], cap: int) -> None:
         self.conn, self._make, self._cap = conn, make, cap
         self._real = make()
         self._head = 0               # bytes of the current unfinished head
@@ -125,6 +125,11 @@ class _Parser:
         self._clean = True           # the parser holds no partial message
         self._body: Any = None       # the payload of a request whose body is still coming
         self._pending: HttpProcessingError | None = None
+        # A segment that began at a message boundary and that the parser holds part of
+        # (its queue of parsed requests was full), with how many of its requests were
+        # handed out: an error in the held part can still keep the requests before it.
+        self._segment: bytes | None = None
+        self._handed = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -134,24 +139,28 @@ class _Parser:
             exc, self._pending = self._pending, None
             raise exc
         if not data:
-            return self._real.feed_data(data)
+            return self._resumed()
         in_body = self._body is not None and not self._body.is_eof()
         at_start = not in_body and self._head == 0
+        clean = at_start and self._clean
         if at_start:
             end = data.find(b"\r\n", 0, 8192)
             self.first_line = bytes(data[:end if end >= 0 else 8192])
             self.conn.head_started()
+        self._segment = None
         try:
             result = self._real.feed_data(data)
         except HttpProcessingError as exc:
-            return self._recover(bytes(data), exc, at_start and self._clean)
+            if in_body and not self._body.is_eof():  # the request being handled waits
+                self._body.set_exception(
+                    web.RequestPayloadError(f"malformed request body: {_short(exc)}"))
+            return self._recover(bytes(data), exc, clean)
         messages = result[0]
         if messages:
-            self._head = 0
-            last = messages[-1][1]
-            self._body = None if last.is_eof() else last
-            self._clean = self._body is None and bytes(data[-4:]) == b"\r\n\r\n"
-            self.conn.head_done()
+            held = len(messages) >= _QUEUE  # the parser may have stopped short of the end
+            if held and clean:
+                self._segment, self._handed = bytes(data), len(messages)
+            self._parsed(messages, not held and bytes(data[-4:]) == b"\r\n\r\n")
         else:
             self._clean = False
             if not in_body:
@@ -160,13 +169,38 @@ class _Parser:
                     raise HeadTooLarge()
         return result
 
-    def _recover(self, data: bytes, exc: HttpProcessingError, clean: bool) -> Any:
+    def _resumed(self) -> Any:
+        """aiohttp resuming the parser (its request queue drained, or a body read down):
+        what it parses now is accounted like any read's requests."""
+        try:
+            result = self._real.feed_data(b"")
+        except HttpProcessingError as exc:
+            segment, self._segment = self._segment, None
+            if segment is None:
+                raise
+            return self._recover(segment, exc, True, skip=self._handed)
+        messages = result[0]
+        if messages:
+            self._handed += len(messages)
+            self._parsed(messages, False)
+        return result
+
+    def _parsed(self, messages: list[Any], clean: bool) -> None:
+        self._head = 0
+        last = messages[-1][1]
+        self._body = None if last.is_eof() else last
+        self._clean = clean and self._body is None
+        self.conn.head_done()
+
+    def _recover(self, data: bytes, exc: HttpProcessingError, clean: bool, skip: int = 0) -> Any:
         """Parse the failing segment again, head by head, to keep the requests before
-        the broken one.  Only from a message boundary: mid-message bytes read as a
-        fresh request could smuggle one in."""
+        the broken one (less the ``skip`` already handed out).  Only from a message
+        boundary: mid-message bytes read as a fresh request could smuggle one in."""
         if not clean:
             raise exc
-        fresh, got, start = self._make(), [], 0
+        # No queue cap while re-parsing (a capped parser pauses at 32 and would drop the
+        # rest); the connection answers these, then the error, and closes.
+        fresh, got, start = self._make(2**30), [], 0
         while start < len(data):
             end = data.find(b"\r\n\r\n", start)
             end = len(data) if end < 0 else end + 4
@@ -176,6 +210,7 @@ class _Parser:
                 break
             got.extend(msgs)
             start = end
+        got = got[skip:]
         if not got:
             raise exc
         self._real, self._pending = fresh, exc
@@ -198,10 +233,14 @@ class Connection(web.RequestHandler):
         self._messages = lean.SmallQueue()  # type: ignore[assignment]
         loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
         self._head_loop: asyncio.AbstractEventLoop = loop
-        self._parser = _Parser(self, lambda: HttpRequestParser(
+        # auto_decompress=False: a body goes upstream as the client sent it, with its
+        # Content-Encoding and Content-Length (decompressed under them, it could carry a
+        # second request to the upstream on relayd's connection).
+        self._parser = _Parser(self, lambda queue=_QUEUE: HttpRequestParser(
             self, loop, size, max_line_size=self.max_line_size,
             max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=web.RequestPayloadError, max_msg_queue_size=_QUEUE), max_head)
+            payload_exception=web.RequestPayloadError, auto_decompress=False,
+            max_msg_queue_size=queue), max_head)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager

@@ -386,3 +386,82 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
             s.close()
         proc.terminate()
         proc.wait(10)
+
+
+def _pipelined(port: int, first: bytes, second: bytes, pause: float = 0.5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(first)
+        time.sleep(pause)
+        s.sendall(second)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return data
+
+
+def test_a_body_parsed_after_a_full_request_queue_is_never_read_as_requests(shared) -> None:
+    """32 pipelined requests fill aiohttp's queue and pause its parser with a POST head
+    in it; the POST's body arrives later with garbage after it.  The body is the POST's:
+    it must never be re-parsed as requests of its own (here one to /SMUGGLED)."""
+    gets = b"".join(b"GET /openai/v1/echo?g=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(32))
+    smuggled = b"GET /openai/v1/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /openai/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+    n = len(shared.access())
+    got = responses(_pipelined(shared.port, gets + post, smuggled + b"\x01bad\r\n\r\n"))
+    assert [g[0] for g in got[:33]] == [200] * 33
+    assert json.loads(got[32][2])["length"] == len(smuggled)  # the POST got its body
+    lines = shared.wait_access(n + 33)[n:]
+    assert not any("SMUGGLED" in l["path"] for l in lines)
+
+
+def test_pipelined_bodies_are_not_counted_as_head_bytes(shared) -> None:
+    """Bodies parsed when aiohttp resumes its parser are bodies: two pipelined POSTs of
+    400 and 200 kB are both answered, and no 431 follows."""
+    big, small = b"x" * 400_000, b"y" * 200_000
+    payload = (b"POST /openai/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+               + b"POST /openai/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(small) + small
+               + b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    got = responses(exchange(shared.port, payload))
+    assert [g[0] for g in got] == [200, 200, 200]
+    assert [json.loads(g[2])["length"] for g in got] == [len(big), len(small), 0]
+
+
+def test_forty_pipelined_requests_then_garbage_all_forty_answered(shared) -> None:
+    """Requests before a malformed one in the same segment are answered, past the 32 the
+    parser queues at once."""
+    gets = b"".join(b"GET /openai/v1/echo?g=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(40))
+    got = responses(exchange(shared.port, gets + b"GET /openai/v1/echo HTTP/1.1\r\nBroken\r\n\r\n"))
+    assert [g[0] for g in got] == [200] * 40 + [400]
+
+
+@pytest.mark.parametrize("route", ["/openai", "/both"])
+async def test_a_malformed_chunked_body_is_a_json_400_at_once(fake, make_relayd, route) -> None:
+    """A chunk size that is not hex: llhttp stops, and the request waiting for its body
+    (streamed upstream, or buffered for failover) is answered 400 at once, in the route's
+    format, with no breaker failure (it used to wait out first_byte and answer 408)."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin,
+                                 extra_routes="  - {path: /both, upstream: [openai, generic]}\n"),
+                    args=["--workers", "1"])
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(b"POST %s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\n" % route.encode())
+        time.sleep(0.3)
+        s.sendall(b"zz\r\nbad\r\n0\r\n\r\n")
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert time.monotonic() - start < 3
+    (status, headers, body), = responses(data)
+    assert status == 400 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["message"].startswith("malformed request body")
+    line = r.wait_access(1)[-1]
+    assert line["status"] == 400 and line["end_reason"] == "body_invalid"
+    assert not [l for l in r.logs() if l.get("event") == "upstream attempt failed"]

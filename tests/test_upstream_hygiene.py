@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Awaitable, Callable
 
 import aiohttp
@@ -248,3 +249,80 @@ async def test_a_whole_chunked_body_larger_than_the_read_buffer_arrives_whole(ma
                 async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={"stream": True}) as r:
                     assert r.status == 200
                     assert await r.read() == want
+
+
+async def test_a_compressed_request_body_goes_upstream_as_sent(make_relayd):
+    """A gzip body is relayed compressed, under its own Content-Encoding and length.
+    Decompressed (as aiohttp's server does by default) under the client's headers, a
+    body could carry a second request to the upstream on relayd's keyed connection."""
+    import gzip
+    smuggled = b"GET /admin/secret HTTP/1.1\r\nHost: internal\r\n\r\n"
+    gz = gzip.compress(b"{" + b" " * 70 + smuggled, mtime=0)
+    seen: list[bytes] = []
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")).split(b":")[1])
+        body = await reader.readexactly(length)
+        seen.append(head + body)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        try:
+            seen.append(await asyncio.wait_for(reader.read(65536), 0.5))  # nothing more may come
+        except asyncio.TimeoutError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(conn, "127.0.0.1", 0)
+    try:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /u/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(gz) + gz)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.7)
+        sent = seen[0]
+        assert sent.endswith(b"\r\n\r\n" + gz)
+        assert b"content-encoding: gzip" in sent.lower() and b"content-length: %d" % len(gz) in sent.lower()
+        assert not any(b"/admin/secret" in s for s in seen)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("stall", [False, True])
+async def test_a_kept_error_answer_is_relayed_whole_or_not_at_all(make_relayd, stall):
+    """Failover keeps upstream a's 503 to relay if b fails too.  Its body comes in two
+    writes: the client gets all of it, not the first write's half.  A body that never
+    comes ends in relayd's own error after ``idle``, not a hang holding a's slot."""
+    err = b'{"error":{"message":"overloaded, please retry later","type":"server_error"}}'
+
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(err) + (b"" if stall else err[:20]))
+        await writer.drain()
+        await asyncio.sleep(5 if stall else 0.2)
+        writer.write(err if stall else err[20:])
+        await writer.drain()
+
+    dead = free_port()  # nothing listens: b fails at connect
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        extra = f'  b: {{url: "http://127.0.0.1:{dead}", provider: openai, api_key: "sk-b"}}'
+        cfg = config(port, admin, up.url, timeouts="connect: 1, first_byte: 2, idle: 1, total: 10").replace(
+            "\nroutes:\n  - {path: /u, upstream: u}", f"\n{extra}\nroutes:\n  - {{path: /u, upstream: [u, b]}}")
+        assert "upstream: [u, b]" in cfg
+        make_relayd(cfg)
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={}) as r:
+                body = await r.read()
+                status = r.status
+        took = time.monotonic() - start
+        if stall:
+            assert took < 4, took
+            assert status == 502 and b"overloaded" not in body  # relayd's own: b's connect error
+        else:
+            assert status == 503 and body == err

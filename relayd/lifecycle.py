@@ -208,6 +208,9 @@ class Daemon(Reloads):
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         new = await asyncio.get_running_loop().run_in_executor(
             None, load_for_reload, self.path, self.app.config, self.log)
+        if self.stopping.is_set():  # a stop came while the file was read: it wins
+            self.log.info("reload dropped: draining", config=self.path)
+            return False
         if new is None:
             self.app.metrics.reloads.labels("failed").inc()
             notify(f"READY=1\nSTATUS=reload failed; {self.app.status_line()}")
@@ -229,7 +232,10 @@ class Daemon(Reloads):
         if generation is not None:
             self.app.generation = generation - 1
         try:
-            self.server.tls.reload(new, self.path)  # checked already: this only swaps the pair
+            # (A worker restarted after a reload applies it before it listens: its server,
+            # made at start, reads the new config's certificate then.)
+            if self.server is not None:
+                self.server.tls.reload(new, self.path)  # checked already: this only swaps the pair
         except ConfigError as exc:
             self.log.error("listener certificate not reloaded", errors=[str(p) for p in exc.problems])
         self.app.install(new)

@@ -193,6 +193,10 @@ class Supervisor(lifecycle.Reloads):
             if msg[0] == "ready":
                 slot.ready, slot.generation = True, msg[1]
                 self.log.info("worker serving", worker=slot.wid, pid=slot.pid, generation=msg[1])
+                if msg[1] < self.generation:
+                    # Forked before a reload whose order it could not get yet (the
+                    # channel opens after the fork): it gets the config now.
+                    chan.send("config", self.generation, self.config)
             elif msg[0] == "swapped":
                 slot.generation = msg[1]
             elif msg[0] == "snapped":

@@ -155,6 +155,32 @@ async def test_killed_worker_is_restarted_while_the_other_serves(fake, make_rela
         assert await get(port, "/local/echo") == 200
 
 
+async def test_a_worker_killed_after_a_reload_comes_back_on_the_reloaded_config(fake, make_relayd):
+    """A restarted worker applies the current generation before it listens (it crashed
+    on that, restart after restart, once any reload had happened)."""
+    port, admin = free_port(), free_port()
+    config_a = basic_config(fake.url, port, admin, top=TWO)
+    r = make_relayd(config_a)
+    r.config.write_text(config_a + "  - {path: /extra, upstream: generic}\n")
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+    victim, other = ready_line(r)["worker_pids"]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1 and victim not in children(r.proc.pid))
+    new = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("event") == "worker serving" and l.get("pid") == new
+                                for l in r.logs()))
+    assert not [l for l in r.logs() if l.get("event") == "worker could not start; retrying"
+                or (l.get("event") == "worker exited unexpectedly; restarting" and l.get("pid") != victim)]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+            assert resp.status == 200 and (await resp.json())["workers_serving"] == 2
+    for _ in range(20):  # both workers, the new one included, have the reloaded route
+        assert await get(port, "/extra/echo") == 200
+    m = await get_metrics(admin)
+    assert metric(m, "relayd_config_generation") == 2
+
+
 async def close_all(conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]) -> None:
     for _, w in conns:
         w.close()

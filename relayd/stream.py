@@ -95,7 +95,7 @@ class _Clock:
     """
 
     __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
-                 "reading", "reason", "handle", "on_beat")
+                 "reading", "reason", "handle", "at", "on_beat")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
                  total_deadline: float, beat: float, on_beat: Callable[[], None]) -> None:
@@ -106,7 +106,9 @@ class _Clock:
         self.last = self.last_beat = loop.time()  # last progress: bytes arrived, or a drain ended
         self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
         self.reason: End | None = None
-        self.handle: asyncio.TimerHandle | None = None
+        self.handle: asyncio.Handle | None = None
+        self.at = math.inf  # when the handle fires (uvloop's handle for a time within 0.5 ms
+        #                     of now is a plain Handle, without when())
         # At the start every deadline lies ahead: the earliest of all is never late for
         # either state, and the first change of state needs no re-arm.
         self._arm(min(self.last + self.idle, self.last + self.send, self.last + self.beat,
@@ -120,6 +122,7 @@ class _Clock:
         return min(since + self.send, self.total_deadline)
 
     def _arm(self, when: float) -> None:
+        self.at = when
         self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
 
     def _state(self, reading: bool) -> None:
@@ -127,10 +130,9 @@ class _Clock:
             return
         self.reading = reading
         when = self._next()
-        handle = self.handle
-        if handle is None or handle.when() > when:
-            if handle is not None:
-                handle.cancel()
+        if self.at > when:
+            if self.handle is not None:
+                self.handle.cancel()
             self._arm(when)
 
     def wait_for_client(self) -> None:
@@ -153,7 +155,7 @@ class _Clock:
             self.last_beat = now  # a beat the stream cannot send now is tried a period later
             self.on_beat()
         if reason is not None:
-            self.handle = None
+            self.handle, self.at = None, math.inf
             self.reason = reason
             if self.task is not None:
                 self.task.cancel()

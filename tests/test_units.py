@@ -360,3 +360,25 @@ async def test_access_lines_survive_a_failed_write_and_a_backlog(monkeypatch) ->
         await a.registry.close()
     finally:
         loop.set_exception_handler(None)
+
+
+def test_stream_clock_with_a_deadline_within_half_a_millisecond_under_uvloop() -> None:
+    """uvloop answers call_at for a time within 0.5 ms of now with a plain Handle, which
+    has no when(): a sub-millisecond heartbeat or idle deadline crashed every stream."""
+    import uvloop
+
+    async def run() -> End | None:
+        loop = asyncio.get_running_loop()
+        clock = stream._Clock(loop, 0.0004, 0.0004, math.inf, 0.0004, lambda: None)
+        clock.wait_for_upstream()
+        clock.wait_for_client()
+        clock.wait_for_upstream()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            return clock.woke()
+        finally:
+            clock.stop()
+        return None
+
+    assert uvloop.run(run()) is End.IDLE_TIMEOUT

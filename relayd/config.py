@@ -22,6 +22,7 @@ import yaml
 from yarl import URL
 
 from . import providers
+from .headers import HOP_BY_HOP
 from . import yamlconf as Y
 from .yamlconf import key as setting
 from .yamlconf import (REQUIRED, ConfigError, Items, Listen, Problem, Walker, parse_duration,
@@ -64,12 +65,22 @@ class Breaker:
     cooldown: float = setting(30.0, Y.duration, "how long it stays open")
 
 
+_FRAMING = HOP_BY_HOP | {"content-length", "host", "expect"}
+
+
 def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     read = Y.string(nullable=True, secret=True)
     for name, (k, v) in (w.mapping(node, path, None) or {}).items():
         if not _HEADER_NAME.match(name):
             w.error(k, Y.join(path, name), "not a valid HTTP header name")
+            continue
+        if name.lower() in _FRAMING:
+            # These say how the request is framed and where it goes: one set here would
+            # be wrong for every body but the one it fits, and the upstream would read the
+            # rest of a body as a request of its own.
+            w.error(k, Y.join(path, name), "relayd sets this header itself (framing, hop-by-hop "
+                                           "or Host); it cannot be configured")
             continue
         value = read(w, v, Y.join(path, name), None)
         if value:  # a header that interpolates to empty is simply not set

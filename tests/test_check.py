@@ -86,6 +86,18 @@ CASES = {
     "binary value": ("shutdown_grace: !!binary '%%'\n" + GOOD, 1, "shutdown_grace", "expected a duration"),
     "duplicate key": (GOOD.replace("    provider: openai\n", "    provider: openai\n    provider: anthropic\n"),
                       6, "upstreams.openai.provider", "duplicate key"),
+    "framing header": (GOOD.replace("    provider: openai\n", "    provider: openai\n    headers: {Content-Length: '0'}\n"),
+                       6, "upstreams.openai.headers.Content-Length", "relayd sets this header itself"),
+    "hop-by-hop header": (GOOD.replace("    provider: openai\n", "    provider: openai\n    headers: {transfer-encoding: chunked}\n"),
+                          6, "upstreams.openai.headers.transfer-encoding", "cannot be configured"),
+    "unterminated variable": (GOOD.replace("${OPENAI_API_KEY:-}", "${OPENAI_API_KEY"), 6, "",
+                              "malformed variable reference"),
+    "variable, wrong default syntax": (GOOD.replace("${OPENAI_API_KEY:-}", "${OPENAI_API_KEY:x}"), 6, "",
+                                       "malformed variable reference"),
+    "nested variable default": (GOOD.replace("${OPENAI_API_KEY:-}", "${NOPE:-${OPENAI_API_KEY}}"), 6, "",
+                                "cannot hold another variable"),
+    "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
+                              "character #x0007 is not allowed"),
 }
 
 
@@ -288,3 +300,22 @@ def test_parse_never_raises_anything_but_config_error(text):
         assert exc.problems
         for p in exc.problems:
             assert str(p).startswith("fuzz.yaml:")
+
+
+@pytest.mark.parametrize("value", ["!!binary c2stbGl2ZS1CSU5BUllTRUNSRVQ=", "!!map {sk-live-BINARYSECRET: 1}"])
+def test_a_mistyped_key_is_not_printed(tmp_path, value):
+    """A key given the wrong YAML type is reported without its value (it was printed
+    decoded: "got b'sk-live-BINARYSECRET'")."""
+    code, out, err = run_check(tmp_path, GOOD.replace("${OPENAI_API_KEY:-}", value))
+    assert code == 1 and "upstreams.openai.api_key: expected a" in err
+    assert "BINARYSECRET" not in out + err
+
+
+def test_a_secret_variable_is_hidden_in_every_message(tmp_path):
+    """A variable used in a secret field is never printed, also where another field's
+    message quotes a part of its value (a bracketed listen address)."""
+    text = GOOD.replace("127.0.0.1:8080", "'[${RELAYD_TEST_SECRET}]:80'").replace(
+        "${OPENAI_API_KEY:-}", "${RELAYD_TEST_SECRET}")
+    code, out, err = run_check(tmp_path, text, env={"RELAYD_TEST_SECRET": "sk-live-SECRET123"})
+    assert code == 1 and "listen:" in err
+    assert "SECRET123" not in out + err

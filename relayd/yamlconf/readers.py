@@ -116,7 +116,7 @@ def string(nullable: bool = False, secret: bool = False, empty_is_none: bool = F
            check: Callable[[str], Any] | None = None) -> Reader:
     """A string as written. secret: never printed, no control characters."""
     def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
-        ok, v = w.text(node, path, nullable or empty_is_none)
+        ok, v = w.text(node, path, nullable or empty_is_none, secret)
         if secret and ok:
             w.mark_secret(node, v)
             if (bad := controls(v or "")) is not None:

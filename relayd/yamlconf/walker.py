@@ -123,11 +123,26 @@ class Walker:
     def run(self, text: str, walk: Callable[[Walker, yaml.Node], Any]) -> Any:
         """Compose text, walk its root; raise ConfigError with every problem."""
         def hide(m: re.Match[str]) -> str:
+            if m.group(2) and "${" in m.group(2):
+                self.problems.append(Problem(self.file, text.count("\n", 0, m.start()) + 1, "",
+                                             "a variable's default cannot hold another variable"))
             self.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
             return f"__yamlconf_var_{len(self.vars) - 1}__"
+        text = _VAR.sub(hide, text)
+        for m in re.finditer(r"\$\{[^\s'\"]{0,40}", text):  # what _VAR did not take is malformed
+            self.problems.append(Problem(
+                self.file, text.count("\n", 0, m.start()) + 1, "",
+                f"malformed variable reference {m.group(0)!r}: write ${{NAME}} or ${{NAME:-default}}"
+                f" ($$ for a literal $)"))
         try:
-            docs = [d for d in yaml.compose_all(_VAR.sub(hide, text),
-                                                Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
+            docs = [d for d in yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+                    if d]
+        except yaml.reader.ReaderError as exc:  # not a MarkedYAMLError: its place is a position
+            line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else 1
+            char = exc.character
+            what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+            raise ConfigError([Problem(self.file, line, "",
+                                       f"YAML error: character {what} is not allowed in YAML ({exc.reason})")]) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             why = " ".join(x for x in (exc.context, exc.problem) if x)
@@ -190,7 +205,16 @@ class Walker:
             text, names = self._held[int(m.group(1))]
             hidden = sorted(names & self.secret_vars)
             return f"(value from ${{{hidden[0]}}} hidden)" if hidden else text
-        out = [dataclasses.replace(p, why=_HELD.sub(fill, p.why)) for p in self.problems]
+        secrets = sorted((v for v in self.secrets | {self.env[n] for n in self.secret_vars
+                                                     if self.env.get(n)} if len(v) >= 4),
+                         key=len, reverse=True)
+
+        def scrub(text: str) -> str:  # a secret quoted in any other field's message too
+            for secret in secrets:
+                text = text.replace(secret, "(secret hidden)")
+            return text
+        out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(_HELD.sub(fill, p.why)))
+               for p in self.problems]
         return sorted(out, key=lambda p: p.line)
 
     # -- scalars
@@ -214,7 +238,8 @@ class Walker:
             self.error(node, path, f"cannot read value: {problem}")
             return False, None
 
-    def text(self, node: yaml.Node, path: str, nullable: bool = False) -> tuple[bool, str | None]:
+    def text(self, node: yaml.Node, path: str, nullable: bool = False,
+             secret: bool = False) -> tuple[bool, str | None]:
         """A string exactly as written: ``012345``, ``0x1F``, ``1:20`` and ``yes`` stay text.
 
         An explicit tag (``!!int 5``) is still constructed, so bad tags get caught; a plain
@@ -226,7 +251,8 @@ class Walker:
         if not (node.style or node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))):
             ok, v = self.scalar(node, path)
             if ok and not isinstance(v, str):
-                self.error(node, path, f"expected a string, got {self.hold(node, v)}")
+                got = f"a {type(v).__name__} (value not shown)" if secret else self.hold(node, v)
+                self.error(node, path, f"expected a string, got {got}")
             return ok and isinstance(v, str), v if isinstance(v, str) else None
         if is_null(node):
             if not nullable:

@@ -205,7 +205,10 @@ class Stream:
                                       headers=for_client(resp.headers, request_id, sse))
         self.committed = False
         # A compressed SSE body cannot be split into events: it is piped, never added to.
-        self.tracker = BoundaryTracker() if sse and identity else None
+        # Nor is an answer without a body (HEAD, 204, 304): an error event after it would
+        # be read as the next response on the client's connection.
+        bodiless = request.method == "HEAD" or resp.status in (204, 304)
+        self.tracker = BoundaryTracker() if sse and identity and not bodiless else None
         self._ends = self.endpoint.ends if self.tracker is not None else None
         self.meter = UsageMeter()
         self.bytes_out = 0

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL, set_exception
+from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -103,9 +105,27 @@ class _Guarded(ResponseHandler):
             return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        payload = self._payload
         super().connection_lost(exc)
+        self._fail_body(payload, exc)
         if self.sink is not None:
             self.sink()
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        super().set_exception(exc, exc_cause)
+        self._fail_body(self._payload, exc)
+
+    @staticmethod
+    def _fail_body(payload: Any, why: BaseException | None) -> None:
+        """A body the parser gave up on (a bad chunk size, a bad trailer) is a failed one.
+
+        aiohttp's parser drops the body it was reading when it raises, and tells only the
+        connection: the body's reader would wait, unended, until a deadline blamed the
+        upstream's silence (the connection was already closed)."""
+        if payload is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof() \
+                and payload.exception() is None:
+            set_exception(payload, aiohttp.ClientPayloadError(
+                f"Response payload is not completed: {why!r}"))
 
     def feed_data(self, data: Any, size: int = 0) -> None:
         message, payload = data

@@ -326,3 +326,58 @@ async def test_a_kept_error_answer_is_relayed_whole_or_not_at_all(make_relayd, s
             assert status == 502 and b"overloaded" not in body  # relayd's own: b's connect error
         else:
             assert status == 503 and body == err
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+EV1 = b'data: {"id":"1","choices":[{"delta":{"content":"hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"0\r\nBad Trailer\r\n\r\n"])
+async def test_a_body_the_parser_gives_up_on_fails_the_stream_at_once(make_relayd, bad):
+    """A bad chunk size (or a bad trailer) mid-stream: aiohttp's parser drops the body and
+    tells only the connection; the stream must end at once with one upstream_reset event,
+    not wait for idle and blame the upstream's silence."""
+    async def handler(reader, writer, n):
+        writer.write(SSE_HEAD + b"%x\r\n%b\r\n" % (len(EV1), EV1))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(bad)
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url, timeouts="connect: 2, first_byte: 3, idle: 5, total: 30"),
+                        args=["--workers", "1"])
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={"stream": True}) as resp:
+                body = await resp.read()
+        assert time.monotonic() - start < 2
+        assert body.startswith(EV1) and body.count(b"\n\n") == 2
+        assert json.loads(body[len(EV1):].split(b"data: ", 1)[1])["error"]["code"] == "upstream_reset"
+        assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"
+
+
+@pytest.mark.parametrize("method,head", [
+    ("POST", b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Type: text/event-stream\r\n\r\n"),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"),
+])
+async def test_an_sse_answer_without_a_body_gets_no_error_event(make_relayd, method, head):
+    """HEAD, 204 and 304 have no body: no end marker is missing, and bytes after the head
+    would be read as the next response on the client's keep-alive connection."""
+    async def handler(reader, writer, n):
+        writer.write(head if n == 1 else ok(b'{"n":2}'))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            async with s.request(method, f"http://127.0.0.1:{port}/u/v1/chat/completions") as resp:
+                assert await resp.read() == b""
+            async with s.get(f"http://127.0.0.1:{port}/u/v1/x") as resp:  # same connection
+                assert resp.status == 200 and await resp.read() == b'{"n":2}'
+        line = r.wait_access(2)[0]
+        assert line["end_reason"] == "done" and line["injected_error"] is None

@@ -144,6 +144,9 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
         w.error(node, path, f"route path must start with '/', got {w.hold(node, prefix)}")
     elif "?" in prefix or "#" in prefix or " " in prefix:
         w.error(node, path, "route path must not contain '?', '#' or spaces")
+    elif any(seg in (".", "..") for seg in prefix.split("/")):
+        # Requests are matched after their dot segments are resolved: no path reaches it.
+        w.error(node, path, "route path must not contain '.' or '..' segments")
     prefix = prefix.rstrip("/") or "/"
     seen: dict[str, int] = w.ctx.setdefault("route_lines", {})
     if prefix in seen:

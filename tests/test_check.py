@@ -96,6 +96,8 @@ CASES = {
                                        "malformed variable reference"),
     "nested variable default": (GOOD.replace("${OPENAI_API_KEY:-}", "${NOPE:-${OPENAI_API_KEY}}"), 6, "",
                                 "cannot hold another variable"),
+    "route path with dot segments": (GOOD.replace("path: /openai", "path: /a/../openai"), 8, "routes[0].path",
+                                     "must not contain '.' or '..' segments"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
                               "character #x0007 is not allowed"),
 }
@@ -319,3 +321,12 @@ def test_a_secret_variable_is_hidden_in_every_message(tmp_path):
     code, out, err = run_check(tmp_path, text, env={"RELAYD_TEST_SECRET": "sk-live-SECRET123"})
     assert code == 1 and "listen:" in err
     assert "SECRET123" not in out + err
+
+
+def test_allow_entries_in_ipv4_mapped_form_mean_their_ipv4_network():
+    """Peers are matched as IPv4 (a dual-stack socket's ::ffff:a.b.c.d is a.b.c.d): an
+    entry written in the mapped form never matched, and refused its own address."""
+    import ipaddress
+    c = cfg.parse("allow: ['::ffff:127.0.0.1/128', '::ffff:10.0.0.0/104', '::1']\n" + GOOD, "t.yaml", {})
+    assert c.allow == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
+                       ipaddress.ip_network("::1/128"))

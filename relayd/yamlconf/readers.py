@@ -219,7 +219,13 @@ def network(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
     if not ok or text is None:
         return None
     try:
-        return ipaddress.ip_network(text.strip())
+        net = ipaddress.ip_network(text.strip())
+        mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+        if mapped is not None and net.prefixlen >= 96:
+            # Peers are matched as IPv4 (a dual-stack socket's ::ffff:a.b.c.d is a.b.c.d),
+            # so an entry written in the mapped form means its IPv4 network.
+            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+        return net
     except ValueError:
         try:
             fixed = ipaddress.ip_network(text.strip(), strict=False)

@@ -75,9 +75,15 @@ def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return out
 
 
-def exchange(port: int, payload: bytes, timeout: float = 5) -> bytes:
+def exchange(port: int, payload: bytes, timeout: float = 5, then: bytes = b"",
+             pause: float = 0.5) -> bytes:
+    """Send `payload` (and `then`, in a segment of its own, `pause` seconds later); read
+    until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout) as s:
         s.sendall(payload)
+        if then:
+            time.sleep(pause)
+            s.sendall(then)
         data = b""
         try:
             while chunk := s.recv(65536):
@@ -388,20 +394,6 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
         proc.wait(10)
 
 
-def _pipelined(port: int, first: bytes, second: bytes, pause: float = 0.5) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.sendall(first)
-        time.sleep(pause)
-        s.sendall(second)
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except (ConnectionResetError, socket.timeout):
-            pass
-    return data
-
-
 def test_a_body_parsed_after_a_full_request_queue_is_never_read_as_requests(shared) -> None:
     """32 pipelined requests fill aiohttp's queue and pause its parser with a POST head
     in it; the POST's body arrives later with garbage after it.  The body is the POST's:
@@ -410,7 +402,7 @@ def test_a_body_parsed_after_a_full_request_queue_is_never_read_as_requests(shar
     smuggled = b"GET /openai/v1/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n"
     post = b"POST /openai/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
     n = len(shared.access())
-    got = responses(_pipelined(shared.port, gets + post, smuggled + b"\x01bad\r\n\r\n"))
+    got = responses(exchange(shared.port, gets + post, then=smuggled + b"\x01bad\r\n\r\n"))
     assert [g[0] for g in got[:33]] == [200] * 33
     assert json.loads(got[32][2])["length"] == len(smuggled)  # the POST got its body
     lines = shared.wait_access(n + 33)[n:]
@@ -447,17 +439,8 @@ async def test_a_malformed_chunked_body_is_a_json_400_at_once(fake, make_relayd,
                                  extra_routes="  - {path: /both, upstream: [openai, generic]}\n"),
                     args=["--workers", "1"])
     start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.sendall(b"POST %s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  b"5\r\nhello\r\n" % route.encode())
-        time.sleep(0.3)
-        s.sendall(b"zz\r\nbad\r\n0\r\n\r\n")
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except (ConnectionResetError, socket.timeout):
-            pass
+    data = exchange(port, b"POST %s/v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                          b"\r\n\r\n5\r\nhello\r\n" % route.encode(), then=b"zz\r\nbad\r\n0\r\n\r\n", pause=0.3)
     assert time.monotonic() - start < 3
     (status, headers, body), = responses(data)
     assert status == 400 and headers["connection"] == "close"

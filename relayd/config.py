@@ -65,7 +65,7 @@ class Breaker:
     cooldown: float = setting(30.0, Y.duration, "how long it stays open")
 
 
-_FRAMING = HOP_BY_HOP | {"content-length", "host", "expect"}
+_FRAMING = HOP_BY_HOP | {"content-length", "expect"}
 
 
 def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple[str, str], ...]:
@@ -79,8 +79,8 @@ def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple
             # These say how the request is framed and where it goes: one set here would
             # be wrong for every body but the one it fits, and the upstream would read the
             # rest of a body as a request of its own.
-            w.error(k, Y.join(path, name), "relayd sets this header itself (framing, hop-by-hop "
-                                           "or Host); it cannot be configured")
+            w.error(k, Y.join(path, name), "relayd sets this header itself (framing or "
+                                           "hop-by-hop); it cannot be configured")
             continue
         value = read(w, v, Y.join(path, name), None)
         if value:  # a header that interpolates to empty is simply not set

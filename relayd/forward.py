@@ -247,7 +247,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f"status_{resp.status}",
                         cause=f"upstream answered {resp.status}")
             try:
-                kept_error = await _keep(resp, request_id, timeouts)
+                kept_error = await _keep(resp, request_id, timeouts) or kept_error
             finally:
                 target.pool.release()
             last_failure = None

@@ -151,13 +151,14 @@ class _Parser:
         try:
             result = self._real.feed_data(data)
         except HttpProcessingError as exc:
-            if in_body and not self._body.is_eof():  # the request being handled waits
-                self._body.set_exception(
-                    web.RequestPayloadError(f"malformed request body: {_short(exc)}"))
+            if in_body:
+                self._fail_body(self._body, exc)
             return self._recover(bytes(data), exc, clean)
         messages = result[0]
         if messages:
-            held = len(messages) >= _QUEUE  # the parser may have stopped short of the end
+            # The parser pauses when the requests queued and not yet handled reach its cap:
+            # it may have stopped short of the end of this read.
+            held = len(self.conn._messages) + len(messages) >= _QUEUE
             if held and clean:
                 self._segment, self._handed = bytes(data), len(messages)
             self._parsed(messages, not held and bytes(data[-4:]) == b"\r\n\r\n")
@@ -175,6 +176,7 @@ class _Parser:
         try:
             result = self._real.feed_data(b"")
         except HttpProcessingError as exc:
+            self._fail_body(self._body, exc)
             segment, self._segment = self._segment, None
             if segment is None:
                 raise
@@ -184,6 +186,13 @@ class _Parser:
             self._handed += len(messages)
             self._parsed(messages, False)
         return result
+
+    @staticmethod
+    def _fail_body(body: Any, exc: HttpProcessingError) -> None:
+        """A request body the error broke: the request handling it (or about to) is told,
+        or it would wait for the rest until ``first_byte``."""
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(web.RequestPayloadError(f"malformed request body: {_short(exc)}"))
 
     def _parsed(self, messages: list[Any], clean: bool) -> None:
         self._head = 0
@@ -213,6 +222,7 @@ class _Parser:
         got = got[skip:]
         if not got:
             raise exc
+        self._fail_body(got[-1][1], exc)  # a body the error cut off is a malformed one
         self._real, self._pending = fresh, exc
         self.conn.head_done()
         self.conn.reparse_soon()

@@ -122,6 +122,10 @@ class _Clock:
         return min(since + self.send, self.total_deadline)
 
     def _arm(self, when: float) -> None:
+        # uvloop's clock ticks in whole milliseconds and runs a call_at less than 0.5 ms
+        # ahead at once: a deadline closer than a tick would fire, find itself not due,
+        # and re-arm, every loop turn until the tick.  A tick later it is due.
+        when = max(when, self.loop.time() + 0.001)
         self.at = when
         self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.helpers import _EXC_SENTINEL, set_exception
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict
 from yarl import URL
@@ -113,7 +114,8 @@ class _Guarded(ResponseHandler):
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
         super().set_exception(exc, exc_cause)
-        self._fail_body(self._payload, exc)
+        if isinstance(exc, HttpProcessingError):  # the parser gave up (not a failed upload)
+            self._fail_body(self._payload, exc)
 
     @staticmethod
     def _fail_body(payload: Any, why: BaseException | None) -> None:

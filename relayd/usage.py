@@ -101,16 +101,16 @@ def _output(u: dict[str, object]) -> int | None:
     return None
 
 
-_KEY = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+_KEY = re.compile(r'"(?:usage|usageMetadata)"\s*:\s*\{')
 
 
 def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:
-    """The usage objects in ``buf``; only the bytes from each key on are decoded."""
+    """The usage objects in ``buf`` (decoded once: Gemini names usage in every event)."""
+    text = buf.decode("utf-8", "replace")
     out: list[dict[str, object]] = []
-    for m in _KEY.finditer(buf):
-        text = buf[m.end() - 1:].decode("utf-8", "replace")  # from "{": a character boundary
+    for m in _KEY.finditer(text):
         try:
-            obj, _ = _DECODER.raw_decode(text)
+            obj, _ = _DECODER.raw_decode(text, m.end() - 1)
         except ValueError:
             continue
         if isinstance(obj, dict):

@@ -136,8 +136,9 @@ async def _obey(chan: Channel, daemon: Any) -> None:
             daemon.stopping.set()
             return
         if msg[0] == "config":
-            daemon.apply(msg[2], msg[1])
-            daemon.log.info("config swapped", generation=msg[1])
+            if msg[1] > daemon.app.generation:  # (sent twice to a worker that was starting)
+                daemon.apply(msg[2], msg[1])
+                daemon.log.info("config swapped", generation=msg[1])
             chan.send("swapped", msg[1])
         elif msg[0] == "snap":
             app = daemon.app

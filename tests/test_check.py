@@ -95,7 +95,7 @@ CASES = {
     "variable, wrong default syntax": (GOOD.replace("${OPENAI_API_KEY:-}", "${OPENAI_API_KEY:x}"), 6, "",
                                        "malformed variable reference"),
     "nested variable default": (GOOD.replace("${OPENAI_API_KEY:-}", "${NOPE:-${OPENAI_API_KEY}}"), 6, "",
-                                "cannot hold another variable"),
+                                "no variable inside a default"),
     "route path with dot segments": (GOOD.replace("path: /openai", "path: /a/../openai"), 8, "routes[0].path",
                                      "must not contain '.' or '..' segments"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
@@ -330,3 +330,21 @@ def test_allow_entries_in_ipv4_mapped_form_mean_their_ipv4_network():
     c = cfg.parse("allow: ['::ffff:127.0.0.1/128', '::ffff:10.0.0.0/104', '::1']\n" + GOOD, "t.yaml", {})
     assert c.allow == (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
                        ipaddress.ip_network("::1/128"))
+
+
+def test_a_configured_host_header_and_variables_in_comments_are_fine(tmp_path):
+    """Host set per upstream (a virtual host reached by address) is not framing; a `${`
+    in a comment is not a value."""
+    text = GOOD.replace("    provider: openai\n", "    provider: openai\n    headers: {Host: api.internal.example}\n"
+                        ) + "# set api_key: ${ OPENAI_API_KEY } or ${OPENAI_API_KEY:?missing}\n"
+    code, out, err = run_check(tmp_path, text)
+    assert code == 0, err
+
+
+def test_a_header_value_is_not_hidden_in_other_messages(tmp_path):
+    """Header values are secret fields, but only a secret variable's value is hidden in
+    other fields' messages: an upstream named like a header value keeps its name."""
+    text = GOOD.replace("    provider: openai\n", "    provider: openai\n    headers: {X-Team: openai}\n").replace(
+        "url: https://api.openai.com", "url: ftp://x")
+    code, _, err = run_check(tmp_path, text)
+    assert code == 1 and "upstreams.openai.url:" in err

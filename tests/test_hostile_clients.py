@@ -429,6 +429,35 @@ def test_forty_pipelined_requests_then_garbage_all_forty_answered(shared) -> Non
     assert [g[0] for g in got] == [200] * 40 + [400]
 
 
+def test_requests_before_garbage_are_answered_when_the_queue_was_already_partly_full(shared, fake) -> None:
+    """A slow request and 19 queued ones, then 20 more and a broken one in a later segment:
+    the parser pauses after 12 of the 20 (the queue is full), and the error behind the
+    pause must still leave the 20 answered."""
+    fake.add("slow-head", Scenario(body=b'{"a":1}', content_type="application/json", header_delay=1.0))
+    slow = b"GET /openai/v1/x HTTP/1.1\r\nHost: x\r\nx-fake: slow-head\r\n\r\n"
+    first = b"".join(b"GET /openai/v1/echo?g=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(19))
+    second = b"".join(b"GET /openai/v1/echo?h=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(20))
+    n = len(shared.access())
+    exchange(shared.port, slow + first, then=second + b"GET /openai/v1/echo HTTP/1.1\r\nBroken\r\n\r\n",
+             pause=0.3)
+    lines = shared.wait_access(n + 41)[n:]
+    assert sorted(l["status"] for l in lines) == [200] * 40 + [400]
+
+
+@pytest.mark.parametrize("size", [5, 20_000, 150_000])
+def test_a_malformed_chunk_in_the_same_write_as_the_head_is_a_400(shared, size) -> None:
+    """Head, a chunk and a bad chunk size in one write (the usual single send): the bad
+    size is found while the head is parsed, or when aiohttp resumes its parser past its
+    buffer; either way the request gets its 400 at once, not a 408 after first_byte."""
+    big = b"x" * size
+    start = time.monotonic()
+    got = responses(exchange(shared.port, b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\nzz\r\nbad\r\n0\r\n\r\n"
+                             % (len(big), big)))
+    assert time.monotonic() - start < 3
+    assert got[0][0] == 400 and json.loads(got[0][2])["error"]["message"].startswith("malformed request body")
+
+
 @pytest.mark.parametrize("route", ["/openai", "/both"])
 async def test_a_malformed_chunked_body_is_a_json_400_at_once(fake, make_relayd, route) -> None:
     """A chunk size that is not hex: llhttp stops, and the request waiting for its body

@@ -123,17 +123,9 @@ class Walker:
     def run(self, text: str, walk: Callable[[Walker, yaml.Node], Any]) -> Any:
         """Compose text, walk its root; raise ConfigError with every problem."""
         def hide(m: re.Match[str]) -> str:
-            if m.group(2) and "${" in m.group(2):
-                self.problems.append(Problem(self.file, text.count("\n", 0, m.start()) + 1, "",
-                                             "a variable's default cannot hold another variable"))
             self.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
             return f"__yamlconf_var_{len(self.vars) - 1}__"
         text = _VAR.sub(hide, text)
-        for m in re.finditer(r"\$\{[^\s'\"]{0,40}", text):  # what _VAR did not take is malformed
-            self.problems.append(Problem(
-                self.file, text.count("\n", 0, m.start()) + 1, "",
-                f"malformed variable reference {m.group(0)!r}: write ${{NAME}} or ${{NAME:-default}}"
-                f" ($$ for a literal $)"))
         try:
             docs = [d for d in yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
                     if d]
@@ -177,6 +169,12 @@ class Walker:
                 return default or ""
             return value
 
+        if "${" in node.value or any("${" in (self.vars[int(i)][1] or "")
+                                     for i in _PLACEHOLDER.findall(node.value)):
+            # What _VAR did not take (a comment is not a value: only values are checked).
+            self.error(node, path, "malformed variable reference: write ${NAME} or "
+                                   "${NAME:-default} (no variable inside a default; $$ for a literal $)")
+            return None
         out = _PLACEHOLDER.sub(sub, node.value)
         for name in missing:
             self.error(node, path, f"environment variable {name} is not set "
@@ -205,11 +203,13 @@ class Walker:
             text, names = self._held[int(m.group(1))]
             hidden = sorted(names & self.secret_vars)
             return f"(value from ${{{hidden[0]}}} hidden)" if hidden else text
-        secrets = sorted((v for v in self.secrets | {self.env[n] for n in self.secret_vars
-                                                     if self.env.get(n)} if len(v) >= 4),
+        # A secret variable's value, wherever a message quotes it (a literal value in the
+        # file is not hidden elsewhere: it is in the file, and header values are secret
+        # fields too, "openai" among them).
+        secrets = sorted((v for n in self.secret_vars if len(v := self.env.get(n) or "") >= 4),
                          key=len, reverse=True)
 
-        def scrub(text: str) -> str:  # a secret quoted in any other field's message too
+        def scrub(text: str) -> str:
             for secret in secrets:
                 text = text.replace(secret, "(secret hidden)")
             return text

@@ -130,6 +130,8 @@ class _Parser:
         # handed out: an error in the held part can still keep the requests before it.
         self._segment: bytes | None = None
         self._handed = 0
+        self._held = False      # the parser may hold requests back (its queue was full)
+        self._waking = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -157,8 +159,9 @@ class _Parser:
         messages = result[0]
         if messages:
             # The parser pauses when the requests queued and not yet handled reach its cap:
-            # it may have stopped short of the end of this read.
-            held = len(self.conn._messages) + len(messages) >= _QUEUE
+            # it may have stopped short of the end of this read.  (One below the cap: the
+            # parser's own count runs one high after a request taken before its body came.)
+            held = self._held = len(self.conn._messages) + len(messages) >= _QUEUE - 1
             if held and clean:
                 self._segment, self._handed = bytes(data), len(messages)
             self._parsed(messages, not held and bytes(data[-4:]) == b"\r\n\r\n")
@@ -169,6 +172,20 @@ class _Parser:
                 if self._head > self._cap:
                     raise HeadTooLarge()
         return result
+
+    def message_consumed(self) -> None:
+        """aiohttp took a request from its queue.  While the parser may hold requests back,
+        have it parse on: aiohttp resumes it only when it paused the socket too, and the
+        parser's count can pause it while aiohttp's queue is one short of that."""
+        self._real.message_consumed()
+        if self._held and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._waking = False
+        if self.conn.transport is not None and not self.conn.transport.is_closing():
+            self.conn.data_received(b"")
 
     def _resumed(self) -> Any:
         """aiohttp resuming the parser (its request queue drained, or a body read down):

@@ -104,9 +104,16 @@ def _output(u: dict[str, object]) -> int | None:
 _KEY = re.compile(r'"(?:usage|usageMetadata)"\s*:\s*\{')
 
 
+_KEY_BYTES = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+
+
 def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:
-    """The usage objects in ``buf`` (decoded once: Gemini names usage in every event)."""
-    text = buf.decode("utf-8", "replace")
+    """The usage objects in ``buf``: decoded once, from the first usage key on (Gemini
+    names usage in every event; most JSON bodies without usage are not decoded at all)."""
+    first = _KEY_BYTES.search(buf)
+    if first is None:
+        return []
+    text = buf[first.start():].decode("utf-8", "replace")  # from '"': a character boundary
     out: list[dict[str, object]] = []
     for m in _KEY.finditer(text):
         try:

@@ -348,3 +348,14 @@ def test_a_header_value_is_not_hidden_in_other_messages(tmp_path):
         "url: https://api.openai.com", "url: ftp://x")
     code, _, err = run_check(tmp_path, text)
     assert code == 1 and "upstreams.openai.url:" in err
+
+
+def test_a_key_read_from_a_file_is_hidden_in_other_messages(tmp_path):
+    """A key from api_key_file is not in the config: a message that quotes it elsewhere
+    hides it (a bracketed listen address here)."""
+    (tmp_path / "key").write_text("sk-file-SECRET-9\n")
+    text = GOOD.replace("127.0.0.1:8080", "'[sk-file-SECRET-9]:80'").replace(
+        "    api_key: ${OPENAI_API_KEY:-}\n", f"    api_key_file: {tmp_path / 'key'}\n")
+    code, out, err = run_check(tmp_path, text)
+    assert code == 1 and "listen:" in err
+    assert "SECRET-9" not in out + err

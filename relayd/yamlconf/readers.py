@@ -275,6 +275,7 @@ def secret_source(w: Walker, items: Items, path: str, names: tuple[str, str, str
         w.error(node, sub, f"cannot read {ref}: {why}")
         return None
     w.secrets.add(value)
+    w.outside_secrets.add(value)  # not in the file: hidden wherever a message quotes it
     if not value or (bad := controls(value)) is not None:
         w.error(node, sub, f"{ref} is empty" if not value else
                 f"{ref} contains control character 0x{bad:02x} (value not shown)")

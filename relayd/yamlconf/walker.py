@@ -113,6 +113,7 @@ class Walker:
         self.vars: list[tuple[str | None, str | None]] = []
         self.secret_vars: set[str] = set()
         self.secrets: set[str] = set()
+        self.outside_secrets: set[str] = set()  # secrets read from files or credentials
         self.ctx: dict[str, Any] = {}  # facts later sections of a schema look at
         self._held: list[tuple[str, frozenset[str]]] = []  # values printed or hidden at the end
         self._ctor = yaml.SafeLoader("")
@@ -203,11 +204,11 @@ class Walker:
             text, names = self._held[int(m.group(1))]
             hidden = sorted(names & self.secret_vars)
             return f"(value from ${{{hidden[0]}}} hidden)" if hidden else text
-        # A secret variable's value, wherever a message quotes it (a literal value in the
-        # file is not hidden elsewhere: it is in the file, and header values are secret
-        # fields too, "openai" among them).
-        secrets = sorted((v for n in self.secret_vars if len(v := self.env.get(n) or "") >= 4),
-                         key=len, reverse=True)
+        # A secret from outside the file (a variable used in a secret field, a key file or
+        # credential), wherever a message quotes it; a literal value is in the file anyway,
+        # and header values are secret fields too, "openai" among them.
+        outside = {self.env.get(n) or "" for n in self.secret_vars} | self.outside_secrets
+        secrets = sorted((v for v in outside if len(v) >= 4), key=len, reverse=True)
 
         def scrub(text: str) -> str:
             for secret in secrets:

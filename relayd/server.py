@@ -13,10 +13,12 @@ handle per connection (armed once per request head, never per byte):
 - ``client_keepalive``: an idle keep-alive connection closes after this long (aiohttp's
   own keep-alive timer, set to this value).
 
-``_Parser`` wraps aiohttp's request parser for two things aiohttp does not do: it stops a
+``_Parser`` wraps aiohttp's request parser for what aiohttp does not do: it stops a
 head that outgrows ``max_request_headers`` before aiohttp buffers up to its own ~1 MiB
-(answered 431), and it keeps a valid request that shares a TCP segment with a malformed
-one (aiohttp drops every message of a segment that fails to parse).
+(answered 431), it keeps a valid request that shares a TCP segment with a malformed
+one (aiohttp drops every message of a segment that fails to parse), and it fails a request
+body whose framing breaks (aiohttp leaves the request waiting for the rest).  Bodies are
+never decompressed: they go upstream as sent.
 
 Every response relayd itself makes says ``Server: relayd``; a relayed response keeps
 the upstream's ``Server`` header, or has none (never aiohttp's own).

@@ -76,9 +76,9 @@ def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple
             w.error(k, Y.join(path, name), "not a valid HTTP header name")
             continue
         if name.lower() in _FRAMING:
-            # These say how the request is framed and where it goes: one set here would
-            # be wrong for every body but the one it fits, and the upstream would read the
-            # rest of a body as a request of its own.
+            # These say how the request is framed: one set here would be wrong for every
+            # body but the one it fits, and the upstream would read the rest of a body as a
+            # request of its own.
             w.error(k, Y.join(path, name), "relayd sets this header itself (framing or "
                                            "hop-by-hop); it cannot be configured")
             continue

@@ -324,7 +324,7 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) ->
 async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str],
                 body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
     try:
-        return await _sent(target, method, url, headers, body, timeouts)
+        return await _send_once(target, method, url, headers, body, timeouts)
     except Exception:
         # A streamed body that broke its framing fails the upload, which the client
         # library reports as a connection error: the client's fault, said as such.
@@ -333,8 +333,9 @@ async def _send(target: Target, method: str, url: URL, headers: CIMultiDict[str]
         raise
 
 
-async def _sent(target: Target, method: str, url: URL, headers: CIMultiDict[str],
-                body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
+async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict[str],
+                     body: RequestBody, timeouts: Any) -> aiohttp.ClientResponse:
+    """One upstream attempt, each failure classified for the client and the breaker."""
     up = target.upstream
     ct = _client_timeout(timeouts.connect)
     try:

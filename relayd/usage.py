@@ -101,10 +101,11 @@ def _output(u: dict[str, object]) -> int | None:
     return None
 
 
-_KEY = re.compile(r'"(?:usage|usageMetadata)"\s*:\s*\{')
-
-
-_KEY_BYTES = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*\{')
+# A usage object's key: searched for in the bytes (most bodies have none), then matched in
+# the decoded text (raw_decode needs character offsets).
+_KEY_PATTERN = r'"(?:usage|usageMetadata)"\s*:\s*\{'
+_KEY = re.compile(_KEY_PATTERN)
+_KEY_BYTES = re.compile(_KEY_PATTERN.encode())
 
 
 def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -150,6 +151,39 @@ async def test_keepalive_reuses_one_upstream_connection(fake, make_relayd):
     assert len(fake.requests) == 10
     assert len({p for p in fake.peers}) == 1
     assert fake.connections_made == 1
+
+
+async def test_after_a_burst_the_newest_pooled_connection_is_reused_and_the_rest_expire(
+        fake, make_relayd):
+    # A burst opens 10 upstream connections; a steady trickle after it needs one.  Reusing
+    # the oldest idle connection first (aiohttp's order) would keep all 10 alive — each is
+    # reused every 0.5 s, inside the 1 s keepalive — and cycle through them; reusing the
+    # newest (nginx's order) keeps one busy and lets the other nine expire.
+    port = free_port()
+    cfg = basic_config(fake.url, port, top="workers: 1").replace(
+        "provider: generic}", "provider: generic, keepalive: 1}", 1)  # one worker: one pool
+    make_relayd(cfg)
+    slow = fake.add("slow", Scenario(body=b"{}", content_type="application/json", first_delay=0.3))
+    fake.reset_stats()
+    lost0 = fake.connections_lost
+    async with aiohttp.ClientSession() as s:
+        async def one(headers: dict[str, str]) -> None:
+            async with s.get(f"http://127.0.0.1:{port}/local/x", headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+
+        await asyncio.gather(*(one({"x-fake": slow}) for _ in range(10)))
+        assert fake.connections_made == 10
+        burst = len(fake.peers)
+        end = time.monotonic() + 5
+        while fake.connections_lost - lost0 < 9 and time.monotonic() < end:
+            await one({})
+            await asyncio.sleep(0.05)
+    trickle = fake.peers[burst:]
+    # (the first trickle request may find a burst connection not yet released)
+    assert len(trickle) >= 10 and len(set(trickle[-8:])) == 1, f"{len(set(trickle))} connections reused"
+    assert fake.connections_lost - lost0 >= 9
+    assert fake.connections_made == 10
 
 
 async def test_connect_refused_is_502_in_provider_format(fake, make_relayd):

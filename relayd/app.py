@@ -37,6 +37,12 @@ def request_id(given: str | None) -> str:
     return secrets.token_hex(16)
 
 
+# A TRACE is echoed back by servers that honour it, the operator's key with it; a CONNECT
+# would become a tunnel request to the upstream's host.  No provider API uses either.
+_NEVER_FORWARDED = frozenset({"TRACE", "CONNECT"})
+_ALLOW = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
 def _head_size(request: web.BaseRequest) -> int:
     """The request head's size in bytes as it came: request line and header lines."""
     line = len(request.method) + len(request.raw_path) + 11
@@ -170,6 +176,8 @@ class App:
             if wait is not None:
                 await wait  # a client that leaves meanwhile is logged as gone, like any
             found = table.match(path)
+            if request.method in _NEVER_FORWARDED:
+                return self._refuse_method(ex, found, request.method)
             if _head_size(request) > table.config.limits.max_request_headers:
                 return self._refuse(ex, found, 431, "request headers too large",
                                     "request_header_too_large")
@@ -245,6 +253,15 @@ class App:
             self.metrics.finished(ex)
             if table.config.access_log:
                 self._access(ex)
+
+    @classmethod
+    def _refuse_method(cls, ex: Exchange, match: Match | None, method: str) -> web.Response:
+        """405 for TRACE and CONNECT, and the connection closed (what follows a CONNECT is
+        tunnel bytes, not HTTP)."""
+        resp = cls._refuse(ex, match, 405, f"method {method} is not allowed", "method_not_allowed")
+        resp.headers["Allow"] = _ALLOW
+        resp.force_close()
+        return resp
 
     @staticmethod
     def _refuse(ex: Exchange, match: Match | None, status: int, why: str,

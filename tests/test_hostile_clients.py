@@ -502,3 +502,25 @@ async def test_a_malformed_chunked_body_is_a_json_400_at_once(fake, make_relayd,
     line = r.wait_access(1)[-1]
     assert line["status"] == 400 and line["end_reason"] == "body_invalid"
     assert not [l for l in r.logs() if l.get("event") == "upstream attempt failed"]
+
+
+# -- methods relayd never forwards
+
+
+@pytest.mark.parametrize("line", [b"TRACE /openai/v1/models HTTP/1.1", b"CONNECT /openai/v1/x HTTP/1.1",
+                                  b"CONNECT 127.0.0.1:443 HTTP/1.1"])
+async def test_trace_and_connect_get_405_and_never_reach_the_upstream(tmp_path, fake, line) -> None:
+    # A TRACE is echoed back by servers that honour it (Apache's default, some front
+    # ends): forwarded with the operator's key, the echo would hand the key to the client.
+    # A CONNECT would become a tunnel request to the upstream's host, key attached.
+    fake.reset_stats()
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(exchange, port, line + b"\r\nHost: x\r\n\r\n" +
+                                       b"GET /openai/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = responses(data)
+    assert got and got[0][0] == 405, data[:300]
+    status, headers, body = got[0]
+    assert "GET" in headers["allow"] and "TRACE" not in headers["allow"]
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert len(got) == 1  # the connection closes: what follows a CONNECT is not HTTP
+    assert fake.requests == []

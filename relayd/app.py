@@ -178,6 +178,14 @@ class App:
             found = table.match(path)
             if request.method in _NEVER_FORWARDED:
                 return self._refuse_method(ex, found, request.method)
+            codings = request.headers.getall("Transfer-Encoding", ())
+            if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+                # ``gzip, chunked``: relayd would strip the framing and forward the coded
+                # bytes as if plain.  nginx, too, implements chunked alone.
+                resp = self._refuse(ex, found, 501, "transfer codings other than chunked are not "
+                                    "supported", "unsupported_transfer_encoding")
+                resp.force_close()
+                return resp
             if _head_size(request) > table.config.limits.max_request_headers:
                 return self._refuse(ex, found, 431, "request headers too large",
                                     "request_header_too_large")

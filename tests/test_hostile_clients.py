@@ -524,3 +524,26 @@ async def test_trace_and_connect_get_405_and_never_reach_the_upstream(tmp_path, 
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
     assert len(got) == 1  # the connection closes: what follows a CONNECT is not HTTP
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"identity, chunked", b"deflate,chunked"])
+async def test_a_transfer_coding_other_than_chunked_gets_501(tmp_path, fake, coding) -> None:
+    # relayd removes Transfer-Encoding (hop by hop) and reframes the body: with a coding
+    # besides chunked, the upstream would read gzip bytes as a plain body.
+    fake.reset_stats()
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(
+            exchange, port, b"POST /openai/v1/x HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: " + coding + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    got = responses(data)
+    assert got and got[0][0] == 501, data[:300]
+    assert json.loads(got[0][2])["error"]["code"] == "unsupported_transfer_encoding"
+    assert fake.requests == []
+
+
+async def test_chunked_in_any_case_is_forwarded(tmp_path, fake) -> None:
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(
+            exchange, port, b"POST /openai/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Transfer-Encoding: Chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200"), data[:300]

@@ -212,10 +212,13 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         out.attempts += 1
         # The last candidate may change the request's own copy; earlier ones get theirs.
         headers = base_headers if i == len(candidates) - 1 else CIMultiDict(base_headers)
-        providers.get(up.provider).set_auth(headers, up.api_key)
+        speaks = providers.get(up.provider)
+        speaks.set_auth(headers, up.api_key)
         for k, v in up.headers:
             headers[k] = v
-        url = URL(up.origin + upstream_url(up.url.raw_path, match.rest, query), encoded=True)
+        # relayd's key replaces the client's wherever the client put it (Gemini: ?key=)
+        q = speaks.without_key_param(query) if up.api_key else query
+        url = URL(up.origin + upstream_url(up.url.raw_path, match.rest, q), encoded=True)
         last = i == len(candidates) - 1
         try:
             await _slot(target, timeouts, out)

@@ -114,6 +114,15 @@ async def test_auth_with_key_replaces_client_credentials(shared, route, header, 
     assert h["anthropic-version"] == "2023-06-01"
 
 
+async def test_gemini_key_parameter_is_replaced_by_the_upstream_key(shared):
+    # Google's SDKs may send the key as ?key=; with relayd's key set, the client's goes.
+    _, _, res = await echo(shared.port, "/gemini/echo?alt=sse&key=client-key&x=1")
+    assert res["raw_path"].endswith("/echo?alt=sse&x=1"), res["raw_path"]
+    assert hdrs(res)["x-goog-api-key"] == "gem-test-KEY3"
+    _, _, res = await echo(shared.port, "/openai/echo?key=client-key")  # key= is no credential there
+    assert res["raw_path"].endswith("/echo?key=client-key")
+
+
 @pytest.mark.parametrize("route", ["/nokey", "/local"])
 async def test_auth_without_key_passes_client_credentials(shared, route):
     _, _, res = await echo(shared.port, f"{route}/echo", headers=CREDS)

@@ -4,7 +4,8 @@
 (``allow`` in ``server.Connection``, ``admin_allow`` in ``AdminConnection``): a peer
 outside is closed with no response (nothing to learn about relayd from it), counted, and
 logged at most once per ``every`` seconds with the count, so a scan cannot flood the log.
-The list is read from the current config, so a reload changes it for new connections.
+The list is read from the current config, so a reload changes it for new connections (and
+for open client connections at their next request: ``server.Connection.admitted_under``).
 With ``tls`` the handshake comes first (asyncio calls the protocol only once it is done);
 nothing of the HTTP layer is read either way.
 """

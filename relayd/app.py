@@ -159,6 +159,9 @@ class App:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         table = self.table
         assert table is not None
+        admitted = getattr(request.protocol, "admitted_under", None)
+        if admitted is not None and not admitted(table.config.allow):
+            return web.Response(status=403)  # goes nowhere: the connection is closed
         table.enter()
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target

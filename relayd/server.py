@@ -259,6 +259,7 @@ class Connection(web.RequestHandler):
         self._head_since: float | None = None  # when the unfinished head began, if one is
         self._reject = reject
         self._refused = False
+        self._allow: Any = ()  # the allow list this connection last passed
         self._messages = lean.SmallQueue()  # type: ignore[assignment]
         loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
         self._head_loop: asyncio.AbstractEventLoop = loop
@@ -273,12 +274,25 @@ class Connection(web.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
-        if isinstance(manager, ClientServer) and not GATES["listen"].admits(
-                transport, manager.config().allow):
-            self._refused = True  # never handed to aiohttp: nothing to clean up there
-            return
+        if isinstance(manager, ClientServer):
+            self._allow = manager.config().allow
+            if not GATES["listen"].admits(transport, self._allow):
+                self._refused = True  # never handed to aiohttp: nothing to clean up there
+                return
         super().connection_made(transport)
         self.head_started()
+
+    def admitted_under(self, allow: Any) -> bool:
+        """Is this connection's peer still allowed under ``allow`` (the request's config)?
+
+        A reload that narrows ``allow`` must shut out keep-alive connections it admitted
+        earlier too, as nginx checks its list per request: an abusive network would keep
+        spending the operator's key on a connection it keeps busy.  The list is checked
+        again only when it is another list than the one this connection last passed."""
+        if allow is self._allow or self.transport is None:
+            return True
+        self._allow = allow
+        return GATES["listen"].admits(self.transport, allow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:

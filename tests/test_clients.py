@@ -407,3 +407,31 @@ def test_log_warnings_logs_each_config_warning():
 
     server.log_warnings(Log(), cfg)
     assert got and got[0][0] == "config warning" and "no clients: section" in got[0][1]
+
+
+def test_a_reload_that_narrows_allow_shuts_out_open_keepalive_connections(make_relayd, fake):
+    # nginx checks its list per request; a list checked only at accept would let a network
+    # the operator just shut out keep spending the key on a connection it keeps busy.
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top="workers: 1\nallow: [127.0.0.0/8]"))
+    request = b"GET /openai/echo HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        fake.reset_stats()
+        r.config.write_text(basic_config(fake.url, port, top="workers: 1\nallow: [10.0.0.0/8]"))
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+        s.sendall(request)
+        try:
+            got = s.recv(65536)
+        except ConnectionResetError:
+            got = b""
+    assert got == b""  # closed, unanswered, like a refusal at accept
+    assert fake.requests == []
+    r.config.write_text(basic_config(fake.url, port, top="workers: 1\nallow: [127.0.0.0/8]"))
+    r.signal(signal.SIGHUP)  # and a list that admits the peer again lets it back in
+    assert wait_for(lambda: sum(l.get("event") == "reload ok" for l in r.logs()) == 2)
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")

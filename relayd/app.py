@@ -54,6 +54,27 @@ def _provider(match: Match | None) -> providers.Provider:
     return providers.get(match.targets[0].upstream.provider) if match else providers.DEFAULT
 
 
+class _EarlyStop:
+    """The drain's stop for a request that has no answer yet (``Exchange.stop`` before the
+    stream takes over): its task is cancelled, and the handler tells that cancel apart
+    from a client that left, to answer 503 instead of cutting the connection unanswered."""
+
+    __slots__ = ("task", "reason")
+
+    def __init__(self, task: "asyncio.Task[Any] | None") -> None:
+        self.task = task
+        self.reason: End | None = None
+
+    def stop(self, reason: End) -> None:
+        if self.reason is None and self.task is not None:
+            self.reason = reason
+            self.task.cancel()
+
+    def consume(self) -> bool:
+        """After a CancelledError: was it this stop's, and no other cancel with it?"""
+        return self.reason is not None and self.task is not None and self.task.uncancel() == 0
+
+
 class Turns:
     """At most ``per_turn`` request set-ups per event-loop turn; the rest wait their turn.
 
@@ -174,6 +195,8 @@ class App:
         match: Match | None = None
         body: RequestBody | None = None
         st: Stream | None = None
+        early = _EarlyStop(asyncio.current_task())
+        ex.stopper = early.stop  # until the stream takes over
         try:
             wait = self.turns.take(answer=False)
             if wait is not None:
@@ -238,7 +261,17 @@ class App:
             if self.draining:
                 st.out.force_close()
             return st.out
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
+            if st is None and early.consume():
+                # The drain ended it before an answer came: the client hears why.
+                ex.end, ex.status = early.reason, 503
+                resp = error_response(_provider(match), 503, f"relayd is shutting down (request id "
+                                      f"{ex.request_id})", "shutdown", ex.request_id)
+                resp.force_close()
+                return resp
+            ex.end = End.CLIENT_GONE
+            raise
+        except ConnectionError:
             ex.end = End.CLIENT_GONE
             raise
         except Exception:

@@ -10,6 +10,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -434,3 +435,29 @@ async def test_pool_accounting_survives_client_disconnect_before_headers(fake, m
     writer.transport.abort()  # client gone before the upstream answered
     # a leaked count would pin the pool open forever (a reload could never retire it)
     assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="generic") == 0
+
+
+async def test_a_request_without_an_answer_at_the_end_of_grace_gets_503(fake, make_relayd):
+    # The drain can stop a stream with an error event; a request still waiting for the
+    # upstream's head has no stream yet: it gets a 503 in the provider's format, not an
+    # unanswered close logged as the client's doing.
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top="workers: 1").replace(
+        "shutdown_grace: 5", "shutdown_grace: 1").replace("first_byte: 5", "first_byte: 30"))
+    slow = fake.add("no-head", Scenario(body=b"{}", content_type="application/json", header_delay=20))
+    fake.reset_stats()
+    async with aiohttp.ClientSession() as s:
+        async def ask(route: str) -> tuple[int, dict[str, Any], str]:
+            async with s.post(f"http://127.0.0.1:{port}{route}", json={}, headers={"x-fake": slow}) as resp:
+                return resp.status, await resp.json(), resp.headers.get("Connection", "")
+
+        tasks = [asyncio.create_task(ask(p)) for p in ("/openai/v1/chat/completions", "/anthropic/v1/messages")]
+        await fake.has_requests(2)
+        r.signal(signal.SIGTERM)
+        (so, oai, conn), (sa, ant, _) = await asyncio.gather(*tasks)
+    assert so == sa == 503 and conn.lower() == "close"
+    assert oai["error"]["code"] == "shutdown" and "shutting down" in oai["error"]["message"]
+    assert ant["type"] == "error" and ant["error"]["type"] == "overloaded_error"
+    assert await asyncio.get_running_loop().run_in_executor(None, r.proc.wait, 10) == 0
+    ends = [l["end_reason"] for l in r.logs() if l.get("event") == "access"]
+    assert ends == ["shutdown", "shutdown"]

@@ -18,7 +18,6 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 _secrets: tuple[str, ...] = ()
 _worker: int | None = None
-_level = logging.INFO
 _out: Any = sys.stdout  # where structlog writes too: sys.stdout as configure found it
 
 
@@ -82,8 +81,10 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
     chain and a write and flush per line cost 25 to 30 µs a line on the bench machine,
     this about 15 with one write per batch.  The lines are the same JSON as structlog's
     (same fields, ``ts``, ``level``, ``worker``, scrubbed; ``test_units`` compares them).
+    They are written whatever ``log_level`` says: access lines have their own switch
+    (``access_log``), as nginx's access log does not follow ``error_log``'s level.
     """
-    if not lines or _level > logging.INFO:
+    if not lines:
         return
     ts = _STAMP(None, "info", {})["ts"]  # one stamp per batch: the lines are written now
     out = []
@@ -98,8 +99,8 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
 
 
 def configure(level: str = "info") -> None:
-    global _level, _out
-    _level, _out = _LEVELS.get(level, logging.INFO), sys.stdout
+    global _out
+    _out = sys.stdout
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

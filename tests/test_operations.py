@@ -412,15 +412,32 @@ async def test_active_streams_gauge_moves(fake, make_relayd):
 
 async def test_access_log_off_and_log_level(fake, make_relayd):
     port = free_port()
-    r = make_relayd(basic_config(fake.url, port, top="access_log: false\nlog_level: warning"), start=False)
-    r.start(wait=False)
-    wait_port(port)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
-            await resp.read()
-    await asyncio.sleep(0.2)
-    assert r.access() == []
-    assert not any(l.get("level") == "info" for l in r.logs())
+    r = make_relayd(basic_config(fake.url, port, top="workers: 1\naccess_log: false"))
+
+    async def request(port: int, path: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}{path}") as resp:
+                await resp.read()
+
+    await request(port, "/local/off/echo")
+    # access_log on again (a reload applies it): the next request's line is the only one,
+    # so the first request, answered before, wrote none — no guessed wait needed.
+    r.config.write_text(basic_config(fake.url, port, top="workers: 1\naccess_log: true"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+    await request(port, "/local/on/echo")
+    r.wait_access(1)
+    assert [l["path"] for l in r.access()] == ["/local/on/echo"]
+
+    # log_level filters relayd's own lines, not access lines (their switch is access_log)
+    port2 = free_port()
+    r2 = make_relayd(basic_config(fake.url, port2, top="workers: 1\nlog_level: warning"), name="warn.yaml",
+                     start=False)
+    r2.start(wait=False)  # (its "ready" line is an info line: not written)
+    wait_port(port2)
+    await request(port2, "/local/warn/echo")
+    assert [l["path"] for l in r2.wait_access(1)] == ["/local/warn/echo"]
+    assert not any(l.get("level") == "info" and l.get("event") != "access" for l in r2.logs())
 
 
 async def test_pool_accounting_survives_client_disconnect_before_headers(fake, make_relayd):

@@ -248,7 +248,10 @@ class Client:
 
 
 def _finish_client(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    reported = len(w.problems)
     loaded = Y.secret_source(w, items, path, ("key", "key_file", "key_credential"))
+    if len(w.problems) > reported:
+        return  # the file or credential could not be read: one message says so, not two
     if loaded is not None:
         v["key"] = loaded
     if v["key"] is not None:

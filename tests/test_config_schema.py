@@ -178,6 +178,9 @@ def test_clients(tmp_path):
     assert "64 hex digits" in errors(BASE + "clients:\n  a: {key_sha256: abc}\n")[0]
     assert "set at most one" in errors(BASE + "clients:\n  a: {key: a, key_credential: b}\n")[0]
     assert "the key is empty" in errors(BASE + "clients:\n  a: {key: '${CK:-}'}\n")[0]
+    # a key file that cannot be read is one problem, not also "the key is empty"
+    errs = errors(BASE + "clients:\n  a: {key_file: /nonexistent/relayd-key}\n")
+    assert len(errs) == 1 and "cannot read /nonexistent/relayd-key" in errs[0], errs
 
 
 def test_secrets_cover_every_credential(tmp_path):

@@ -103,10 +103,14 @@ async def test_unsolicited_response_on_idle_connection_is_never_relayed(make_rel
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url))
         seen = []
-        for _ in range(3):
+        for i in range(3):
             status, body, _ = await get(port)
             seen.append(json.loads(body))
-            await asyncio.sleep(0.4)  # the stray response has arrived on the idle connection
+            # the stray response reached relayd's idle connection, which closed it
+            end = time.monotonic() + 5
+            while up.closed < i + 1 and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            assert up.closed == i + 1
         assert all("evil" not in b for b in seen), seen
         assert [b["n"] for b in seen] == sorted(b["n"] for b in seen)
         assert up.connections == 3  # each poisoned connection was closed, never reused
@@ -259,6 +263,7 @@ async def test_a_compressed_request_body_goes_upstream_as_sent(make_relayd):
     smuggled = b"GET /admin/secret HTTP/1.1\r\nHost: internal\r\n\r\n"
     gz = gzip.compress(b"{" + b" " * 70 + smuggled, mtime=0)
     seen: list[bytes] = []
+    done = asyncio.Event()
 
     async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -272,6 +277,7 @@ async def test_a_compressed_request_body_goes_upstream_as_sent(make_relayd):
         except asyncio.TimeoutError:
             pass
         writer.close()
+        done.set()
 
     server = await asyncio.start_server(conn, "127.0.0.1", 0)
     try:
@@ -283,7 +289,7 @@ async def test_a_compressed_request_body_goes_upstream_as_sent(make_relayd):
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         writer.close()
         assert head.startswith(b"HTTP/1.1 200")
-        await asyncio.sleep(0.7)
+        await asyncio.wait_for(done.wait(), 5)  # the upstream's look for more is over
         sent = seen[0]
         assert sent.endswith(b"\r\n\r\n" + gz)
         assert b"content-encoding: gzip" in sent.lower() and b"content-length: %d" % len(gz) in sent.lower()

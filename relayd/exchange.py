@@ -28,7 +28,7 @@ class End(StrEnum):
     UPSTREAM_RESET = "upstream_reset"          # the upstream connection broke mid-body
     UPSTREAM_EOF = "upstream_eof"              # clean close before the endpoint's natural end
     IDLE_TIMEOUT = "idle_timeout"              # upstream silent for too long mid-body
-    TOTAL_TIMEOUT = "total_timeout"            # the whole request took too long
+    TOTAL_TIMEOUT = "total_timeout"            # the response, headers to end, took too long
     SEND_TIMEOUT = "send_timeout"              # the client accepted no bytes for too long
     SHUTDOWN = "shutdown"                      # relayd ended it while draining
     ERROR = "error"                            # a relayd bug: logged with a traceback

@@ -19,7 +19,8 @@ drains, the upstream connection stops reading, so a client that reads nothing ho
 most the transport's high-water mark and one read.
 
 One timer per stream (``_Clock``) watches every deadline: upstream silence (``idle``),
-the whole request (``total``), a client that accepts nothing (``send``) and heartbeats.
+the response from its headers to its end (``total``), a client that accepts nothing
+(``send``) and heartbeats.
 """
 
 from __future__ import annotations

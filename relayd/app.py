@@ -195,6 +195,7 @@ class App:
         match: Match | None = None
         body: RequestBody | None = None
         st: Stream | None = None
+        tried = Forwarded()
         early = _EarlyStop(asyncio.current_task())
         ex.stopper = early.stop  # until the stream takes over
         try:
@@ -237,7 +238,7 @@ class App:
                     return self._refuse(ex, match, refused.status, refused.message, refused.code)
                 outgoing = cast(web.BaseRequest, Forwardable(request, provider))
             body = RequestBody(outgoing, len(match.targets) > 1, self.replay, table.config.limits)
-            fw = await forward(outgoing, match, ex.request_id, body, self.metrics, self.log)
+            fw = await forward(outgoing, match, ex.request_id, body, self.metrics, self.log, tried)
             self._forwarded(ex, fw)
             if fw.error is not None:
                 return fw.error
@@ -287,6 +288,8 @@ class App:
         finally:
             table.leave()
             ex.stopper = None
+            if not ex.attempts:  # ended before forward returned: what it had tried
+                ex.attempts, ex.upstream, ex.queued = tried.attempts, tried.upstream, tried.queued
             if body is not None:
                 ex.bytes_in = body.bytes_in
             if st is not None:

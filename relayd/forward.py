@@ -175,9 +175,10 @@ def _order(targets: tuple[Target, ...]) -> list[Target]:
 
 
 async def forward(request: web.BaseRequest, match: Match, request_id: str, body: RequestBody,
-                  metrics: Any, log: Any) -> Forwarded:
+                  metrics: Any, log: Any, out: Forwarded) -> Forwarded:
+    """``out`` is filled as the attempts go: a request cancelled in the middle (the client
+    left) still tells which upstream it had reached."""
     provider = providers.get(match.targets[0].upstream.provider)
-    out = Forwarded()
     try:
         return await _attempts(request, match, request_id, body, metrics, log, out, provider)
     except _Failure as f:  # the client's body did not arrive in time

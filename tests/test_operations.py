@@ -443,7 +443,7 @@ async def test_access_log_off_and_log_level(fake, make_relayd):
 async def test_pool_accounting_survives_client_disconnect_before_headers(fake, make_relayd):
     """A request cancelled while waiting for upstream headers must release its pool."""
     port, admin = free_port(), free_port()
-    make_relayd(basic_config(fake.url, port, admin))
+    r = make_relayd(basic_config(fake.url, port, admin))
     slow = fake.add("slow-headers", Scenario(body=b"{}", content_type="application/json", header_delay=30))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET /local/x HTTP/1.1\r\nHost: x\r\nx-fake: {slow}\r\n\r\n".encode())
@@ -452,6 +452,9 @@ async def test_pool_accounting_survives_client_disconnect_before_headers(fake, m
     writer.transport.abort()  # client gone before the upstream answered
     # a leaked count would pin the pool open forever (a reload could never retire it)
     assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="generic") == 0
+    # its access line names the upstream it had reached (tokens may have been spent there)
+    line = r.wait_access(1)[0]
+    assert (line["end_reason"], line["upstream"], line["attempts"]) == ("client_gone", "generic", 1)
 
 
 async def test_a_request_without_an_answer_at_the_end_of_grace_gets_503(fake, make_relayd):

@@ -39,7 +39,8 @@ Modules, in that order:
 - ``lean``       smaller stand-ins for aiohttp's per-connection containers (memory per
                  held stream)
 - ``lifecycle``  one process: listen, sd_notify, SIGHUP reload, SIGTERM drain, watchdog,
-                 uvloop and GC set-up; the workers' ``SO_REUSEPORT`` listening group
+                 uvloop and GC set-up
+- ``listeners``  binding listening sockets; the workers' ``SO_REUSEPORT`` listening group
 - ``supervisor``, ``workers``  ``workers: N``: the main process binds a socket per worker,
                  validates reloads once, forks and restarts workers, serves the admin
                  listener with summed metrics

@@ -2,7 +2,7 @@
 that serve them, and speaks for the whole service.
 
 - Listening sockets are bound here: one per worker in one ``SO_REUSEPORT`` group
-  (``lifecycle.ListenGroup``), so the kernel spreads new connections evenly.  Each worker
+  (``listeners.ListenGroup``), so the kernel spreads new connections evenly.  Each worker
   inherits its own; the main process keeps its copies open until it drains, so no reload
   ever closes one (closing a listening socket drops its queued connections).  A dead
   worker's socket is closed (nothing would accept on it) and its restart gets a new one.
@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from . import lifecycle, logs, metrics, workers
+from . import lifecycle, listeners, logs, metrics, workers
 from .config import Config
 from .metrics import CONTENT_TYPE, Metrics
 from .allow import AdminRunner
@@ -68,7 +68,7 @@ class Supervisor(lifecycle.Reloads):
         self.log = logs.get()
         self.slots = [Slot(i) for i in range(n)]
         self.generation = 1
-        self.group: lifecycle.ListenGroup | None = None
+        self.group: listeners.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
         self.draining = False
         self.stopping = asyncio.Event()
@@ -91,12 +91,12 @@ class Supervisor(lifecycle.Reloads):
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         try:
-            self.group = lifecycle.ListenGroup(self.config.listen, "listen")
+            self.group = listeners.ListenGroup(self.config.listen, "listen")
             for slot in self.slots:
                 slot.sockets = self.group.member()
             if self.config.admin_listen is not None:
                 await self._start_admin()
-        except lifecycle.ListenError as exc:
+        except listeners.ListenError as exc:
             self.log.error("cannot listen", **{exc.key: exc.address}, error=exc.why)
             print(f"relayd: {exc}", file=sys.stderr)
             self._close_listeners(self.slots)
@@ -139,7 +139,7 @@ class Supervisor(lifecycle.Reloads):
         try:
             await web.TCPSite(self.admin, listen.host, listen.port, reuse_address=True).start()
         except OSError as exc:
-            raise lifecycle.ListenError("admin_listen", listen, exc) from None
+            raise listeners.ListenError("admin_listen", listen, exc) from None
 
     @property
     def serving(self) -> bool:
@@ -159,7 +159,7 @@ class Supervisor(lifecycle.Reloads):
             assert self.group is not None
             try:
                 slot.sockets = self.group.member()
-            except lifecycle.ListenError as exc:
+            except listeners.ListenError as exc:
                 self._restart(slot, None, None, f"cannot listen: {exc.why}")
                 return
         ours, theirs = socket.socketpair()

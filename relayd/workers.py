@@ -6,7 +6,7 @@ parent, so closing or unregistering anything through it would unregister the par
 sockets.  The child keeps a reference to it (so it is never garbage-collected and
 closed), resets signal handling, unsets NOTIFY_SOCKET (only the main process speaks to
 systemd) and runs a fresh loop with a ``lifecycle.Daemon`` on its own inherited listening
-sockets (``lifecycle.ListenGroup``; it closes the other workers').  It never returns into the parent's code: it leaves through ``os._exit``.
+sockets (``listeners.ListenGroup``; it closes the other workers').  It never returns into the parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
 Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:

@@ -97,7 +97,10 @@ class Daemon(Reloads):
     async def start(self) -> None:
         cfg = self.app.config
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(FdShortage(self.log))
+        shortage = FdShortage(self.log)
+        loop.set_exception_handler(lambda loop, context: (
+            shortage if context.get("message") == FdShortage.MESSAGE else logs.loop_exception)(
+                loop, context))
         self.server = ClientServer(self.app.handle, lambda: self.app.config, self.app.reject)
         await self.open_listener(loop)
         if not isinstance(loop, asyncio.BaseEventLoop):  # uvloop: EMFILE is never reported

@@ -120,5 +120,16 @@ def configure(level: str = "info") -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def loop_exception(_: Any, context: dict[str, Any]) -> None:
+    """The event loop's exception handler: asyncio's own writes to the "asyncio" logger,
+    which ``configure`` silences (its tracebacks are mostly client noise), so an exception
+    escaping a callback or task (a worker restart that failed, say) would vanish."""
+    exc = context.get("exception")
+    where = context.get("handle") or context.get("task") or context.get("future")
+    get().error("unexpected error in the event loop", message=str(context.get("message")),
+                where=repr(where)[:300] if where is not None else None,
+                exc_info=exc if isinstance(exc, BaseException) else None)
+
+
 def get() -> Any:
     return structlog.get_logger("relayd")

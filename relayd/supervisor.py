@@ -90,6 +90,7 @@ class Supervisor(lifecycle.Reloads):
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(logs.loop_exception)
         try:
             self.group = listeners.ListenGroup(self.config.listen, "listen")
             for slot in self.slots:
@@ -162,21 +163,37 @@ class Supervisor(lifecycle.Reloads):
             except listeners.ListenError as exc:
                 self._restart(slot, None, None, f"cannot listen: {exc.why}")
                 return
-        ours, theirs = socket.socketpair()
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as exc:
+            return self._not_started(slot, "socketpair", exc, [])
         drop = [s.chan.sock.fileno() for s in self.slots if s.chan is not None]
         drop += [ours.fileno()] + self._admin_fds()
         drop += [sock.fileno() for s in self.slots if s is not slot for sock in s.sockets]
         sys.stdout.flush()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, workers.FORK_SIGNALS)
-        pid = os.fork()
-        if pid == 0:
-            workers.child(slot.wid, self.path, self.config, self.generation, slot.sockets,
-                          theirs, drop, self.loop_name)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                workers.child(slot.wid, self.path, self.config, self.generation, slot.sockets,
+                              theirs, drop, self.loop_name)
+        except OSError as exc:
+            return self._not_started(slot, "fork", exc, [ours, theirs])
+        finally:  # (the child never gets here: it leaves through os._exit)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
         slot.pid, slot.ready, slot.started, slot.exit_code = pid, False, time.monotonic(), None
         slot.chan = workers.Channel(ours)
         asyncio.get_running_loop().create_task(self._listen(slot, slot.chan))
+
+    def _not_started(self, slot: Slot, call: str, exc: OSError, socks: list[socket.socket]) -> None:
+        """A restart the kernel refused (fork: EAGAIN under TasksMax, ENOMEM; socketpair:
+        EMFILE): its sockets leave the group at once (a share of new connections would
+        queue on them for nobody) and it is retried like a crash."""
+        for s in socks:
+            s.close()
+        self._close_listeners([slot])
+        self._restart(slot, None, None, f"{call}: {exc.strerror or exc}")
 
     def _admin_fds(self) -> list[int]:
         if self.admin is None:

@@ -1,0 +1,119 @@
+"""The main process with workers when something goes wrong: fork or socketpair failing,
+a worker drained or hung on its own, fds a restarted worker must not inherit.
+
+Faults the kernel gives only under real pressure (EAGAIN from fork under TasksMax,
+EMFILE) are injected by a ``sitecustomize`` on the real ``relayd run`` process: while a
+trigger file exists, the named call fails as the kernel would make it fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import basic_config
+from fakes import free_port
+from test_operations import wait_for
+from test_workers import TWO, children, get, ready_line
+
+SITECUSTOMIZE = '''
+import errno, os, socket
+_trigger = os.environ["RELAYD_TEST_TRIGGER"]
+_fork, _socketpair = os.fork, socket.socketpair
+
+def fork():
+    if os.path.exists(_trigger + ".fork"):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+    return _fork()
+
+def socketpair(*args, **kwargs):
+    if os.path.exists(_trigger + ".socketpair"):
+        raise OSError(errno.EMFILE, "Too many open files")
+    return _socketpair(*args, **kwargs)
+
+os.fork, socket.socketpair = fork, socketpair
+'''
+
+
+def faulty(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment that loads the fault injector, and the trigger's path prefix."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path = os.environ.get("PYTHONPATH")
+    trigger = tmp_path / "fail"
+    return {"PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site),
+            "RELAYD_TEST_TRIGGER": str(trigger)}, trigger
+
+
+def blocked_signals(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(l for l in f if l.startswith("SigBlk:")).split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+async def readyz(admin: int) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+            return resp.status, await resp.json()
+
+
+def events(r, name: str) -> list[dict]:
+    return [l for l in r.logs() if l.get("event") == name]
+
+
+@pytest.mark.parametrize("call", ["fork", "socketpair"])
+async def test_a_restart_whose_fork_or_socketpair_fails_is_logged_and_retried(
+        fake, make_relayd, tmp_path, call):
+    """fork() failing (EAGAIN under TasksMax) or socketpair() (EMFILE) on a restart escaped
+    a timer callback unlogged: the slot was never restarted, its socket stayed in the
+    group with nobody accepting, and after a failed fork SIGTERM/SIGHUP stayed blocked."""
+    env, trigger = faulty(tmp_path)
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top=TWO), env=env)
+    victim, other = ready_line(r)["worker_pids"]
+    Path(f"{trigger}.{call}").touch()
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(events(r, "worker could not start; retrying")) >= 2)
+    failed = events(r, "worker could not start; retrying")[0]
+    assert failed["level"] == "error" and failed["worker"] is not None
+    assert ("Resource temporarily" if call == "fork" else "Too many open files") in failed["error"]
+    assert not {signal.SIGTERM, signal.SIGHUP, signal.SIGINT} & blocked_signals(r.proc.pid)
+    for _ in range(20):  # the failed slot's socket left the group: nothing hangs
+        assert await asyncio.wait_for(get(port, "/local/echo"), 2) == 200
+    Path(f"{trigger}.{call}").unlink()
+    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1)
+    new = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("pid") == new for l in events(r, "worker serving")))
+    status, body = await readyz(admin)
+    assert status == 200 and body["workers_serving"] == 2
+    started = time.monotonic()
+    r.signal(signal.SIGTERM)
+    assert r.proc.wait(10) == 0 and time.monotonic() - started < 5
+
+
+def test_an_exception_escaping_a_loop_callback_is_logged_as_an_error(capsys):
+    """asyncio's default handler writes to the "asyncio" logger, which relayd silences:
+    an exception in a timer callback (a worker restart) used to vanish."""
+    from relayd import logs
+
+    def fail() -> None:
+        raise ZeroDivisionError("in a callback")
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(logs.loop_exception)
+        asyncio.get_running_loop().call_soon(fail)
+        await asyncio.sleep(0.01)
+
+    logs.configure("info")
+    asyncio.run(main())
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["event"] == "unexpected error in the event loop" and line["level"] == "error"
+    assert "fail" in line["where"] and "ZeroDivisionError: in a callback" in line["exception"]

@@ -156,6 +156,7 @@ class Supervisor(lifecycle.Reloads):
         slot.restart = None
         if self.draining:
             return
+        slot.started = time.monotonic()  # every attempt: one that fails at once died young
         if not slot.sockets:
             assert self.group is not None
             try:
@@ -182,7 +183,7 @@ class Supervisor(lifecycle.Reloads):
         finally:  # (the child never gets here: it leaves through os._exit)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
-        slot.pid, slot.ready, slot.started, slot.exit_code = pid, False, time.monotonic(), None
+        slot.pid, slot.ready, slot.exit_code = pid, False, None
         slot.chan = workers.Channel(ours)
         asyncio.get_running_loop().create_task(self._listen(slot, slot.chan))
 
@@ -253,7 +254,7 @@ class Supervisor(lifecycle.Reloads):
     def _restart(self, slot: Slot, pid: int | None, code: int | None, why: str = "") -> None:
         young = time.monotonic() - slot.started < YOUNG
         slot.crashes = slot.crashes + 1 if young else 0
-        delay = min(RESTART_MIN * 2 ** slot.crashes, RESTART_MAX)
+        delay = min(RESTART_MIN * 2 ** max(slot.crashes - 1, 0), RESTART_MAX)
         if code is None:
             self.log.error("worker could not start; retrying", worker=slot.wid, error=why,
                            restart_in_s=round(delay, 2), crash_loop=slot.crashes)

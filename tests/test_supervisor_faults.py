@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -117,3 +118,24 @@ def test_an_exception_escaping_a_loop_callback_is_logged_as_an_error(capsys):
     line = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert line["event"] == "unexpected error in the event loop" and line["level"] == "error"
     assert "fail" in line["where"] and "ZeroDivisionError: in a callback" in line["exception"]
+
+
+async def test_restarts_that_keep_failing_back_off(fake, make_relayd, tmp_path):
+    """A failed attempt counts as a start: "dying young" was measured from the last
+    successful start, so a slot whose fork kept failing more than 5 s after it was
+    retried every 0.1 s forever.  A crash of an old worker waits 0.1 s; the first
+    attempt that dies young too, then 0.2, 0.4, 0.8 s (README)."""
+    env, trigger = faulty(tmp_path)
+    r = make_relayd(basic_config(fake.url, free_port(), top=TWO), env=env)
+    victim, _ = ready_line(r)["worker_pids"]
+    started = next(l for l in events(r, "worker serving") if l["pid"] == victim)
+    assert wait_for(lambda: time.time() - datetime.fromisoformat(started["ts"]).timestamp() > 5.2, 10)
+    Path(f"{trigger}.fork").touch()
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(events(r, "worker could not start; retrying")) >= 4, 10)
+    Path(f"{trigger}.fork").unlink()
+    crash = events(r, "worker exited unexpectedly; restarting")[0]
+    assert crash["restart_in_s"] == 0.1 and crash["crash_loop"] == 0
+    retries = events(r, "worker could not start; retrying")[:4]
+    assert [l["restart_in_s"] for l in retries] == [0.1, 0.2, 0.4, 0.8]
+    assert [l["crash_loop"] for l in retries] == [1, 2, 3, 4]

@@ -208,6 +208,8 @@ class Supervisor(lifecycle.Reloads):
     async def _listen(self, slot: Slot, chan: workers.Channel) -> None:
         await chan.open()
         while (msg := await chan.recv()) is not None:
+            if slot.chan is not chan or slot.pid is None:
+                continue  # a dead (or retired) worker's last words: its slot is not its own
             if msg[0] == "ready":
                 slot.ready, slot.generation = True, msg[1]
                 self.log.info("worker serving", worker=slot.wid, pid=slot.pid, generation=msg[1])

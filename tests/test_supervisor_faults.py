@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
+import shutil
+import socket
 import signal
 import time
 from datetime import datetime
@@ -139,3 +142,35 @@ async def test_restarts_that_keep_failing_back_off(fake, make_relayd, tmp_path):
     retries = events(r, "worker could not start; retrying")[:4]
     assert [l["restart_in_s"] for l in retries] == [0.1, 0.2, 0.4, 0.8]
     assert [l["crash_loop"] for l in retries] == [1, 2, 3, 4]
+
+
+async def test_a_dead_workers_last_ready_message_does_not_mark_its_slot_ready(
+        tmp_path, monkeypatch):
+    """A worker that said "ready" and died at once: the message can be read after the
+    worker was reaped (or its slot restarted with a new channel), and it marked the slot
+    ready, /readyz 200 with nobody serving it."""
+    from prometheus_client import values
+    from relayd import config, workers
+    from relayd.supervisor import Supervisor
+
+    monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # Supervisor switches it
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    path = tmp_path / "relayd.yaml"
+    path.write_text(basic_config("http://127.0.0.1:9", free_port(), top=TWO))
+    sup = Supervisor(str(path), config.load(str(path)), 2, "asyncio")
+    try:
+        for replaced in (True, False):
+            slot = sup.slots[0]
+            ours, theirs = socket.socketpair()
+            chan = workers.Channel(ours)
+            slot.chan, slot.pid, slot.ready = chan, 12345, False
+            if replaced:  # reaped: restarted on a new channel, or not yet
+                slot.chan, slot.pid = workers.Channel(spare := socket.socket()), None
+                spare.close()
+            data = pickle.dumps(("ready", 1))
+            theirs.sendall(len(data).to_bytes(4, "big") + data)
+            theirs.close()
+            await asyncio.wait_for(sup._listen(slot, chan), 5)
+            assert slot.ready is not replaced
+    finally:
+        shutil.rmtree(sup.dir, ignore_errors=True)

@@ -168,16 +168,13 @@ class Supervisor(lifecycle.Reloads):
             ours, theirs = socket.socketpair()
         except OSError as exc:
             return self._not_started(slot, "socketpair", exc, [])
-        drop = [s.chan.sock.fileno() for s in self.slots if s.chan is not None]
-        drop += [ours.fileno()] + self._admin_fds()
-        drop += [sock.fileno() for s in self.slots if s is not slot for sock in s.sockets]
         sys.stdout.flush()
         old = signal.pthread_sigmask(signal.SIG_BLOCK, workers.FORK_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 workers.child(slot.wid, self.path, self.config, self.generation, slot.sockets,
-                              theirs, drop, self.loop_name)
+                              theirs, self.loop_name)
         except OSError as exc:
             return self._not_started(slot, "fork", exc, [ours, theirs])
         finally:  # (the child never gets here: it leaves through os._exit)
@@ -195,15 +192,6 @@ class Supervisor(lifecycle.Reloads):
             s.close()
         self._close_listeners([slot])
         self._restart(slot, None, None, f"{call}: {exc.strerror or exc}")
-
-    def _admin_fds(self) -> list[int]:
-        if self.admin is None:
-            return []
-        fds = []
-        for site in self.admin.sites:
-            server = getattr(site, "_server", None)
-            fds += [s.fileno() for s in (server.sockets if server else ())]
-        return fds
 
     async def _listen(self, slot: Slot, chan: workers.Channel) -> None:
         await chan.open()

@@ -6,7 +6,9 @@ parent, so closing or unregistering anything through it would unregister the par
 sockets.  The child keeps a reference to it (so it is never garbage-collected and
 closed), resets signal handling, unsets NOTIFY_SOCKET (only the main process speaks to
 systemd) and runs a fresh loop with a ``lifecycle.Daemon`` on its own inherited listening
-sockets (``listeners.ListenGroup``; it closes the other workers').  It never returns into the parent's code: it leaves through ``os._exit``.
+sockets (``listeners.ListenGroup``); every other fd it inherited is the main process's
+and is dropped (``_keep_only``), the epoll one included.  It never returns into the
+parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
 Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:
@@ -75,7 +77,7 @@ class Channel:
 
 
 def child(wid: int, path: str, config: Config, generation: int, sockets: list[socket.socket],
-          sock: socket.socket, drop_fds: list[int], loop: str) -> NoReturn:
+          sock: socket.socket, loop: str) -> NoReturn:
     """Run worker ``wid`` in a just-forked child, then exit the process."""
     code = 70
     try:
@@ -88,9 +90,7 @@ def child(wid: int, path: str, config: Config, generation: int, sockets: list[so
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from main, validated
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in drop_fds:  # the admin listener, other workers' channels and sockets: not ours
-            os.dup2(null, fd)
+        _keep_only({0, 1, 2, sock.fileno(), *(s.fileno() for s in sockets)})
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)
         logs.set_worker(wid)
@@ -106,6 +106,29 @@ def child(wid: int, path: str, config: Config, generation: int, sockets: list[so
             sys.stdout.flush()
         finally:
             os._exit(code)
+
+
+def _keep_only(keep: set[int]) -> None:
+    """Every other fd the fork copied is the main process's: the admin listener and its
+    accepted connections (one a worker held open never saw its EOF), other workers'
+    channels and sockets, the parent loop's epoll and self-pipe.  Each is pointed at
+    /dev/null rather than closed: the main process's objects that own these numbers live
+    on in this memory, and one closing "its" number after the number was reused would
+    close a worker's socket."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc
+        fds = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for fd in fds:
+        if fd in keep or fd == null:
+            continue
+        try:
+            os.fstat(fd)  # (listdir's own fd is closed by now)
+        except OSError:
+            continue
+        os.dup2(null, fd, inheritable=False)
+    os.close(null)
 
 
 async def _serve(wid: int, path: str, config: Config, generation: int,

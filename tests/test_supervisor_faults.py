@@ -93,7 +93,8 @@ async def test_a_restart_whose_fork_or_socketpair_fails_is_logged_and_retried(
     for _ in range(20):  # the failed slot's socket left the group: nothing hangs
         assert await asyncio.wait_for(get(port, "/local/echo"), 2) == 200
     Path(f"{trigger}.{call}").unlink()
-    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1
+                    and victim not in children(r.proc.pid))
     new = (children(r.proc.pid) - {other}).pop()
     assert wait_for(lambda: any(l.get("pid") == new for l in events(r, "worker serving")))
     status, body = await readyz(admin)
@@ -174,3 +175,55 @@ async def test_a_dead_workers_last_ready_message_does_not_mark_its_slot_ready(
             assert slot.ready is not replaced
     finally:
         shutil.rmtree(sup.dir, ignore_errors=True)
+
+
+def socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(link[8:-1])
+    return out
+
+
+def listening_inodes(port: int) -> set[str]:
+    with open("/proc/net/tcp") as f:
+        return {cols[9] for cols in (l.split() for l in f.readlines()[1:])
+                if cols[3] == "0A" and int(cols[1].split(":")[1], 16) == port}
+
+
+def server_side_inode(port: int, peer_port: int) -> str:
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if (int(cols[1].split(":")[1], 16), int(cols[2].split(":")[1], 16)) == (port, peer_port):
+                return cols[9]
+    raise AssertionError(f"no connection 127.0.0.1:{port} <- {peer_port}")
+
+
+async def test_a_restarted_worker_holds_none_of_the_main_process_fds(fake, make_relayd):
+    """A worker forked while an admin connection was open inherited it: the main process
+    answered `Connection: close` and closed its copy, and the client never saw EOF."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top=TWO))
+    victim, other = ready_line(r)["worker_pids"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", admin)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b'{"status": "ok"}'), 5))
+    inode = server_side_inode(admin, writer.get_extra_info("sockname")[1])
+    assert inode in socket_inodes(r.proc.pid)
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other}) == 1
+                    and victim not in children(r.proc.pid))
+    new = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("pid") == new for l in events(r, "worker serving")))
+    assert inode not in socket_inodes(new)
+    # it shares nothing with the main process but its own listening socket
+    assert socket_inodes(new) & socket_inodes(r.proc.pid) == listening_inodes(port) & socket_inodes(new)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 3)  # EOF once the main process closes it
+    assert rest.startswith(b"HTTP/1.1 200")
+    writer.close()

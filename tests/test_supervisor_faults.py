@@ -151,8 +151,10 @@ async def test_a_dead_workers_last_ready_message_does_not_mark_its_slot_ready(
     worker was reaped (or its slot restarted with a new channel), and it marked the slot
     ready, /readyz 200 with nobody serving it."""
     from prometheus_client import values
-    from relayd import config, workers
+    from relayd import config, logs, workers
     from relayd.supervisor import Supervisor
+
+    logs.configure("info")  # on this test's stdout
 
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)  # Supervisor switches it
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")

@@ -43,7 +43,7 @@ Modules, in that order:
 - ``listeners``  binding listening sockets; the workers' ``SO_REUSEPORT`` listening group
 - ``supervisor``, ``workers``  ``workers: N``: the main process binds a socket per worker,
                  validates reloads once, forks and restarts workers, serves the admin
-                 listener with summed metrics
+                 listener with summed metrics (``mainadmin``)
 - ``tls``        the listener's certificate, re-read on reload
 - ``cli``        ``relayd run | check | --version``
 - ``demo``       a fake provider for ``make demo``

@@ -15,8 +15,7 @@ that serve them, and speaks for the whole service.
 - A worker that exits on its own is restarted (after 0.1 s, doubling up to 10 s while
   it keeps dying young), and logged.
 - sd_notify comes from here only; workers run without NOTIFY_SOCKET.
-- The admin listener runs here: /metrics sums all processes (``metrics.render_all``),
-  /readyz is 200 only while every worker serves.
+- The admin listener runs here (``mainadmin``).
 
 This process runs plain asyncio (it forks from inside its loop; see ``workers``), and
 does no request work.
@@ -32,14 +31,13 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
-from . import lifecycle, listeners, logs, metrics, workers
+from . import lifecycle, listeners, logs, mainadmin, metrics, workers
 from .config import Config
-from .metrics import CONTENT_TYPE, Metrics
-from .allow import AdminRunner
+from .metrics import Metrics
 from .server import log_warnings
 
 RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 10.0, 5.0
@@ -74,7 +72,6 @@ class Supervisor(lifecycle.Reloads):
         self.stopping = asyncio.Event()
         self._changed = asyncio.Event()
         self._signals = 0
-        self._snaps = 0
         self.dir = tempfile.mkdtemp(prefix="relayd-metrics-")
         metrics.use_multiprocess(self.dir)
         self.metrics = Metrics()
@@ -96,7 +93,7 @@ class Supervisor(lifecycle.Reloads):
             for slot in self.slots:
                 slot.sockets = self.group.member()
             if self.config.admin_listen is not None:
-                await self._start_admin()
+                self.admin = await mainadmin.start(self)
         except listeners.ListenError as exc:
             self.log.error("cannot listen", **{exc.key: exc.address}, error=exc.why)
             print(f"relayd: {exc}", file=sys.stderr)
@@ -110,7 +107,7 @@ class Supervisor(lifecycle.Reloads):
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for slot in self.slots:
             self._spawn(slot)
-        await self._until(lambda: self.serving or self.stopping.is_set(), None)
+        await self.until(lambda: self.serving or self.stopping.is_set(), None)
         if not self.stopping.is_set():
             cfg = self.config
             self.log.info("ready", listen=str(cfg.listen),
@@ -128,27 +125,19 @@ class Supervisor(lifecycle.Reloads):
         self.log.info("exit", code=code)
         return code
 
-    async def _start_admin(self) -> None:
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self.admin = AdminRunner(app, lambda: self.config.admin_allow)
-        await self.admin.setup()
-        listen = self.config.admin_listen
-        assert listen is not None
-        try:
-            await web.TCPSite(self.admin, listen.host, listen.port, reuse_address=True).start()
-        except OSError as exc:
-            raise listeners.ListenError("admin_listen", listen, exc) from None
+    def serves(self, slot: Slot) -> bool:
+        return slot.ready
+
+    @property
+    def n_serving(self) -> int:
+        return sum(1 for s in self.slots if self.serves(s))
 
     @property
     def serving(self) -> bool:
-        return all(s.ready for s in self.slots)
+        return self.n_serving == len(self.slots)
 
     def status_line(self) -> str:
-        ready = sum(1 for s in self.slots if s.ready)
-        return f"config generation {self.generation}; {ready}/{len(self.slots)} workers serving"
+        return f"config generation {self.generation}; {self.n_serving}/{len(self.slots)} workers serving"
 
     # -- workers
 
@@ -258,7 +247,7 @@ class Supervisor(lifecycle.Reloads):
     def _live(self) -> list[Slot]:
         return [s for s in self.slots if s.pid is not None]
 
-    async def _until(self, done: Callable[[], bool], timeout: float | None) -> bool:
+    async def until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         """Wait for a state the workers' messages (or exits) bring about."""
         end = None if timeout is None else time.monotonic() + timeout
         while not done():
@@ -290,8 +279,8 @@ class Supervisor(lifecycle.Reloads):
             assert slot.chan is not None
             slot.chan.send("config", gen, new)
         # a worker that dies meanwhile is restarted on the new config: it does not count
-        swapped = await self._until(lambda: all(s.generation >= gen for s in self._live()
-                                                if s.ready), 30)
+        swapped = await self.until(lambda: all(s.generation >= gen for s in self._live()
+                                               if self.serves(s)), 30)
         self.metrics.reloads.labels("ok").inc()
         self.metrics.generation.set(gen)
         self.log.info("reload ok", config=self.path, generation=gen, routes=len(new.routes),
@@ -330,12 +319,12 @@ class Supervisor(lifecycle.Reloads):
                 slot.restart.cancel()
             self._kill(slot, signal.SIGTERM)
         self._close_listeners(self.slots)  # with the workers' copies closed too, connections are refused
-        if not await self._until(lambda: not self._live(), self.config.shutdown_grace + 5):
+        if not await self.until(lambda: not self._live(), self.config.shutdown_grace + 5):
             self.log.error("workers did not finish draining; killing them",
                            pids=[s.pid for s in self._live()])
             for slot in self._live():
                 self._kill(slot, signal.SIGKILL)
-            await self._until(lambda: not self._live(), 5)
+            await self.until(lambda: not self._live(), 5)
         if self.admin is not None:
             await self.admin.cleanup()
         codes = {s.wid: s.exit_code for s in self.slots}
@@ -352,29 +341,3 @@ class Supervisor(lifecycle.Reloads):
         while True:
             await asyncio.sleep(every)
             lifecycle.notify(("WATCHDOG=1\n" if ping else "") + f"STATUS={self.status_line()}")
-
-    # -- admin listener
-
-    async def _healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ready = sum(1 for s in self.slots if s.ready)
-        body: dict[str, Any] = {"generation": self.generation, "workers": len(self.slots),
-                                "workers_serving": ready}
-        if self.draining:
-            return web.json_response({"status": "draining", **body}, status=503)
-        if not self.serving:
-            return web.json_response({"status": "starting", **body}, status=503)
-        return web.json_response({"status": "ready", **body})
-
-    async def _metrics(self, _: web.Request) -> web.Response:
-        """Workers set their live gauges (pools, breakers) first, then everything is summed."""
-        self._snaps += 1
-        n = self._snaps
-        for slot in self._live():
-            if slot.ready and slot.chan is not None:
-                slot.chan.send("snap", n)
-        await self._until(lambda: all(s.snapped >= n for s in self._live() if s.ready), 1.0)
-        body = metrics.render_all(self.dir)  # no executor thread: this process forks
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

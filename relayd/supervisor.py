@@ -12,6 +12,8 @@ that serve them, and speaks for the whole service.
   every worker has said so.
 - SIGTERM/SIGINT: the listeners close here, every worker drains; exit 0 when every
   worker exited 0.  A second signal kills the workers and exits at once.
+- A worker that drains on its own (SIGTERM sent to it) says so: its sockets close here
+  at once and its replacement starts while it drains.
 - A worker that exits on its own is restarted (after 0.1 s, doubling up to 10 s while
   it keeps dying young), and logged.
 - sd_notify comes from here only; workers run without NOTIFY_SOCKET.
@@ -65,6 +67,7 @@ class Supervisor(lifecycle.Reloads):
         self.path, self.config, self.loop_name = path, config, loop
         self.log = logs.get()
         self.slots = [Slot(i) for i in range(n)]
+        self.retiring: dict[int, workers.Channel] = {}  # pid: a worker draining on its own
         self.generation = 1
         self.group: listeners.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
@@ -198,8 +201,24 @@ class Supervisor(lifecycle.Reloads):
                 slot.generation = msg[1]
             elif msg[0] == "snapped":
                 slot.snapped = msg[1]
+            elif msg[0] == "draining" and not self.draining:
+                self._retire(slot, chan)
             self._changed.set()
         chan.close()
+
+    def _retire(self, slot: Slot, chan: workers.Channel) -> None:
+        """A worker that got SIGTERM on its own (``systemctl kill``): its sockets leave the
+        group now (it closed its copy; ours would queue new connections for nobody), and
+        its replacement starts while it drains."""
+        assert slot.pid is not None
+        pid, self.retiring[slot.pid] = slot.pid, chan
+        slot.pid, slot.chan, slot.ready = None, None, False
+        self._close_listeners([slot])
+        self.log.info("worker draining; starting its replacement", worker=slot.wid, pid=pid)
+        self._changed.set()
+        asyncio.get_running_loop().call_later(
+            self.config.shutdown_grace + 5, self._kill_pid, pid, signal.SIGKILL)
+        self._spawn(slot)
 
     def _reap(self) -> None:
         while True:
@@ -209,11 +228,16 @@ class Supervisor(lifecycle.Reloads):
                 return
             if pid == 0:
                 return
-            slot = next((s for s in self.slots if s.pid == pid), None)
-            if slot is None:
-                continue
             code = os.waitstatus_to_exitcode(status)
             metrics.process_gone(pid, self.dir)
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if pid in self.retiring:
+                self.retiring.pop(pid).close()
+                (self.log.info if code == 0 else self.log.error)(
+                    "worker drained", pid=pid, exit_code=code)
+                self._changed.set()
+            if slot is None:
+                continue
             slot.pid, slot.ready, slot.exit_code = None, False, code
             self._close_listeners([slot])  # connections would queue on it for nobody
             if slot.chan is not None:
@@ -295,8 +319,8 @@ class Supervisor(lifecycle.Reloads):
         self._signals += 1
         if self._signals > 1:
             self.log.warning("second stop signal: exiting now", signal=signal.Signals(sig).name)
-            for slot in self._live():
-                self._kill(slot, signal.SIGKILL)
+            for pid in self._pids():
+                self._kill_pid(pid, signal.SIGKILL)
             sys.stdout.flush()
             shutil.rmtree(self.dir, ignore_errors=True)
             os._exit(1)
@@ -304,10 +328,14 @@ class Supervisor(lifecycle.Reloads):
                       grace_s=self.config.shutdown_grace, workers=len(self._live()))
         self.stopping.set()
 
-    def _kill(self, slot: Slot, sig: int) -> None:
-        if slot.pid is not None:
+    def _pids(self) -> list[int]:
+        """Every worker process, those draining on their own included."""
+        return [s.pid for s in self._live() if s.pid is not None] + list(self.retiring)
+
+    def _kill_pid(self, pid: int, sig: int) -> None:
+        if pid in self._pids():  # (not reaped: the pid is still ours)
             try:
-                os.kill(slot.pid, sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -317,14 +345,14 @@ class Supervisor(lifecycle.Reloads):
         for slot in self.slots:
             if slot.restart is not None:
                 slot.restart.cancel()
-            self._kill(slot, signal.SIGTERM)
+            if slot.pid is not None:
+                self._kill_pid(slot.pid, signal.SIGTERM)
         self._close_listeners(self.slots)  # with the workers' copies closed too, connections are refused
-        if not await self.until(lambda: not self._live(), self.config.shutdown_grace + 5):
-            self.log.error("workers did not finish draining; killing them",
-                           pids=[s.pid for s in self._live()])
-            for slot in self._live():
-                self._kill(slot, signal.SIGKILL)
-            await self.until(lambda: not self._live(), 5)
+        if not await self.until(lambda: not self._pids(), self.config.shutdown_grace + 5):
+            self.log.error("workers did not finish draining; killing them", pids=self._pids())
+            for pid in self._pids():
+                self._kill_pid(pid, signal.SIGKILL)
+            await self.until(lambda: not self._pids(), 5)
         if self.admin is not None:
             await self.admin.cleanup()
         codes = {s.wid: s.exit_code for s in self.slots}

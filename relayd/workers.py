@@ -12,7 +12,8 @@ parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
 Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:
-``("ready", generation)``, ``("swapped", generation)``, ``("snapped", n)``.
+``("ready", generation)``, ``("swapped", generation)``, ``("snapped", n)``,
+``("draining",)``.
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ async def _serve(wid: int, path: str, config: Config, generation: int,
     tune_gc()
     orders = asyncio.get_running_loop().create_task(_obey(chan, daemon))
     await daemon.stopping.wait()
+    chan.send("draining")  # (SIGTERM sent to this worker alone: main replaces it now)
     await daemon.drain()
     orders.cancel()
     daemon.log.info("worker exit", code=0)

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 
 from conftest import basic_config
-from fakes import free_port
+from fakes import Scenario, free_port
 from test_operations import wait_for
-from test_workers import TWO, children, get, ready_line
+from test_workers import TWO, children, get, ready_line, spread, stream_body
 
 SITECUSTOMIZE = '''
 import errno, os, socket
@@ -229,3 +229,28 @@ async def test_a_restarted_worker_holds_none_of_the_main_process_fds(fake, make_
     rest = await asyncio.wait_for(reader.read(), 3)  # EOF once the main process closes it
     assert rest.startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_a_worker_sent_sigterm_alone_is_replaced_while_it_drains(fake, make_relayd):
+    """The main process kept its copy of the draining worker's socket in the group until
+    the worker was reaped: a share of new connections hung for the whole drain, and the
+    clean exit was logged as a crash ("worker exited unexpectedly", exit_code 0)."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO))
+    pids = ready_line(r)["worker_pids"]
+    body = stream_body(40)
+    sc = fake.add("alone", Scenario(body=body, chunking="lines", delay=0.05))  # ~2 s
+    fake.reset_stats()
+    streams = await spread(port, pids, sc, fake, 4)
+    victim = pids[0]
+    os.kill(victim, signal.SIGTERM)
+    assert wait_for(lambda: events(r, "worker draining; starting its replacement"))
+    for _ in range(20):  # while it drains: every new connection is answered
+        assert await asyncio.wait_for(get(port, "/local/echo"), 2) == 200
+    assert all(got == body for got, _ in await asyncio.gather(*streams))
+    assert wait_for(lambda: events(r, "worker drained"))
+    assert events(r, "worker drained")[0]["pid"] == victim
+    assert events(r, "worker drained")[0]["exit_code"] == 0
+    assert not events(r, "worker exited unexpectedly; restarting")
+    assert wait_for(lambda: victim not in children(r.proc.pid) and len(children(r.proc.pid)) == 2)
+    assert r.stop() == 0

@@ -43,7 +43,8 @@ Modules, in that order:
 - ``listeners``  binding listening sockets; the workers' ``SO_REUSEPORT`` listening group
 - ``supervisor``, ``workers``  ``workers: N``: the main process binds a socket per worker,
                  validates reloads once, forks and restarts workers, serves the admin
-                 listener with summed metrics (``mainadmin``)
+                 listener with summed metrics (``mainadmin``), pings the workers and
+                 kills a hung one (``heartbeat``)
 - ``tls``        the listener's certificate, re-read on reload
 - ``cli``        ``relayd run | check | --version``
 - ``demo``       a fake provider for ``make demo``

@@ -16,7 +16,8 @@ that serve them, and speaks for the whole service.
   at once and its replacement starts while it drains.
 - A worker that exits on its own is restarted (after 0.1 s, doubling up to 10 s while
   it keeps dying young), and logged.
-- sd_notify comes from here only; workers run without NOTIFY_SOCKET.
+- sd_notify comes from here only; workers run without NOTIFY_SOCKET.  Workers are pinged
+  (``heartbeat``): a silent one stops counting as serving, and is killed if it stays so.
 - The admin listener runs here (``mainadmin``).
 
 This process runs plain asyncio (it forks from inside its loop; see ``workers``), and
@@ -37,7 +38,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from . import lifecycle, listeners, logs, mainadmin, metrics, workers
+from . import heartbeat, lifecycle, listeners, logs, mainadmin, metrics, workers
 from .config import Config
 from .metrics import Metrics
 from .server import log_warnings
@@ -56,6 +57,8 @@ class Slot:
         self.generation = 0
         self.snapped = 0
         self.started = 0.0
+        self.heard = 0.0  # its last message (``heartbeat``)
+        self.quiet = False  # said to be silent
         self.crashes = 0
         self.exit_code: int | None = None
         self.sockets: list[socket.socket] = []  # its listening sockets in the group
@@ -73,7 +76,7 @@ class Supervisor(lifecycle.Reloads):
         self.admin: web.AppRunner | None = None
         self.draining = False
         self.stopping = asyncio.Event()
-        self._changed = asyncio.Event()
+        self.changed = asyncio.Event()
         self._signals = 0
         self.dir = tempfile.mkdtemp(prefix="relayd-metrics-")
         metrics.use_multiprocess(self.dir)
@@ -120,7 +123,7 @@ class Supervisor(lifecycle.Reloads):
                           worker_pids=[s.pid for s in self.slots])
             log_warnings(self.log, cfg)
             lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
-        dog = loop.create_task(self._watchdog())
+        dog = loop.create_task(heartbeat.run(self))
         lifecycle.tune_gc()
         await self.stopping.wait()
         code = await self._drain()
@@ -129,7 +132,11 @@ class Supervisor(lifecycle.Reloads):
         return code
 
     def serves(self, slot: Slot) -> bool:
-        return slot.ready
+        return slot.ready and self.answers(slot)
+
+    @staticmethod
+    def answers(slot: Slot) -> bool:
+        return time.monotonic() - slot.heard <= heartbeat.SILENT_AFTER
 
     @property
     def n_serving(self) -> int:
@@ -172,7 +179,7 @@ class Supervisor(lifecycle.Reloads):
         finally:  # (the child never gets here: it leaves through os._exit)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
-        slot.pid, slot.ready, slot.exit_code = pid, False, None
+        slot.pid, slot.ready, slot.exit_code, slot.quiet = pid, False, None, False
         slot.chan = workers.Channel(ours)
         asyncio.get_running_loop().create_task(self._listen(slot, slot.chan))
 
@@ -190,6 +197,10 @@ class Supervisor(lifecycle.Reloads):
         while (msg := await chan.recv()) is not None:
             if slot.chan is not chan or slot.pid is None:
                 continue  # a dead (or retired) worker's last words: its slot is not its own
+            slot.heard = time.monotonic()
+            if slot.quiet:
+                slot.quiet = False
+                self.log.info("worker answering again", worker=slot.wid, pid=slot.pid)
             if msg[0] == "ready":
                 slot.ready, slot.generation = True, msg[1]
                 self.log.info("worker serving", worker=slot.wid, pid=slot.pid, generation=msg[1])
@@ -203,7 +214,7 @@ class Supervisor(lifecycle.Reloads):
                 slot.snapped = msg[1]
             elif msg[0] == "draining" and not self.draining:
                 self._retire(slot, chan)
-            self._changed.set()
+            self.changed.set()
         chan.close()
 
     def _retire(self, slot: Slot, chan: workers.Channel) -> None:
@@ -215,9 +226,9 @@ class Supervisor(lifecycle.Reloads):
         slot.pid, slot.chan, slot.ready = None, None, False
         self._close_listeners([slot])
         self.log.info("worker draining; starting its replacement", worker=slot.wid, pid=pid)
-        self._changed.set()
+        self.changed.set()
         asyncio.get_running_loop().call_later(
-            self.config.shutdown_grace + 5, self._kill_pid, pid, signal.SIGKILL)
+            self.config.shutdown_grace + 5, self.kill_pid, pid, signal.SIGKILL)
         self._spawn(slot)
 
     def _reap(self) -> None:
@@ -235,7 +246,7 @@ class Supervisor(lifecycle.Reloads):
                 self.retiring.pop(pid).close()
                 (self.log.info if code == 0 else self.log.error)(
                     "worker drained", pid=pid, exit_code=code)
-                self._changed.set()
+                self.changed.set()
             if slot is None:
                 continue
             slot.pid, slot.ready, slot.exit_code = None, False, code
@@ -243,7 +254,7 @@ class Supervisor(lifecycle.Reloads):
             if slot.chan is not None:
                 slot.chan.close()
                 slot.chan = None
-            self._changed.set()
+            self.changed.set()
             if not self.draining:
                 self._restart(slot, pid, code)
 
@@ -275,12 +286,12 @@ class Supervisor(lifecycle.Reloads):
         """Wait for a state the workers' messages (or exits) bring about."""
         end = None if timeout is None else time.monotonic() + timeout
         while not done():
-            self._changed.clear()
+            self.changed.clear()
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 return False
             try:
-                await asyncio.wait_for(self._changed.wait(), left)
+                await asyncio.wait_for(self.changed.wait(), left)
             except asyncio.TimeoutError:
                 return done()
         return True
@@ -303,12 +314,14 @@ class Supervisor(lifecycle.Reloads):
             assert slot.chan is not None
             slot.chan.send("config", gen, new)
         # a worker that dies meanwhile is restarted on the new config: it does not count
-        swapped = await self.until(lambda: all(s.generation >= gen for s in self._live()
-                                               if self.serves(s)), 30)
+        await self.until(lambda: all(s.generation >= gen for s in self._live()
+                                     if self.serves(s)), 30)
+        behind = [s.wid for s in self._live() if s.generation < gen]  # hung, or slower than 30 s
         self.metrics.reloads.labels("ok").inc()
         self.metrics.generation.set(gen)
-        self.log.info("reload ok", config=self.path, generation=gen, routes=len(new.routes),
-                      upstreams=len(new.upstreams), workers_swapped=swapped)
+        (self.log.warning if behind else self.log.info)(
+            "reload incomplete" if behind else "reload ok", config=self.path, generation=gen,
+            routes=len(new.routes), upstreams=len(new.upstreams), workers_behind=behind)
         log_warnings(self.log, new)
         lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}")
         return True
@@ -320,7 +333,7 @@ class Supervisor(lifecycle.Reloads):
         if self._signals > 1:
             self.log.warning("second stop signal: exiting now", signal=signal.Signals(sig).name)
             for pid in self._pids():
-                self._kill_pid(pid, signal.SIGKILL)
+                self.kill_pid(pid, signal.SIGKILL)
             sys.stdout.flush()
             shutil.rmtree(self.dir, ignore_errors=True)
             os._exit(1)
@@ -332,7 +345,7 @@ class Supervisor(lifecycle.Reloads):
         """Every worker process, those draining on their own included."""
         return [s.pid for s in self._live() if s.pid is not None] + list(self.retiring)
 
-    def _kill_pid(self, pid: int, sig: int) -> None:
+    def kill_pid(self, pid: int, sig: int) -> None:
         if pid in self._pids():  # (not reaped: the pid is still ours)
             try:
                 os.kill(pid, sig)
@@ -346,12 +359,12 @@ class Supervisor(lifecycle.Reloads):
             if slot.restart is not None:
                 slot.restart.cancel()
             if slot.pid is not None:
-                self._kill_pid(slot.pid, signal.SIGTERM)
+                self.kill_pid(slot.pid, signal.SIGTERM)
         self._close_listeners(self.slots)  # with the workers' copies closed too, connections are refused
         if not await self.until(lambda: not self._pids(), self.config.shutdown_grace + 5):
             self.log.error("workers did not finish draining; killing them", pids=self._pids())
             for pid in self._pids():
-                self._kill_pid(pid, signal.SIGKILL)
+                self.kill_pid(pid, signal.SIGKILL)
             await self.until(lambda: not self._pids(), 5)
         if self.admin is not None:
             await self.admin.cleanup()
@@ -360,12 +373,3 @@ class Supervisor(lifecycle.Reloads):
             self.log.error("workers exited with errors", exit_codes=codes)
             return 1
         return 0
-
-    async def _watchdog(self) -> None:
-        usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-        every, ping = 10.0, False
-        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
-            every, ping = min(every, int(usec) / 2e6), True
-        while True:
-            await asyncio.sleep(every)
-            lifecycle.notify(("WATCHDOG=1\n" if ping else "") + f"STATUS={self.status_line()}")

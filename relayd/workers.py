@@ -11,9 +11,9 @@ and is dropped (``_keep_only``), the epoll one included.  It never returns into 
 parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
-Main → worker: ``("config", generation, Config)``, ``("snap", n)``.  Worker → main:
+Main → worker: ``("config", generation, Config)``, ``("snap", n)``, ``("ping",)``.  Worker → main:
 ``("ready", generation)``, ``("swapped", generation)``, ``("snapped", n)``,
-``("draining",)``.
+``("draining",)``, ``("pong",)``.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ async def _obey(chan: Channel, daemon: Any) -> None:
                 daemon.apply(msg[2], msg[1])
                 daemon.log.info("config swapped", generation=msg[1])
             chan.send("swapped", msg[1])
+        elif msg[0] == "ping":  # (``heartbeat``: this loop still turns)
+            chan.send("pong")
         elif msg[0] == "snap":
             app = daemon.app
             app.metrics.refresh(app.registry.pools(), len(app.active))

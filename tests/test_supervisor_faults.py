@@ -254,3 +254,74 @@ async def test_a_worker_sent_sigterm_alone_is_replaced_while_it_drains(fake, mak
     assert not events(r, "worker exited unexpectedly; restarting")
     assert wait_for(lambda: victim not in children(r.proc.pid) and len(children(r.proc.pid)) == 2)
     assert r.stop() == 0
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.1)
+    return sock
+
+
+def received(sock: socket.socket, into: list[str]) -> list[str]:
+    while True:
+        try:
+            into.append(sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            return into
+
+
+async def test_a_hung_worker_is_not_ready_withholds_the_watchdog_and_is_killed(
+        fake, make_relayd, tmp_path):
+    """A stopped worker (SIGSTOP; a stuck event loop alike) kept /readyz 200 and the
+    WATCHDOG=1 pings going.  Now: not serving after 3 s of silence, no WATCHDOG=1 while it
+    is silent, SIGKILLed after half of WatchdogSec (here 2 s, so after 3 s) and restarted."""
+    port, admin = free_port(), free_port()
+    sock = notify_socket(tmp_path)
+    r = make_relayd(basic_config(fake.url, port, admin, top=TWO),
+                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"})
+    victim, other = ready_line(r)["worker_pids"]
+    msgs: list[str] = []
+    assert wait_for(lambda: any("WATCHDOG=1" in m for m in received(sock, msgs)))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: events(r, "worker not answering; killing it"), 8)
+        assert events(r, "worker not answering; killing it")[0]["pid"] == victim
+        status = [m for m in received(sock, msgs) if "1/2 workers serving" in m]
+        assert status and not any("WATCHDOG=1" in m for m in status)
+        assert wait_for(lambda: victim not in children(r.proc.pid) and len(children(r.proc.pid)) == 2)
+        new = (children(r.proc.pid) - {other}).pop()
+        assert wait_for(lambda: any(l.get("pid") == new for l in events(r, "worker serving")))
+        n = len(received(sock, msgs))
+        assert wait_for(lambda: any("WATCHDOG=1" in m and "2/2 workers serving" in m
+                                    for m in received(sock, msgs)[n:]))
+        assert (await readyz(admin))[0] == 200
+    finally:
+        if victim in children(r.proc.pid):
+            os.kill(victim, signal.SIGCONT)
+        sock.close()
+
+
+async def test_a_reload_with_a_hung_worker_is_logged_incomplete(fake, make_relayd):
+    """With a stopped worker a reload waited 30 s and was logged "reload ok"."""
+    port, admin = free_port(), free_port()
+    config = basic_config(fake.url, port, admin, top=TWO)
+    r = make_relayd(config)
+    victim, other = ready_line(r)["worker_pids"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: events(r, "worker not answering"), 6)
+        status, body = await readyz(admin)
+        assert status == 503 and body["workers_serving"] == 1
+        r.config.write_text(config + "  - {path: /extra, upstream: generic}\n")
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: events(r, "reload incomplete"), 5)
+        line = events(r, "reload incomplete")[0]
+        assert line["level"] == "warning" and line["workers_behind"] == [0]  # (worker_pids[0])
+        assert not events(r, "reload ok")
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert wait_for(lambda: events(r, "worker answering again"), 5)  # and it catches up
+    assert wait_for(lambda: any(l.get("generation") == 2 and l.get("worker") == 0
+                                for l in events(r, "config swapped")), 5)
+    assert (await readyz(admin))[0] == 200

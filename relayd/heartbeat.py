@@ -1,0 +1,69 @@
+"""Is every worker answering?  The main process pings each serving worker over its
+channel every second; a worker whose event loop is stuck (stopped, spinning, deadlocked)
+stops answering, while its process is alive and its socket still takes a share of new
+connections.
+
+- silent for ``SILENT_AFTER`` (3 s): not serving (/readyz 503, reloads stop waiting for
+  it), and the main process withholds systemd's ``WATCHDOG=1``;
+- silent for ``kill_after()``: SIGKILL, so it is restarted like a crashed worker: 30 s
+  (gunicorn's ``timeout``), or half of ``WatchdogSec`` when systemd's watchdog is on (15 s
+  with the shipped unit), so a hung worker is replaced before systemd restarts the whole
+  service for the missing pings (never under ``SILENT_AFTER``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from . import lifecycle
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+PING_EVERY, SILENT_AFTER, KILL_AFTER = 1.0, 3.0, 30.0
+
+
+def watchdog_usec() -> int | None:
+    """systemd's WatchdogSec in µs, when it watches this process."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+        return int(usec)
+    return None
+
+
+def kill_after(usec: int | None) -> float:
+    return KILL_AFTER if usec is None else max(SILENT_AFTER, min(KILL_AFTER, usec / 2e6))
+
+
+async def run(sup: Supervisor) -> None:
+    """Ping, judge silence, and tell systemd (status always; WATCHDOG=1 while every
+    worker answers)."""
+    usec = watchdog_usec()
+    every = 10.0 if usec is None else min(10.0, usec / 2e6)
+    kill, told = kill_after(usec), 0.0
+    while True:
+        await asyncio.sleep(min(PING_EVERY, every))
+        now = time.monotonic()
+        for slot in sup.slots:
+            if slot.pid is None or not slot.ready or slot.chan is None:
+                continue
+            silent = now - slot.heard
+            if silent > kill:
+                sup.log.error("worker not answering; killing it", worker=slot.wid,
+                              pid=slot.pid, silent_s=round(silent, 1))
+                sup.kill_pid(slot.pid, signal.SIGKILL)
+            elif silent > SILENT_AFTER and not slot.quiet:
+                slot.quiet = True
+                sup.log.warning("worker not answering", worker=slot.wid, pid=slot.pid,
+                                silent_s=round(silent, 1), kill_in_s=round(kill - silent, 1))
+            slot.chan.send("ping")
+        sup.changed.set()  # (silence changes who serves)
+        if now - told >= every - 0.01:
+            told = now
+            alive = all(sup.answers(s) for s in sup.slots if s.pid is not None and s.ready)
+            lifecycle.notify(("WATCHDOG=1\n" if usec is not None and alive else "")
+                             + f"STATUS={sup.status_line()}")

@@ -231,7 +231,7 @@ class Daemon(Reloads):
 
 def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
     """The file's new config, or None after logging "reload failed" once.  Listener
-    addresses are kept: changing them needs a restart."""
+    addresses and ``workers`` are kept: changing them needs a restart."""
     try:
         new = config_mod.load(path)
         if new.tls is not None:
@@ -250,6 +250,10 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
         log.warning("listen address changes need a restart; keeping the old listeners",
                     listen=str(old.listen), wanted=str(new.listen))
         new = replace(new, listen=old.listen, admin_listen=old.admin_listen)
+    if new.workers != old.workers:
+        log.warning("workers changes need a restart; keeping the running workers",
+                    workers=old.workers or "auto", wanted=new.workers or "auto")
+        new = replace(new, workers=old.workers)
     return new
 
 

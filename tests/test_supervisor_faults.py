@@ -325,3 +325,17 @@ async def test_a_reload_with_a_hung_worker_is_logged_incomplete(fake, make_relay
     assert wait_for(lambda: any(l.get("generation") == 2 and l.get("worker") == 0
                                 for l in events(r, "config swapped")), 5)
     assert (await readyz(admin))[0] == 200
+
+
+def test_changing_workers_on_reload_warns_that_it_needs_a_restart(fake, make_relayd):
+    """It was ignored without a word (as listener changes are, with a warning)."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO))
+    pids = children(r.proc.pid)
+    r.config.write_text(basic_config(fake.url, port, top="workers: 3"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: events(r, "reload ok"))
+    warning = events(r, "workers changes need a restart; keeping the running workers")
+    assert warning and warning[0]["level"] == "warning"
+    assert (warning[0]["workers"], warning[0]["wanted"]) == (2, 3)
+    assert children(r.proc.pid) == pids

@@ -132,10 +132,15 @@ class Daemon(Reloads):
         """The one place the client listener is created: on the sockets the main process
         bound, or on ones bound here (``workers: 1``)."""
         socks = self.sockets if self.sockets is not None else bind(self.app.config.listen, "listen")
+        tls = self.server.tls.context
+        # client_header covers the handshake too (asyncio's default is 60 s); the value at
+        # start holds until a restart
+        handshake = self.app.config.limits.client_header if tls is not None else None
         try:
             for sock in socks:
                 self.listeners.append(await loop.create_server(
-                    self.server, sock=sock, backlog=1024, ssl=self.server.tls.context))
+                    self.server, sock=sock, backlog=1024, ssl=tls,
+                    ssl_handshake_timeout=handshake if handshake and handshake > 0 else None))
         except OSError as exc:
             raise ListenError("listen", self.app.config.listen, exc) from None
 

@@ -339,3 +339,27 @@ def test_changing_workers_on_reload_warns_that_it_needs_a_restart(fake, make_rel
     assert warning and warning[0]["level"] == "warning"
     assert (warning[0]["workers"], warning[0]["wanted"]) == (2, 3)
     assert children(r.proc.pid) == pids
+
+
+@pytest.mark.parametrize("workers", ["workers: 1", TWO])
+@pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"])
+def test_a_stalled_tls_handshake_is_closed_after_client_header(
+        fake, make_relayd, tmp_path, workers, sent):
+    """The handshake was not covered by limits.client_header: a client that connected and
+    sent nothing (or half a ClientHello) held its connection for asyncio's 60 s."""
+    from test_tls import make_cert
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl CLI")
+    cert, key = make_cert(tmp_path / "tls", "relayd", 1)
+    port = free_port()
+    make_relayd(basic_config(fake.url, port, top=f"tls: {{cert: '{cert}', key: '{key}'}}\n"
+                             f"limits: {{client_header: 1s}}\n{workers}"))
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
+        s.sendall(sent)
+        s.settimeout(4)
+        started = time.monotonic()
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 2.5

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 
 from conftest import basic_config
-from fakes import Scenario, free_port
+from fakes import free_port
 from test_operations import wait_for
-from test_workers import TWO, children, get, ready_line, spread, stream_body
+from test_workers import TWO, children, get, ready_line, socket_inodes, streams_on_both
 
 SITECUSTOMIZE = '''
 import errno, os, socket
@@ -179,18 +179,6 @@ async def test_a_dead_workers_last_ready_message_does_not_mark_its_slot_ready(
         shutil.rmtree(sup.dir, ignore_errors=True)
 
 
-def socket_inodes(pid: int) -> set[str]:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(link[8:-1])
-    return out
-
-
 def listening_inodes(port: int) -> set[str]:
     with open("/proc/net/tcp") as f:
         return {cols[9] for cols in (l.split() for l in f.readlines()[1:])
@@ -235,13 +223,7 @@ async def test_a_worker_sent_sigterm_alone_is_replaced_while_it_drains(fake, mak
     """The main process kept its copy of the draining worker's socket in the group until
     the worker was reaped: a share of new connections hung for the whole drain, and the
     clean exit was logged as a crash ("worker exited unexpectedly", exit_code 0)."""
-    port = free_port()
-    r = make_relayd(basic_config(fake.url, port, top=TWO))
-    pids = ready_line(r)["worker_pids"]
-    body = stream_body(40)
-    sc = fake.add("alone", Scenario(body=body, chunking="lines", delay=0.05))  # ~2 s
-    fake.reset_stats()
-    streams = await spread(port, pids, sc, fake, 4)
+    r, port, pids, body, streams = await streams_on_both(fake, make_relayd, 40, 4)  # ~2 s
     victim = pids[0]
     os.kill(victim, signal.SIGTERM)
     assert wait_for(lambda: events(r, "worker draining; starting its replacement"))

@@ -44,8 +44,8 @@ def stream_body(n: int) -> bytes:
     return b"".join(events) + b"data: [DONE]\n\n"
 
 
-def client_conns(pid: int, port: int) -> int:
-    """Established connections to `port` that process `pid` holds (its accepted clients)."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -54,6 +54,12 @@ def client_conns(pid: int, port: int) -> int:
             continue
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
+    return inodes
+
+
+def client_conns(pid: int, port: int) -> int:
+    """Established connections to `port` that process `pid` holds (its accepted clients)."""
+    inodes = socket_inodes(pid)
     n = 0
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
@@ -240,14 +246,20 @@ def test_a_second_relayd_on_the_same_port_is_refused(fake, make_relayd, tmp_path
     assert f"cannot listen on 127.0.0.1:{port} (listen)" in out.stderr and "in use" in out.stderr
 
 
-async def test_drain_completes_streams_on_both_workers(fake, make_relayd):
+async def streams_on_both(fake, make_relayd, events: int, batch: int):
+    """Two workers, each holding some streams of `events` events 50 ms apart: (relayd,
+    port, worker pids, the body each stream must get, the stream tasks)."""
     port = free_port()
     r = make_relayd(basic_config(fake.url, port, top=TWO))
     pids = ready_line(r)["worker_pids"]
-    body = stream_body(30)
-    sc = fake.add("wdrain", Scenario(body=body, chunking="lines", delay=0.05))  # ~1.5 s
+    body = stream_body(events)
+    sc = fake.add(f"both{events}", Scenario(body=body, chunking="lines", delay=0.05))
     fake.reset_stats()
-    tasks = await spread(port, pids, sc, fake, 6)
+    return r, port, pids, body, await spread(port, pids, sc, fake, batch)
+
+
+async def test_drain_completes_streams_on_both_workers(fake, make_relayd):
+    r, port, pids, body, tasks = await streams_on_both(fake, make_relayd, 30, 6)  # ~1.5 s
     r.signal(signal.SIGTERM)
     results = await asyncio.gather(*tasks)
     assert all(got == body for got, _ in results)

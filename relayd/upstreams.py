@@ -80,6 +80,12 @@ class _Guarded(ResponseHandler):
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None and self._awaiting and self._read_timeout is None \
+                and self._payload_parser is None and not self._upgraded:
+            self._body_received(data)
+            sink()
+            return
         if not self._awaiting and data and not self.upgraded:  # mid-response: one attribute test
             self._poisoned()
             return
@@ -88,6 +94,24 @@ class _Guarded(ResponseHandler):
             self._poisoned()
         if self.sink is not None:
             self.sink()
+
+    def _body_received(self, data: bytes) -> None:
+        """A read of the body a stream took over, straight to the parser: what aiohttp's
+        ``data_received`` adds (a read-timeout re-arm relayd never asks for, the message
+        loop, websocket and upgrade branches) is a Python frame and a dozen tests per event.
+        Any message parsed now (a response after the body ended) is out of turn."""
+        parser = self._parser
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except Exception as exc:  # as aiohttp's: the connection is spent, the body failed
+            if self.transport is not None:
+                self.transport.close()
+            failure = (HttpProcessingError(code=exc.code, message=exc.message, headers=exc.headers)
+                       if isinstance(exc, HttpProcessingError) else HttpProcessingError())
+            self.set_exception(failure, exc)
+            return
+        if messages or (not self._awaiting and self._started_another()):
+            self._poisoned()
 
     def _started_another(self) -> bool:
         """After a response ended within a read: did the same read begin another one?

@@ -188,9 +188,10 @@ class App:
         if not raw.startswith("/"):  # absolute-form request target
             raw = request.rel_url.raw_path_qs
         path = raw.partition("?")[0]
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        # request.remote: the peer aiohttp already asked the transport for (each ask makes a
+        # new tuple, which a held stream would keep)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, path,
-                      peer[0] if peer else None)
+                      request.remote)
         self.active.add(ex)
         match: Match | None = None
         body: RequestBody | None = None
@@ -327,8 +328,7 @@ class App:
         parts = first_line.decode("latin-1").split(" ")
         method, target = (parts[0][:16], parts[1]) if len(parts) == 3 else ("-", "-")
         path = target.partition("?")[0]
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        ex = Exchange(request_id(None), method, path, peer[0] if peer else None)
+        ex = Exchange(request_id(None), method, path, request.remote)
         table = self.table
         assert table is not None
         match = table.match(path) if path.startswith("/") else None

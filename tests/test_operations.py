@@ -373,6 +373,7 @@ async def test_access_log_usage_metrics_and_redaction(fake, make_relayd):
               "ttfb_ms", "duration_ms", "bytes_in", "bytes_out", "events", "heartbeats", "injected_error",
               "client", "usage"}
     assert fields <= set(access[0])
+    assert all(a["client"] == "127.0.0.1" for a in access)  # the peer's address
     assert access[6]["status"] == 404
 
     m = await get_metrics(admin)

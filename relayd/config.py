@@ -53,10 +53,22 @@ class Timeouts:
     send: float = setting(60.0, Y.duration, "longest stall writing to the client")
 
 
+def _ca_bundle(path: str) -> None:
+    """A check for ``tls.ca_file``: a file of PEM certificates, loaded now as each pool will
+    load it.  Found only by the workers' pools, a bad bundle failed a reload in every worker
+    after ``check`` said ok."""
+    Y.existing_file(path)
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValueError(f"not a PEM certificate bundle: {path!r} ({getattr(exc, 'reason', None) or exc})") \
+            from None
+
+
 @dataclass(frozen=True)
 class TLS:
     verify: bool = setting(True, Y.boolean, "verify HTTPS upstreams")
-    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=Y.existing_file), "PEM bundle")
+    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=_ca_bundle), "PEM bundle")
 
 
 @dataclass(frozen=True)

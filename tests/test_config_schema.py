@@ -238,3 +238,16 @@ def test_each_key_declared_once_with_its_default():
         assert set(yamlconf.keys_of(cls)) == {f for f in cls.__dataclass_fields__}
     assert parse(BASE).upstreams["openai"].tls == cfg.TLS() and parse(BASE).limits == cfg.Limits()
     assert "upstream" in yamlconf.keys_of(cfg.Route)  # the YAML name, for the field 'upstreams'
+
+
+def test_a_ca_file_that_is_not_a_pem_bundle_is_a_config_error(tmp_path):
+    # Found only when each worker built its pools, a bad bundle failed a reload that
+    # `check` had passed; it is loaded at parse time now, like the pools will load it.
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    text = ("listen: 127.0.0.1:8080\nupstreams:\n"
+            f"  a: {{url: 'https://127.0.0.1:1', provider: openai, tls: {{ca_file: {bad}}}}}\n"
+            "routes:\n  - {path: /a, upstream: a}\n")
+    errs = errors(text)
+    assert len(errs) == 1 and errs[0].startswith("t.yaml:3: upstreams.a.tls.ca_file: not a PEM certificate bundle"), errs
+    assert "file not found" in errors(text.replace(str(bad), str(tmp_path / "missing.pem")))[0]

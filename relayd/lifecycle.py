@@ -157,7 +157,14 @@ class Daemon(Reloads):
             self.app.metrics.reloads.labels("failed").inc()
             notify(f"READY=1\nSTATUS=reload failed; {self.app.status_line()}")
             return False
-        self.apply(new)
+        try:
+            self.apply(new)
+        except Exception as exc:  # noqa: BLE001 - valid on paper, not buildable: keep serving
+            self.app.metrics.reloads.labels("failed").inc()
+            self.log.exception("reload failed", config=self.path, errors=[f"{type(exc).__name__}: {exc}"],
+                               hint="the running config stays")
+            notify(f"READY=1\nSTATUS=reload failed; {self.app.status_line()}")
+            return False
         self.app.metrics.reloads.labels("ok").inc()
         self.log.info("reload ok", config=self.path, generation=self.app.generation,
                       routes=len(new.routes), upstreams=len(new.upstreams))
@@ -167,10 +174,9 @@ class Daemon(Reloads):
 
     def apply(self, new: Config, generation: int | None = None) -> None:
         """Swap in a config that was already validated (here, or by the main process,
-        which numbers generations for all workers alike)."""
-        if new.log_level != self.app.config.log_level:
-            logs.configure(new.log_level)
-            self.log = logs.get()
+        which numbers generations for all workers alike).  Raises, with the running
+        config still in place, when the new one cannot be built."""
+        level = new.log_level != self.app.config.log_level
         if generation is not None:
             self.app.generation = generation - 1
         try:
@@ -181,6 +187,9 @@ class Daemon(Reloads):
         except ConfigError as exc:
             self.log.error("listener certificate not reloaded", errors=[str(p) for p in exc.problems])
         self.app.install(new)
+        if level:
+            logs.configure(new.log_level)
+            self.log = logs.get()
 
     # -- stop
 

@@ -72,6 +72,7 @@ class Supervisor(lifecycle.Reloads):
         self.slots = [Slot(i) for i in range(n)]
         self.retiring: dict[int, workers.Channel] = {}  # pid: a worker draining on its own
         self.generation = 1
+        self.swap_failed: dict[int, str] = {}  # worker id: why it could not take this generation
         self.group: listeners.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
         self.draining = False
@@ -210,6 +211,8 @@ class Supervisor(lifecycle.Reloads):
                     chan.send("config", self.generation, self.config)
             elif msg[0] == "swapped":
                 slot.generation = msg[1]
+            elif msg[0] == "swap_failed" and msg[1] == self.generation:
+                self.swap_failed[slot.wid] = msg[2]
             elif msg[0] == "snapped":
                 slot.snapped = msg[1]
             elif msg[0] == "draining" and not self.draining:
@@ -305,18 +308,21 @@ class Supervisor(lifecycle.Reloads):
             self.metrics.reloads.labels("failed").inc()
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
-        if new.log_level != self.config.log_level:
-            logs.configure(new.log_level)
-            self.log = logs.get()
-        self.config, self.generation = new, self.generation + 1
-        gen = self.generation
-        for slot in self._live():
-            assert slot.chan is not None
-            slot.chan.send("config", gen, new)
-        # a worker that dies meanwhile is restarted on the new config: it does not count
-        await self.until(lambda: all(s.generation >= gen for s in self._live()
-                                     if self.serves(s)), 30)
-        behind = [s.wid for s in self._live() if s.generation < gen]  # hung, or slower than 30 s
+        old = self.config
+        gen = await self._send_config(new)
+        if self.swap_failed:
+            # A config valid on paper that a worker could not build (its pools): the
+            # workers that took it go back, as a generation of its own, and restarts use
+            # the config that works.
+            failed = dict(self.swap_failed)
+            await self._send_config(old)
+            self.metrics.reloads.labels("failed").inc()
+            self.log.error("reload failed", config=self.path, generation=gen,
+                           errors=[f"worker {w}: {why}" for w, why in sorted(failed.items())],
+                           hint="every worker is back on the previous config")
+            lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
+            return False
+        behind = [s.wid for s in self._live() if s.ready and s.generation < gen]  # hung, > 30 s
         self.metrics.reloads.labels("ok").inc()
         self.metrics.generation.set(gen)
         (self.log.warning if behind else self.log.info)(
@@ -325,6 +331,23 @@ class Supervisor(lifecycle.Reloads):
         log_warnings(self.log, new)
         lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}")
         return True
+
+    async def _send_config(self, new: Config) -> int:
+        """Make ``new`` the config of a new generation, send it to every worker, and wait
+        (30 s at most) until each serving worker took it or said it could not."""
+        if new.log_level != self.config.log_level:
+            logs.configure(new.log_level)
+            self.log = logs.get()
+        self.config, self.generation = new, self.generation + 1
+        gen = self.generation
+        self.swap_failed = {}
+        for slot in self._live():
+            assert slot.chan is not None
+            slot.chan.send("config", gen, new)
+        # a worker that dies meanwhile is restarted on the new config: it does not count
+        await self.until(lambda: all(s.generation >= gen or s.wid in self.swap_failed
+                                     for s in self._live() if self.serves(s)), 30)
+        return gen
 
     # -- stop
 

@@ -162,7 +162,14 @@ async def _obey(chan: Channel, daemon: Any) -> None:
             return
         if msg[0] == "config":
             if msg[1] > daemon.app.generation:  # (sent twice to a worker that was starting)
-                daemon.apply(msg[2], msg[1])
+                try:
+                    daemon.apply(msg[2], msg[1])
+                except Exception as exc:  # noqa: BLE001 - the loop must go on answering
+                    # The running table stays; the main process rolls every worker back.
+                    daemon.log.exception("config not applied; keeping the running one",
+                                         generation=msg[1])
+                    chan.send("swap_failed", msg[1], f"{type(exc).__name__}: {exc}"[:300])
+                    continue
                 daemon.log.info("config swapped", generation=msg[1])
             chan.send("swapped", msg[1])
         elif msg[0] == "ping":  # (``heartbeat``: this loop still turns)

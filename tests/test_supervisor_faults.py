@@ -43,6 +43,16 @@ def socketpair(*args, **kwargs):
     return _socketpair(*args, **kwargs)
 
 os.fork, socket.socketpair = fork, socketpair
+
+import ssl
+_context = ssl.create_default_context
+
+def create_default_context(*args, cafile=None, **kwargs):  # a pool's, not ca_file's validation
+    if cafile is None and os.path.exists(_trigger + ".ssl"):
+        raise ssl.SSLError("injected: pool cannot be built")
+    return _context(*args, cafile=cafile, **kwargs)
+
+ssl.create_default_context = create_default_context
 '''
 
 
@@ -345,3 +355,34 @@ def test_a_stalled_tls_handshake_is_closed_after_client_header(
         except ConnectionResetError:
             pass
         assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("workers", [TWO, "workers: 1"])
+async def test_a_reload_the_workers_cannot_build_is_rolled_back(fake, make_relayd, tmp_path, workers):
+    # Valid on paper (the main process validated it) but a worker's pools failed to build:
+    # the worker's loop died silently, stopped answering pings and was killed, and every
+    # restart forked with the config it could not build. Now the reload fails, loudly,
+    # and every worker stays (or goes back) on the previous config.
+    env, trigger = faulty(tmp_path)
+    port, admin = free_port(), free_port()
+    config = basic_config(fake.url, port, admin, top=workers)
+    r = make_relayd(config, env=env)
+    pids = set(ready_line(r).get("worker_pids", ()))
+    Path(str(trigger) + ".ssl").touch()
+    r.config.write_text(config.replace("upstreams:\n", "upstreams:\n  tls: {url: 'https://127.0.0.1:1', "
+                                       "provider: openai}\n", 1) + "  - {path: /extra, upstream: tls}\n")
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: events(r, "reload failed"), 10)
+    failed = events(r, "reload failed")[0]
+    assert failed["level"] == "error" and "injected" in " ".join(failed["errors"])
+    assert not events(r, "reload ok") and not events(r, "reload incomplete")
+    for _ in range(6):  # both workers serve the previous routes
+        assert await get(port, "/extra/x") == 404 and await get(port, "/local/echo") == 200
+    status, body = await readyz(admin)
+    assert status == 200 and body.get("workers_serving", 2) == 2
+    assert set(children(r.proc.pid)) == pids  # nobody was killed or restarted
+    os.unlink(str(trigger) + ".ssl")
+    r.signal(signal.SIGHUP)  # the same file, buildable now
+    assert wait_for(lambda: events(r, "reload ok"), 10)
+    for _ in range(6):
+        assert await get(port, "/local/echo") == 200

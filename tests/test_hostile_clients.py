@@ -521,7 +521,8 @@ async def test_trace_and_connect_get_405_and_never_reach_the_upstream(tmp_path, 
     assert got and got[0][0] == 405, data[:300]
     status, headers, body = got[0]
     assert "GET" in headers["allow"] and "TRACE" not in headers["allow"]
-    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    error = json.loads(body)["error"]
+    assert error["code"] == "method_not_allowed" and error["type"] == "invalid_request_error"
     assert len(got) == 1  # the connection closes: what follows a CONNECT is not HTTP
     assert fake.requests == []
 
@@ -537,7 +538,8 @@ async def test_a_transfer_coding_other_than_chunked_gets_501(tmp_path, fake, cod
             b"Transfer-Encoding: " + coding + b"\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
     got = responses(data)
     assert got and got[0][0] == 501, data[:300]
-    assert json.loads(got[0][2])["error"]["code"] == "unsupported_transfer_encoding"
+    error = json.loads(got[0][2])["error"]
+    assert error["code"] == "unsupported_transfer_encoding" and error["type"] == "invalid_request_error"
     assert fake.requests == []
 
 

@@ -49,6 +49,12 @@ async def run(sup: Supervisor) -> None:
         await asyncio.sleep(min(PING_EVERY, every))
         now = time.monotonic()
         for slot in sup.slots:
+            if slot.pid is not None and not slot.ready and now - slot.started > kill:
+                # stuck before it ever served (no ping is sent to a starting worker)
+                sup.log.error("worker not answering; killing it", worker=slot.wid, pid=slot.pid,
+                              starting_s=round(now - slot.started, 1))
+                sup.kill_pid(slot.pid, signal.SIGKILL)
+                continue
             if slot.pid is None or not slot.ready or slot.chan is None:
                 continue
             silent = now - slot.heard

@@ -70,7 +70,8 @@ class Supervisor(lifecycle.Reloads):
         self.path, self.config, self.loop_name = path, config, loop
         self.log = logs.get()
         self.slots = [Slot(i) for i in range(n)]
-        self.retiring: dict[int, workers.Channel] = {}  # pid: a worker draining on its own
+        # pid: (channel, slot) of a worker draining on its own
+        self.retiring: dict[int, tuple[workers.Channel, Slot]] = {}
         self.generation = 1
         self.swap_failed: dict[int, str] = {}  # worker id: why it could not take this generation
         self.group: listeners.ListenGroup | None = None
@@ -154,9 +155,10 @@ class Supervisor(lifecycle.Reloads):
 
     def _spawn(self, slot: Slot) -> None:
         slot.restart = None
-        if self.draining:
+        if self.draining or self.stopping.is_set():
             return
         slot.started = time.monotonic()  # every attempt: one that fails at once died young
+        slot.generation = 0  # its predecessor's is not its own: it says its own when ready
         if not slot.sockets:
             assert self.group is not None
             try:
@@ -215,8 +217,8 @@ class Supervisor(lifecycle.Reloads):
                 self.swap_failed[slot.wid] = msg[2]
             elif msg[0] == "snapped":
                 slot.snapped = msg[1]
-            elif msg[0] == "draining" and not self.draining:
-                self._retire(slot, chan)
+            elif msg[0] == "draining" and not self.draining and not self.stopping.is_set():
+                self._retire(slot, chan)  # (not a stop of the whole service: systemctl kill)
             self.changed.set()
         chan.close()
 
@@ -225,14 +227,16 @@ class Supervisor(lifecycle.Reloads):
         group now (it closed its copy; ours would queue new connections for nobody), and
         its replacement starts while it drains."""
         assert slot.pid is not None
-        pid, self.retiring[slot.pid] = slot.pid, chan
+        pid, self.retiring[slot.pid] = slot.pid, (chan, slot)
         slot.pid, slot.chan, slot.ready = None, None, False
         self._close_listeners([slot])
         self.log.info("worker draining; starting its replacement", worker=slot.wid, pid=pid)
         self.changed.set()
-        asyncio.get_running_loop().call_later(
-            self.config.shutdown_grace + 5, self.kill_pid, pid, signal.SIGKILL)
-        self._spawn(slot)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.config.shutdown_grace + 5, self.kill_pid, pid, signal.SIGKILL)
+        # A turn later, through the restart timer the drain cancels: the same SIGTERM sent
+        # to every process (``systemctl kill``) reaches the main process in a moment.
+        slot.restart = loop.call_later(RESTART_MIN, self._spawn, slot)
 
     def _reap(self) -> None:
         while True:
@@ -246,7 +250,10 @@ class Supervisor(lifecycle.Reloads):
             metrics.process_gone(pid, self.dir)
             slot = next((s for s in self.slots if s.pid == pid), None)
             if pid in self.retiring:
-                self.retiring.pop(pid).close()
+                chan, retired = self.retiring.pop(pid)
+                chan.close()
+                if retired.pid is None:  # no replacement yet (a stop cancelled it): its code counts
+                    retired.exit_code = code
                 (self.log.info if code == 0 else self.log.error)(
                     "worker drained", pid=pid, exit_code=code)
                 self.changed.set()
@@ -258,7 +265,7 @@ class Supervisor(lifecycle.Reloads):
                 slot.chan.close()
                 slot.chan = None
             self.changed.set()
-            if not self.draining:
+            if not self.draining and not self.stopping.is_set():  # (a stop's SIGTERM reached it first)
                 self._restart(slot, pid, code)
 
     @staticmethod

@@ -386,3 +386,64 @@ async def test_a_reload_the_workers_cannot_build_is_rolled_back(fake, make_relay
     assert wait_for(lambda: events(r, "reload ok"), 10)
     for _ in range(6):
         assert await get(port, "/local/echo") == 200
+
+
+async def test_sigterm_to_every_process_at_once_starts_no_replacement(fake, make_relayd):
+    # `systemctl kill` sends SIGTERM to every process of the unit: a worker's "draining"
+    # could reach the main process before its own SIGTERM did, and a replacement worker
+    # was forked into the shutdown (and took new connections while the service stopped).
+    for _ in range(3):
+        port = free_port()
+        r = make_relayd(basic_config(fake.url, port, top=TWO))
+        pids = ready_line(r)["worker_pids"]
+        for pid in [*pids, r.proc.pid]:
+            os.kill(pid, signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, r.proc.wait, 15) == 0
+        # (a worker's "draining" may still come first: its replacement waits a moment for
+        # the stop, which cancels it)
+        assert len(events(r, "worker serving")) == 2  # no third worker
+        assert not events(r, "worker exited unexpectedly; restarting")
+
+
+async def test_a_reload_while_a_worker_restarts_is_not_incomplete(fake, make_relayd):
+    # A worker forked but not yet ready carried its predecessor's generation, and was
+    # named behind by a reload that it then took as soon as it was ready.
+    port = free_port()
+    config = basic_config(fake.url, port, top=TWO)
+    r = make_relayd(config)
+    old = set(ready_line(r)["worker_pids"])
+    os.kill(next(iter(old)), signal.SIGKILL)
+    end = time.monotonic() + 5
+    while not (new := children(r.proc.pid) - old) and time.monotonic() < end:
+        time.sleep(0.001)
+    (starting,) = new
+    os.kill(starting, signal.SIGSTOP)  # held before it can say "ready"
+    try:
+        assert not any(l.get("pid") == starting for l in events(r, "worker serving"))
+        r.config.write_text(config + "  - {path: /extra, upstream: generic}\n")
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: events(r, "reload ok") or events(r, "reload incomplete"), 10)
+        assert not events(r, "reload incomplete")
+    finally:
+        os.kill(starting, signal.SIGCONT)
+    assert wait_for(lambda: any(l.get("pid") == starting for l in events(r, "worker serving")), 5)
+    for _ in range(6):  # and both workers serve the new route
+        assert await get(port, "/extra/echo") == 200
+
+
+async def test_a_worker_stuck_before_ready_is_killed_and_restarted(fake, make_relayd):
+    # Pings go to serving workers only: one stuck in its start-up was never killed, and
+    # its slot never served again.  (WatchdogSec 6 s: the kill comes after 3 s.)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO), env={"WATCHDOG_USEC": "6000000"})
+    old = set(ready_line(r)["worker_pids"])
+    os.kill(next(iter(old)), signal.SIGKILL)
+    end = time.monotonic() + 5
+    while not (new := children(r.proc.pid) - old) and time.monotonic() < end:
+        time.sleep(0.001)
+    (stuck,) = new
+    os.kill(stuck, signal.SIGSTOP)
+    assert wait_for(lambda: any(l.get("pid") == stuck for l in events(r, "worker not answering; killing it")), 10)
+    assert wait_for(lambda: len(events(r, "worker serving")) == 3, 5)  # its replacement serves
+    for _ in range(6):
+        assert await get(port, "/local/echo") == 200

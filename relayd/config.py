@@ -335,6 +335,9 @@ def _loopback(listen: Listen) -> bool:
         return False
 
 
+_SHORT_KEY = 16  # client keys shorter than this get a warning
+
+
 def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
     listen, admin, warnings = v["listen"], v["admin_listen"], []
     if admin is not None:
@@ -362,6 +365,9 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
         owners.setdefault(c.key_sha256, c.name)
         if c.key:
             w.secrets.add(c.key)
+            if len(c.key) < _SHORT_KEY:  # a warning, not an error: configs that run today keep running
+                warnings.append(f"clients.{c.name}: the key is {len(c.key)} characters long and can be "
+                                f"guessed; use a long random one (openssl rand -hex 24)")
     w.secrets.update(u.api_key for u in v["upstreams"].values() if u.api_key)
     v["secrets"] = frozenset(s for s in w.secrets if s)
     v["warnings"] = tuple(warnings)

@@ -202,7 +202,7 @@ def test_admin_listen_checks_and_warnings():
     c = parse(public, {"K": "sk-x"})
     assert c.warnings == ("listen 0.0.0.0:8080 is not a loopback address, upstreams have API keys and there "
                           "is no clients: section: anyone who can reach 0.0.0.0:8080 spends your keys",)
-    assert parse(public + "clients:\n  a: {key: k}\n", {"K": "sk-x"}).warnings == ()
+    assert parse(public + "clients:\n  a: {key: k-0123456789abcdef}\n", {"K": "sk-x"}).warnings == ()
     assert parse(BASE.replace("127.0.0.1:8080", '"[::1]:8080"'), {"K": "sk-x"}).warnings == ()
 
 
@@ -251,3 +251,9 @@ def test_a_ca_file_that_is_not_a_pem_bundle_is_a_config_error(tmp_path):
     errs = errors(text)
     assert len(errs) == 1 and errs[0].startswith("t.yaml:3: upstreams.a.tls.ca_file: not a PEM certificate bundle"), errs
     assert "file not found" in errors(text.replace(str(bad), str(tmp_path / "missing.pem")))[0]
+
+
+def test_a_short_client_key_gets_a_warning_without_the_key():
+    c = parse(BASE + "clients:\n  a: {key: abc123}\n  b: {key: 0123456789abcdef0123}\n")
+    assert len(c.warnings) == 1, c.warnings
+    assert c.warnings[0].startswith("clients.a: the key is 6 characters long") and "abc123" not in c.warnings[0]

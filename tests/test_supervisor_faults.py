@@ -405,19 +405,26 @@ async def test_sigterm_to_every_process_at_once_starts_no_replacement(fake, make
         assert not events(r, "worker exited unexpectedly; restarting")
 
 
+def stop_a_restarting_worker(r) -> int:
+    """Kill a worker, and stop its replacement the moment it is forked (before it can say
+    "ready"); its pid."""
+    old = set(ready_line(r)["worker_pids"])
+    os.kill(next(iter(old)), signal.SIGKILL)
+    end = time.monotonic() + 5
+    while not (new := children(r.proc.pid) - old) and time.monotonic() < end:
+        time.sleep(0.001)
+    (pid,) = new
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
 async def test_a_reload_while_a_worker_restarts_is_not_incomplete(fake, make_relayd):
     # A worker forked but not yet ready carried its predecessor's generation, and was
     # named behind by a reload that it then took as soon as it was ready.
     port = free_port()
     config = basic_config(fake.url, port, top=TWO)
     r = make_relayd(config)
-    old = set(ready_line(r)["worker_pids"])
-    os.kill(next(iter(old)), signal.SIGKILL)
-    end = time.monotonic() + 5
-    while not (new := children(r.proc.pid) - old) and time.monotonic() < end:
-        time.sleep(0.001)
-    (starting,) = new
-    os.kill(starting, signal.SIGSTOP)  # held before it can say "ready"
+    starting = stop_a_restarting_worker(r)
     try:
         assert not any(l.get("pid") == starting for l in events(r, "worker serving"))
         r.config.write_text(config + "  - {path: /extra, upstream: generic}\n")
@@ -436,13 +443,7 @@ async def test_a_worker_stuck_before_ready_is_killed_and_restarted(fake, make_re
     # its slot never served again.  (WatchdogSec 6 s: the kill comes after 3 s.)
     port = free_port()
     r = make_relayd(basic_config(fake.url, port, top=TWO), env={"WATCHDOG_USEC": "6000000"})
-    old = set(ready_line(r)["worker_pids"])
-    os.kill(next(iter(old)), signal.SIGKILL)
-    end = time.monotonic() + 5
-    while not (new := children(r.proc.pid) - old) and time.monotonic() < end:
-        time.sleep(0.001)
-    (stuck,) = new
-    os.kill(stuck, signal.SIGSTOP)
+    stuck = stop_a_restarting_worker(r)
     assert wait_for(lambda: any(l.get("pid") == stuck for l in events(r, "worker not answering; killing it")), 10)
     assert wait_for(lambda: len(events(r, "worker serving")) == 3, 5)  # its replacement serves
     for _ in range(6):

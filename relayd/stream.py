@@ -353,9 +353,10 @@ class Stream:
             if self._clock is not None:
                 self._clock.stop()
                 self._clock = None  # the clock holds self._beat: no cycle for the GC to find
-            if self._proto is not None:
-                self._proto.sink = None
-                self._proto.pushed.clear()
+            proto = self._proto
+            if proto is not None and proto.sink == self.pump:  # (not if another request has it now)
+                proto.sink = None
+                proto.pushed.clear()
 
     def _start_clock(self) -> _Clock:
         loop = asyncio.get_running_loop()

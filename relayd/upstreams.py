@@ -76,6 +76,10 @@ class _Guarded(ResponseHandler):
         self._buffer = lean.SmallQueue()  # type: ignore[assignment]  # one response at a time
 
     def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
+        # A new request: the stream that took the last body over is done with this
+        # connection, though its handler may not have run yet to say so (it can be waiting
+        # for a slow client while the body ended and the connection went back to the pool).
+        self.sink = None
         self._awaiting, self._finals = True, 0
         super().set_response_params(**kwargs)
 

@@ -397,3 +397,16 @@ def test_stream_clock_does_not_spin_on_deadlines_closer_than_uvloops_tick() -> N
 
     _, fired = uvloop.run(_count_fires(60.0, 60.0, 0.0004, True, 0.2))
     assert fired < 400, fired
+
+
+async def test_a_new_request_on_a_pooled_connection_drops_the_last_streams_sink() -> None:
+    """A taken-over body can end (and its connection return to the pool) while its stream's
+    handler is still waiting for a slow client; the next request on that connection must
+    not find the old stream's sink set — its own response would be pushed to the old
+    stream's path and taken for an out-of-turn answer (a 502)."""
+    from relayd.upstreams import _Guarded
+
+    proto = _Guarded(loop=asyncio.get_running_loop())
+    proto.sink, proto.pushed = (lambda: None), []
+    proto.set_response_params(read_until_eof=True, auto_decompress=False)
+    assert proto.sink is None

@@ -53,22 +53,24 @@ class Timeouts:
     send: float = setting(60.0, Y.duration, "longest stall writing to the client")
 
 
-def _ca_bundle(path: str) -> None:
-    """A check for ``tls.ca_file``: a file of PEM certificates, loaded now as each pool will
-    load it.  Found only by the workers' pools, a bad bundle failed a reload in every worker
-    after ``check`` said ok."""
-    Y.existing_file(path)
-    try:
-        ssl.create_default_context(cafile=path)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        raise ValueError(f"not a PEM certificate bundle: {path!r} ({getattr(exc, 'reason', None) or exc})") \
-            from None
+def _finish_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
+    """``ca_file`` is loaded now, as the pools will load it (and into the same cache):
+    found only by the workers' pools, a bad bundle failed a reload in every worker after
+    ``check`` said ok.  Not with ``verify: false``, which ignores it."""
+    if v["verify"] and v["ca_file"] and "ca_file" in items:
+        from .upstreams import tls_context  # (upstreams imports this module)
+        try:
+            tls_context(v["ca_file"])
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            w.error(items["ca_file"][1], Y.join(path, "ca_file"),
+                    f"not a PEM certificate bundle: {v['ca_file']!r} ({why})")
 
 
 @dataclass(frozen=True)
 class TLS:
     verify: bool = setting(True, Y.boolean, "verify HTTPS upstreams")
-    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=_ca_bundle), "PEM bundle")
+    ca_file: str | None = setting(None, Y.string(empty_is_none=True, check=Y.existing_file), "PEM bundle")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Upstream:
                                   "wait for a pooled connection; null: the route's first_byte")
     keepalive: float = setting(60.0, Y.duration, "idle pooled connection lifetime")
     headers: tuple[tuple[str, str], ...] = setting((), _headers, "static upstream headers", repr=False)
-    tls: TLS = setting(TLS(), Y.nested(TLS), "verify, ca_file")
+    tls: TLS = setting(TLS(), Y.nested(TLS, finish=_finish_tls), "verify, ca_file")
     proxy: str | None = setting(None, Y.string(empty_is_none=True, check=_proxy), "egress HTTP proxy")
     breaker: Breaker = setting(Breaker(), Y.nested(Breaker), "passive circuit breaker")
 

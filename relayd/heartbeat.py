@@ -22,9 +22,19 @@ from typing import TYPE_CHECKING
 from . import lifecycle
 
 if TYPE_CHECKING:
-    from .supervisor import Supervisor
+    from .supervisor import Slot, Supervisor
 
 PING_EVERY, SILENT_AFTER, KILL_AFTER = 1.0, 3.0, 30.0
+# A start-up builds every pool: it can take seconds with hundreds of upstreams on a loaded
+# machine.  One is taken for stuck only past the kill delay and ten times the slowest
+# start-up seen so far.
+START_FACTOR = 10.0
+
+
+def silence(slot: "Slot", now: float) -> float:
+    """How long the worker has left a ping unanswered: time the main process did not ping
+    (its own loop busy, a reload's parse) is not the worker's silence."""
+    return 0.0 if slot.waiting is None else now - slot.waiting
 
 
 def watchdog_usec() -> int | None:
@@ -49,7 +59,8 @@ async def run(sup: Supervisor) -> None:
         await asyncio.sleep(min(PING_EVERY, every))
         now = time.monotonic()
         for slot in sup.slots:
-            if slot.pid is not None and not slot.ready and now - slot.started > kill:
+            if (slot.pid is not None and not slot.ready
+                    and now - slot.started > max(kill, START_FACTOR * sup.slowest_start)):
                 # stuck before it ever served (no ping is sent to a starting worker)
                 sup.log.error("worker not answering; killing it", worker=slot.wid, pid=slot.pid,
                               starting_s=round(now - slot.started, 1))
@@ -57,7 +68,7 @@ async def run(sup: Supervisor) -> None:
                 continue
             if slot.pid is None or not slot.ready or slot.chan is None:
                 continue
-            silent = now - slot.heard
+            silent = silence(slot, now)
             if silent > kill:
                 sup.log.error("worker not answering; killing it", worker=slot.wid,
                               pid=slot.pid, silent_s=round(silent, 1))
@@ -67,6 +78,8 @@ async def run(sup: Supervisor) -> None:
                 sup.log.warning("worker not answering", worker=slot.wid, pid=slot.pid,
                                 silent_s=round(silent, 1), kill_in_s=round(kill - silent, 1))
             slot.chan.send("ping")
+            if slot.waiting is None:
+                slot.waiting = now
         sup.changed.set()  # (silence changes who serves)
         if now - told >= every - 0.01:
             told = now

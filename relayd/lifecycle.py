@@ -177,16 +177,22 @@ class Daemon(Reloads):
         which numbers generations for all workers alike).  Raises, with the running
         config still in place, when the new one cannot be built."""
         level = new.log_level != self.app.config.log_level
+        current = self.app.generation
         if generation is not None:
             self.app.generation = generation - 1
         try:
+            self.app.install(new)
+        except BaseException:
+            self.app.generation = current
+            raise
+        try:
             # (A worker restarted after a reload applies it before it listens: its server,
-            # made at start, reads the new config's certificate then.)
+            # made at start, reads the new config's certificate then.)  After the table:
+            # a config that cannot be built changes nothing, the certificate included.
             if self.server is not None:
                 self.server.tls.reload(new, self.path)  # checked already: this only swaps the pair
         except ConfigError as exc:
             self.log.error("listener certificate not reloaded", errors=[str(p) for p in exc.problems])
-        self.app.install(new)
         if level:
             logs.configure(new.log_level)
             self.log = logs.get()

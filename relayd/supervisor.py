@@ -57,7 +57,8 @@ class Slot:
         self.generation = 0
         self.snapped = 0
         self.started = 0.0
-        self.heard = 0.0  # its last message (``heartbeat``)
+        self.heard = 0.0  # its last message
+        self.waiting: float | None = None  # when the oldest unanswered ping was sent (``heartbeat``)
         self.quiet = False  # said to be silent
         self.crashes = 0
         self.exit_code: int | None = None
@@ -74,6 +75,7 @@ class Supervisor(lifecycle.Reloads):
         self.retiring: dict[int, tuple[workers.Channel, Slot]] = {}
         self.generation = 1
         self.swap_failed: dict[int, str] = {}  # worker id: why it could not take this generation
+        self.slowest_start = 0.0  # fork to "ready", the longest seen (``heartbeat``)
         self.group: listeners.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
         self.draining = False
@@ -138,7 +140,7 @@ class Supervisor(lifecycle.Reloads):
 
     @staticmethod
     def answers(slot: Slot) -> bool:
-        return time.monotonic() - slot.heard <= heartbeat.SILENT_AFTER
+        return heartbeat.silence(slot, time.monotonic()) <= heartbeat.SILENT_AFTER
 
     @property
     def n_serving(self) -> int:
@@ -182,7 +184,7 @@ class Supervisor(lifecycle.Reloads):
         finally:  # (the child never gets here: it leaves through os._exit)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         theirs.close()
-        slot.pid, slot.ready, slot.exit_code, slot.quiet = pid, False, None, False
+        slot.pid, slot.ready, slot.exit_code, slot.quiet, slot.waiting = pid, False, None, False, None
         slot.chan = workers.Channel(ours)
         asyncio.get_running_loop().create_task(self._listen(slot, slot.chan))
 
@@ -200,12 +202,13 @@ class Supervisor(lifecycle.Reloads):
         while (msg := await chan.recv()) is not None:
             if slot.chan is not chan or slot.pid is None:
                 continue  # a dead (or retired) worker's last words: its slot is not its own
-            slot.heard = time.monotonic()
+            slot.heard, slot.waiting = time.monotonic(), None
             if slot.quiet:
                 slot.quiet = False
                 self.log.info("worker answering again", worker=slot.wid, pid=slot.pid)
             if msg[0] == "ready":
                 slot.ready, slot.generation = True, msg[1]
+                self.slowest_start = max(self.slowest_start, time.monotonic() - slot.started)
                 self.log.info("worker serving", worker=slot.wid, pid=slot.pid, generation=msg[1])
                 if msg[1] < self.generation:
                     # Forked before a reload whose order it could not get yet (the
@@ -311,6 +314,9 @@ class Supervisor(lifecycle.Reloads):
     async def reload(self) -> bool:
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         new = lifecycle.load_for_reload(self.path, self.config, self.log)
+        if self.stopping.is_set():  # a stop came while the file was read: it wins
+            self.log.info("reload dropped: draining", config=self.path)
+            return False
         if new is None:
             self.metrics.reloads.labels("failed").inc()
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
@@ -322,11 +328,19 @@ class Supervisor(lifecycle.Reloads):
             # workers that took it go back, as a generation of its own, and restarts use
             # the config that works.
             failed = dict(self.swap_failed)
-            await self._send_config(old)
+            back = await self._send_config(old)
+            self.metrics.generation.set(back)
+            # A worker that cannot build the previous config again either (its pools for
+            # it were retired) is replaced: its restart forks with the previous config.
+            stuck = sorted(self.swap_failed)
+            for slot in self.slots:
+                if slot.wid in stuck and slot.pid is not None:
+                    self.kill_pid(slot.pid, signal.SIGTERM)
             self.metrics.reloads.labels("failed").inc()
             self.log.error("reload failed", config=self.path, generation=gen,
                            errors=[f"worker {w}: {why}" for w, why in sorted(failed.items())],
-                           hint="every worker is back on the previous config")
+                           hint="every worker is back on the previous config",
+                           workers_replaced=stuck)
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
         behind = [s.wid for s in self._live() if s.ready and s.generation < gen]  # hung, > 30 s

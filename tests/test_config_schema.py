@@ -251,6 +251,7 @@ def test_a_ca_file_that_is_not_a_pem_bundle_is_a_config_error(tmp_path):
     errs = errors(text)
     assert len(errs) == 1 and errs[0].startswith("t.yaml:3: upstreams.a.tls.ca_file: not a PEM certificate bundle"), errs
     assert "file not found" in errors(text.replace(str(bad), str(tmp_path / "missing.pem")))[0]
+    parse(text.replace("tls: {", "tls: {verify: false, "))  # verify off ignores ca_file, as before
 
 
 def test_a_short_client_key_gets_a_warning_without_the_key():

@@ -410,3 +410,16 @@ async def test_a_new_request_on_a_pooled_connection_drops_the_last_streams_sink(
     proto.sink, proto.pushed = (lambda: None), []
     proto.set_response_params(read_until_eof=True, auto_decompress=False)
     assert proto.sink is None
+
+
+def test_worker_silence_counts_from_the_oldest_unanswered_ping() -> None:
+    """A main process that could not ping (its loop busy parsing a big config) must not
+    take its own stall for the workers' silence: only an unanswered ping counts."""
+    from relayd import heartbeat
+    from relayd.supervisor import Slot
+
+    slot = Slot(0)
+    slot.heard = 100.0  # its last message, long ago
+    assert heartbeat.silence(slot, 200.0) == 0.0  # no ping left unanswered
+    slot.waiting = 195.0
+    assert heartbeat.silence(slot, 200.0) == 5.0

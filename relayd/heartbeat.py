@@ -28,7 +28,7 @@ PING_EVERY, SILENT_AFTER, KILL_AFTER = 1.0, 3.0, 30.0
 # A start-up builds every pool: it can take seconds with hundreds of upstreams on a loaded
 # machine.  One is taken for stuck only past the kill delay and ten times the slowest
 # start-up seen so far.
-START_FACTOR = 10.0
+START_FACTOR, START_CAP = 10.0, 5.0  # (one slow start-up must not make a stuck one wait forever)
 
 
 def silence(slot: "Slot", now: float) -> float:
@@ -60,7 +60,8 @@ async def run(sup: Supervisor) -> None:
         now = time.monotonic()
         for slot in sup.slots:
             if (slot.pid is not None and not slot.ready
-                    and now - slot.started > max(kill, START_FACTOR * sup.slowest_start)):
+                    and now - slot.started > max(kill, min(START_FACTOR * sup.slowest_start,
+                                                           START_CAP * kill))):
                 # stuck before it ever served (no ping is sent to a starting worker)
                 sup.log.error("worker not answering; killing it", worker=slot.wid, pid=slot.pid,
                               starting_s=round(now - slot.started, 1))

@@ -313,16 +313,21 @@ class Supervisor(lifecycle.Reloads):
 
     async def reload(self) -> bool:
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        began = time.monotonic()
         new = lifecycle.load_for_reload(self.path, self.config, self.log)
-        if self.stopping.is_set():  # a stop came while the file was read: it wins
-            self.log.info("reload dropped: draining", config=self.path)
-            return False
+        stalled = time.monotonic() - began
+        for slot in self.slots:  # no ping went out while this loop parsed: not their silence
+            if slot.waiting is not None:
+                slot.waiting += stalled
         if new is None:
             self.metrics.reloads.labels("failed").inc()
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
         old = self.config
         gen = await self._send_config(new)
+        if self.stopping.is_set():  # a stop came meanwhile: the drain speaks for the service now
+            self.log.info("reload dropped: draining", config=self.path, generation=gen)
+            return False
         if self.swap_failed:
             # A config valid on paper that a worker could not build (its pools): the
             # workers that took it go back, as a generation of its own, and restarts use

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import os
+import hashlib
 import ssl
 import time
 from http.cookies import BaseCookie, SimpleCookie
@@ -45,20 +45,31 @@ def _close_later(pool: "Pool") -> None:
     task.add_done_callback(_closing.discard)
 
 
-_CONTEXTS: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+_CONTEXTS: dict[tuple[str | None, object], ssl.SSLContext] = {}
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """One verifying context per CA bundle (as it is on disk now), shared by every pool
-    that names it: loading the system bundle takes about 40 ms, once per upstream made a
-    worker with hundreds of HTTPS upstreams start (and reload) for seconds."""
-    st = os.stat(ca_file) if ca_file else None
-    key = (ca_file, st.st_mtime_ns if st else 0, st.st_size if st else 0)
+    """One verifying context per CA bundle, shared by every pool that names it: loading
+    the system bundle takes about 40 ms, once per upstream made a worker with hundreds of
+    HTTPS upstreams start (and reload) for seconds.  A named bundle is keyed by its bytes
+    (a rotated bundle of the same size and mtime is a new one) and built from the bytes
+    read; the system store is reused for a minute, so a reload after
+    ``update-ca-certificates`` sees it soon."""
+    if ca_file is None:
+        key: tuple[str | None, object] = (None, int(time.monotonic() // 60))
+        data = None
+    else:
+        with open(ca_file, "rb") as f:
+            data = f.read()
+        key = (ca_file, hashlib.sha256(data).digest())
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         if len(_CONTEXTS) >= 64:  # bundles renewed many times over: start afresh
             _CONTEXTS.clear()
-        ctx = _CONTEXTS[key] = ssl.create_default_context(cafile=ca_file)
+        ctx = ssl.create_default_context(cadata=data.decode("latin-1") if data is not None else None)
+        if data is not None and not ctx.get_ca_certs():
+            raise ssl.SSLError(f"no certificate found in {ca_file}")
+        _CONTEXTS[key] = ctx
     return ctx
 
 

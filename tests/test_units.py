@@ -423,3 +423,56 @@ def test_worker_silence_counts_from_the_oldest_unanswered_ping() -> None:
     assert heartbeat.silence(slot, 200.0) == 0.0  # no ping left unanswered
     slot.waiting = 195.0
     assert heartbeat.silence(slot, 200.0) == 5.0
+
+
+def test_a_ca_bundle_is_known_by_its_bytes(tmp_path) -> None:
+    """Pools share one TLS context per CA bundle; a bundle rotated in place (same size,
+    mtime kept by ``cp -p``) must not keep the old one."""
+    import os
+    import shutil
+    import ssl
+
+    from relayd.upstreams import tls_context
+
+    system = "/etc/ssl/certs/ca-certificates.crt"
+    if not os.path.exists(system):
+        pytest.skip("no system CA bundle to take certificates from")
+    pem = open(system).read().split("-----END CERTIFICATE-----\n")
+    first, second = pem[0] + "-----END CERTIFICATE-----\n", pem[1] + "-----END CERTIFICATE-----\n"
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(first)
+    a = tls_context(str(bundle))
+    assert tls_context(str(bundle)) is a  # shared
+    stat = os.stat(bundle)
+    bundle.write_text(second)
+    os.utime(bundle, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    b = tls_context(str(bundle))
+    assert b is not a and b.get_ca_certs() != a.get_ca_certs()
+    bundle.write_text("not a certificate\n")
+    with pytest.raises(ssl.SSLError):
+        tls_context(str(bundle))
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+async def test_a_pool_that_cannot_be_built_changes_no_pool() -> None:
+    """A reload whose new pool fails to build (a CA bundle gone since the check) leaves
+    the running pools as they were: not retired, not given the new config's settings."""
+    import dataclasses
+
+    from relayd import config as cfg
+    from relayd.upstreams import PoolRegistry
+
+    text = ("upstreams:\n  a: {url: 'http://127.0.0.1:1', provider: openai, max_connections: 5}\n"
+            "routes:\n  - {path: /a, upstream: a}\n")
+    first = cfg.parse(text, "t.yaml", {})
+    reg = PoolRegistry()
+    pools = reg.build(first.upstreams.values())
+    a = pools["a"]
+    changed = dataclasses.replace(first.upstreams["a"], breaker=dataclasses.replace(
+        first.upstreams["a"].breaker, failures=99))
+    broken = dataclasses.replace(changed, name="b", url=cfg.URL("https://127.0.0.1:2"),
+                                 tls=dataclasses.replace(changed.tls, ca_file="/nonexistent/ca.pem"))
+    with pytest.raises(OSError):
+        reg.build([changed, broken])
+    assert reg.pools() == [a] and not a.retired and a.upstream is first.upstreams["a"]
+    await reg.close()

@@ -5,7 +5,8 @@
 outside is closed with no response (nothing to learn about relayd from it), counted, and
 logged at most once per ``every`` seconds with the count, so a scan cannot flood the log.
 The list is read from the current config, so a reload changes it for new connections (and
-for open client connections at their next request: ``server.Connection.admitted_under``).
+for open connections at their next request: ``server.Connection.admitted_under``,
+``AdminConnection.still_admitted``).
 With ``tls`` the handshake comes first (asyncio calls the protocol only once it is done);
 nothing of the HTTP layer is read either way.
 """
@@ -79,6 +80,7 @@ class AdminRunner(web.AppRunner):
     """
 
     def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]]) -> None:
+        app.middlewares.append(_still_admitted)
         super().__init__(app, access_log=None, handle_signals=False)
         self._allow = allow
 
@@ -98,14 +100,35 @@ class AdminServer(web.Server):
 
 class AdminConnection(web.RequestHandler):
     _refused = False
+    _allow: Sequence[Any] = ()  # the list this connection last passed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
         assert isinstance(manager, AdminServer)
-        if not GATES["admin_listen"].admits(transport, manager.allow()):
+        self._allow = manager.allow()
+        if not GATES["admin_listen"].admits(transport, self._allow):
             self._refused = True  # never handed to aiohttp: nothing to clean up there
             return
         super().connection_made(transport)
+
+    def still_admitted(self) -> bool:
+        """After a reload that changed ``admin_allow``: is the peer of this (keep-alive)
+        connection still on it?  A scraper shut out must not keep its open connection."""
+        manager = self._manager
+        assert isinstance(manager, AdminServer)
+        allow = manager.allow()
+        if allow is self._allow or self.transport is None:
+            return True
+        self._allow = allow
+        return GATES["admin_listen"].admits(self.transport, allow)
+
+
+@web.middleware
+async def _still_admitted(request: web.Request, handler: Any) -> web.StreamResponse:
+    proto = request.protocol
+    if isinstance(proto, AdminConnection) and not proto.still_admitted():
+        return web.Response(status=403)  # goes nowhere: the connection is closed
+    return await handler(request)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._refused:

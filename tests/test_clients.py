@@ -435,3 +435,22 @@ def test_a_reload_that_narrows_allow_shuts_out_open_keepalive_connections(make_r
     with socket.create_connection(("127.0.0.1", port), 5) as s:
         s.sendall(request)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("workers", ["workers: 1", "workers: 2"])
+def test_a_reload_that_narrows_admin_allow_shuts_out_open_admin_connections(make_relayd, fake, workers):
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top=f"{workers}\nadmin_allow: [127.0.0.0/8]"))
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", admin), 5) as s:
+        s.sendall(request)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        r.config.write_text(basic_config(fake.url, port, admin, top=f"{workers}\nadmin_allow: [10.0.0.0/8]"))
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+        s.sendall(request)
+        try:
+            got = s.recv(65536)
+        except ConnectionResetError:
+            got = b""
+    assert got == b""  # closed, unanswered, like a refusal at accept

@@ -13,7 +13,7 @@ import hashlib
 import signal
 import socket
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import anthropic
@@ -415,18 +415,8 @@ def test_a_reload_that_narrows_allow_shuts_out_open_keepalive_connections(make_r
     port = free_port()
     r = make_relayd(basic_config(fake.url, port, top="workers: 1\nallow: [127.0.0.0/8]"))
     request = b"GET /openai/echo HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", port), 5) as s:
-        s.sendall(request)
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        fake.reset_stats()
-        r.config.write_text(basic_config(fake.url, port, top="workers: 1\nallow: [10.0.0.0/8]"))
-        r.signal(signal.SIGHUP)
-        assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
-        s.sendall(request)
-        try:
-            got = s.recv(65536)
-        except ConnectionResetError:
-            got = b""
+    got = _answer_after_reload(r, port, request, basic_config(
+        fake.url, port, top="workers: 1\nallow: [10.0.0.0/8]"), before=fake.reset_stats)
     assert got == b""  # closed, unanswered, like a refusal at accept
     assert fake.requests == []
     r.config.write_text(basic_config(fake.url, port, top="workers: 1\nallow: [127.0.0.0/8]"))
@@ -441,16 +431,24 @@ def test_a_reload_that_narrows_allow_shuts_out_open_keepalive_connections(make_r
 def test_a_reload_that_narrows_admin_allow_shuts_out_open_admin_connections(make_relayd, fake, workers):
     port, admin = free_port(), free_port()
     r = make_relayd(basic_config(fake.url, port, admin, top=f"{workers}\nadmin_allow: [127.0.0.0/8]"))
-    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", admin), 5) as s:
+    got = _answer_after_reload(r, admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", basic_config(
+        fake.url, port, admin, top=f"{workers}\nadmin_allow: [10.0.0.0/8]"))
+    assert got == b""  # closed, unanswered, like a refusal at accept
+
+
+def _answer_after_reload(r: Any, port: int, request: bytes, config: str,
+                         before: Callable[[], None] = lambda: None) -> bytes:
+    """On one keep-alive connection: a request answered 200, a reload to ``config``, the
+    same request again; what that second one got (b"" if the connection was closed)."""
+    with socket.create_connection(("127.0.0.1", port), 5) as s:
         s.sendall(request)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
-        r.config.write_text(basic_config(fake.url, port, admin, top=f"{workers}\nadmin_allow: [10.0.0.0/8]"))
+        before()
+        r.config.write_text(config)
         r.signal(signal.SIGHUP)
         assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
         s.sendall(request)
         try:
-            got = s.recv(65536)
+            return s.recv(65536)
         except ConnectionResetError:
-            got = b""
-    assert got == b""  # closed, unanswered, like a refusal at accept
+            return b""

@@ -29,10 +29,21 @@ def fixture(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
+_HANDED: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this test run: the kernel can give
+    the same ephemeral port to two binds in a row once the first socket is closed (two
+    of a config's listeners then collided)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.add(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def split(body: bytes, mode: str, seed: int = 0, max_size: int = 7) -> list[bytes]:

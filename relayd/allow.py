@@ -55,6 +55,16 @@ class Gate:
         return False
 
 
+    def still_admits(self, conn: Any, allow: Sequence[Any]) -> bool:
+        """A connection admitted earlier (``conn._allow``: the list it last passed), at its
+        next request: checked again only when the list is another one (a reload); a peer
+        the new list shuts out is closed like one refused at accept."""
+        if allow is conn._allow or conn.transport is None:
+            return True
+        conn._allow = allow
+        return self.admits(conn.transport, allow)
+
+
 def _address(host: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The peer's address; an IPv4-mapped IPv6 peer (dual-stack socket) as IPv4."""
     try:
@@ -116,11 +126,11 @@ class AdminConnection(web.RequestHandler):
         connection still on it?  A scraper shut out must not keep its open connection."""
         manager = self._manager
         assert isinstance(manager, AdminServer)
-        allow = manager.allow()
-        if allow is self._allow or self.transport is None:
-            return True
-        self._allow = allow
-        return GATES["admin_listen"].admits(self.transport, allow)
+        return GATES["admin_listen"].still_admits(self, manager.allow())
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
 
 
 @web.middleware
@@ -129,7 +139,3 @@ async def _still_admitted(request: web.Request, handler: Any) -> web.StreamRespo
     if isinstance(proto, AdminConnection) and not proto.still_admitted():
         return web.Response(status=403)  # goes nowhere: the connection is closed
     return await handler(request)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._refused:
-            super().connection_lost(exc)

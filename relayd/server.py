@@ -289,10 +289,7 @@ class Connection(web.RequestHandler):
         earlier too, as nginx checks its list per request: an abusive network would keep
         spending the operator's key on a connection it keeps busy.  The list is checked
         again only when it is another list than the one this connection last passed."""
-        if allow is self._allow or self.transport is None:
-            return True
-        self._allow = allow
-        return GATES["listen"].admits(self.transport, allow)
+        return GATES["listen"].still_admits(self, allow)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._refused:

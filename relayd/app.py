@@ -15,7 +15,7 @@ import re
 import secrets
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from . import logs, providers
 from .clients import ClientTable, Forwardable
@@ -206,7 +206,22 @@ class App:
             found = table.match(path)
             if request.method in _NEVER_FORWARDED:
                 return self._refuse_method(ex, found, request.method)
+            version = request.version
+            if version != HttpVersion11 and version != HttpVersion10:
+                # HTTP/2.0 or 0.9 in a request line: aiohttp would answer in that version
+                # (its status line reads ``request.version``, a cached property).
+                request._cache["version"] = HttpVersion11
+                resp = self._refuse(ex, found, 505, f"HTTP/{version.major}.{version.minor} is not "
+                                    "supported", "http_version_not_supported")
+                resp.force_close()
+                return resp
             codings = request.headers.getall("Transfer-Encoding", ())
+            if codings and version == HttpVersion10:
+                # RFC 9112 §6.1: framing an HTTP/1.0 peer may not share (nginx: 400).
+                resp = self._refuse(ex, found, 400, "Transfer-Encoding in an HTTP/1.0 request",
+                                    "invalid_request")
+                resp.force_close()
+                return resp
             if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
                 # ``gzip, chunked``: relayd would strip the framing and forward the coded
                 # bytes as if plain.  nginx, too, implements chunked alone.

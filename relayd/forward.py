@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -119,7 +119,8 @@ class RequestBody:
         if not request.body_exists:
             return
         self.complete = False
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.headers.get("Expect", "").lower() == "100-continue" \
+                and request.version >= HttpVersion11:  # a 1.0 client may take a 1xx for its answer
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.replay:
             content = request.content
@@ -361,10 +362,22 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
-    if hdrs.has_control_chars(resp.headers):
+    if hdrs.has_control_chars(resp.headers) or not _framed(resp):
         resp.close()
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")
     return resp
+
+
+def _framed(resp: aiohttp.ClientResponse) -> bool:
+    """An answer relayd can relay as sent.  Not: a status below 100 (``099`` would go
+    out as ``99``); a 101 (relayd never forwards ``Upgrade``, so any switch is one the
+    client did not ask relayd for); a transfer coding other than chunked (stripped with the
+    hop-by-hop header, the coded bytes would reach the client as plain; nginx fails
+    ``xchunked`` too)."""
+    if resp.status < 100 or resp.status == 101:
+        return False
+    codings = resp.headers.getall("Transfer-Encoding", ())
+    return not codings or (len(codings) == 1 and codings[0].strip().lower() == "chunked")
 
 
 _TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}

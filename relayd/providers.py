@@ -219,17 +219,18 @@ _GEMINI = (
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                   404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
                   431: "INVALID_ARGUMENT", 500: "INTERNAL", 501: "UNIMPLEMENTED",
-                  502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+                  505: "INVALID_ARGUMENT", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
                    413: "request_too_large", 429: "rate_limit_error", 431: "invalid_request_error",
                    500: "api_error", 501: "invalid_request_error", 502: "api_error",
+                   505: "invalid_request_error",
                    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "invalid_request_error",
                 403: "invalid_request_error", 404: "not_found", 405: "invalid_request_error",
                 413: "invalid_request_error", 431: "invalid_request_error",
                 501: "invalid_request_error", 502: "server_error", 503: "server_error",
-                504: "timeout"}
+                504: "timeout", 505: "invalid_request_error"}
 
 
 def _openai_body(status: int, message: str, code: str) -> bytes:

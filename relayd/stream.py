@@ -77,6 +77,16 @@ class _Out(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class _UntypedOut(_Out):
+    """A client response for an upstream answer without ``Content-Type``: aiohttp would
+    add ``application/octet-stream`` to it, and a proxy adds no header of its own
+    (nginx neither)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self._headers.popall("Content-Type", None)
+
+
 class _Clock:
     """One lazily re-armed timer per stream for every deadline.
 
@@ -206,8 +216,9 @@ class Stream:
         sse = ctype == "text/event-stream"
         self.endpoint = provider.endpoint(resp.url.raw_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
-        self.out = _Out(status=resp.status, reason=resp.reason,
-                                      headers=for_client(resp.headers, request_id, sse))
+        out = _Out if "Content-Type" in resp.headers else _UntypedOut
+        self.out = out(status=resp.status, reason=resp.reason,
+                       headers=for_client(resp.headers, request_id, sse))
         self.committed = False
         # A compressed SSE body cannot be split into events: it is piped, never added to.
         # Nor is an answer without a body (HEAD, 204, 304): an error event after it would

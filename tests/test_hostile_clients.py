@@ -549,3 +549,53 @@ async def test_chunked_in_any_case_is_forwarded(tmp_path, fake) -> None:
             exchange, port, b"POST /openai/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Transfer-Encoding: Chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
     assert data.startswith(b"HTTP/1.1 200"), data[:300]
+
+
+# -- HTTP versions
+
+def closed_after(port: int, payload: bytes, timeout: float = 10) -> bytes:
+    """Send `payload`; everything until the server closes, which must come before
+    `timeout` (a socket timeout fails the test)."""
+    with socket.create_connection(("127.0.0.1", port), timeout) as s:
+        s.sendall(payload)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+async def test_transfer_encoding_in_http_1_0_is_a_400_and_the_connection_closes(tmp_path, fake) -> None:
+    # RFC 9112 §6.1: an HTTP/1.0 front end may ignore Transfer-Encoding and read the
+    # chunked body, and what follows it, as the next request (nginx: 400 and close).
+    fake.reset_stats()
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(
+            closed_after, port, b"POST /openai/echo HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+            b"GET /openai/echo HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    got = responses(data)
+    assert [g[0] for g in got] == [400], data[:400]
+    assert json.loads(got[0][2])["error"]["code"] == "invalid_request"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("line", [b"GET /openai/echo HTTP/2.0", b"GET /openai/echo"])
+async def test_other_http_versions_get_505_in_http_1_1(tmp_path, fake, line) -> None:
+    # aiohttp's parser takes HTTP/2.0 and 0.9 request lines, and aiohttp answered in
+    # the request's version ("HTTP/2.0 200 OK" over HTTP/1.1 framing).
+    fake.reset_stats()
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(closed_after, port, line + b"\r\nHost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), data[:300]
+    assert fake.requests == []
+
+
+async def test_expect_100_continue_from_http_1_0_gets_no_interim_response(tmp_path, fake) -> None:
+    # An HTTP/1.0 client may take any status line for its answer: it gets none but the
+    # final one (RFC 9110 §10.1.1; nginx the same).
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(
+            exchange, port, b"POST /openai/echo HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n", then=b"{}")
+    assert data.startswith(b"HTTP/1.0 200 OK\r\n"), data[:300]
+    assert b"100 Continue" not in data

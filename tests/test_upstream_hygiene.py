@@ -387,3 +387,46 @@ async def test_an_sse_answer_without_a_body_gets_no_error_event(make_relayd, met
                 assert resp.status == 200 and await resp.read() == b'{"n":2}'
         line = r.wait_access(2)[0]
         assert line["end_reason"] == "done" and line["injected_error"] is None
+
+
+@pytest.mark.parametrize("answer", [
+    # relayd never forwards Upgrade: a switch is one no client asked relayd for
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAW",
+    # a status below 100 went out as "99"
+    b"HTTP/1.1 099 Weird\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    # codings besides chunked: stripped with the header, the bytes would pass as plain
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: xchunked\r\n\r\n{}",
+], ids=["101", "099", "gzip-chunked", "xchunked"])
+async def test_answers_relayd_cannot_relay_as_sent_are_a_502(make_relayd, answer):
+    async def handler(reader, writer, n):
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        status, body, _ = await get(port)
+        assert status == 502, (status, body)
+        assert "invalid response from upstream" in json.loads(body)["error"]["message"]
+
+
+async def test_an_answer_without_content_type_gets_none(make_relayd):
+    """aiohttp adds ``Content-Type: application/octet-stream`` to a response that has
+    none; a proxy adds no header of its own (nginx neither)."""
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        body = await asyncio.wait_for(reader.readexactly(2), 5)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"ok"
+        assert b"content-type" not in head.lower(), head

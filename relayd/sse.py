@@ -25,13 +25,16 @@ class BoundaryTracker:
 
     ``feed(data)`` returns the bytes that end on a block boundary (possibly ``b""``); the
     rest is held until a later read completes it.  Concatenating every return value and
-    the final ``tail`` gives back the input exactly.  Once the held tail grows beyond
-    ``max_event`` bytes the tracker gives up alignment (``aligned`` turns False) and
-    passes everything straight through: bounded memory matters more than alignment.
+    the final ``tail`` gives back the input exactly (less a BOM dropped after
+    ``interject``).  Once the held tail grows beyond ``max_event`` bytes the tracker gives
+    up alignment (``aligned`` turns False) and passes bytes straight through, still
+    scanning them: bounded memory matters more than alignment.  At the first block
+    boundary after that it is aligned again, so one oversized event costs alignment only
+    while it lasts.
     """
 
-    __slots__ = ("_held", "_line_start", "_cr", "_cr_blank", "_content", "_fresh", "aligned",
-                 "blocks", "max_event")
+    __slots__ = ("_held", "_line_start", "_cr", "_cr_blank", "_content", "_fresh", "_drop_bom",
+                 "aligned", "blocks", "max_event")
 
     def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._held = bytearray()
@@ -40,6 +43,7 @@ class BoundaryTracker:
         self._cr_blank = False    # ... and that CR ended a blank line
         self._content = False     # CR path: the open block has a non-empty line
         self._fresh = True        # nothing seen yet: a BOM may still come
+        self._drop_bom = False    # relayd wrote first: a BOM would no longer lead the stream
         self.aligned = True
         self.blocks = 0           # blocks ended (exact for regular streams; extra blank lines may count)
         self.max_event = max_event
@@ -53,14 +57,31 @@ class BoundaryTracker:
     def at_boundary(self) -> bool:
         """True when bytes written now start a new block and split nothing.
 
-        After a released CR the next upstream byte may be the LF of that CRLF, so a
-        heartbeat waits for it; an error injection need not (the block is complete).
+        A released blank line may end in the CR of a CRLF whose LF has not come yet.  A
+        heartbeat still goes there: it is only due after a whole period of upstream silence,
+        when a split CRLF has long been completed, and a late LF is one more blank line,
+        which dispatches nothing.  Waiting for an LF would starve CR-only streams of
+        heartbeats.
         """
-        return not self._held and not self._cr
+        return self.aligned and not self._held
+
+    def interject(self) -> None:
+        """relayd wrote bytes of its own (a heartbeat) where the upstream's first bytes
+        would go: a BOM arriving now no longer leads the stream, and a client would read
+        it as part of the first field's name and lose the first event.  It is dropped."""
+        if self._fresh and not self._held:
+            self._drop_bom = True
 
     def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""  # (an empty read must not clear a pending CR in _scan)
         if not self.aligned:
-            return data
+            end = self._scan(data, 0)
+            if end < 0:
+                return data
+            self.aligned = True  # the oversized event ended here: hold torn tails again
+            self._held += data[end:]
+            return data[:end]
         held = self._held
         if not held:
             # The common case in one line: a run of LF-only blocks read whole, after a
@@ -76,7 +97,10 @@ class BoundaryTracker:
                     return b""
                 self._fresh = False
                 if data.startswith(_BOM):
-                    start = 3
+                    if self._drop_bom:
+                        data = data[3:]
+                    else:
+                        start = 3
             end = self._scan(data, start)
             if end == len(data):
                 return data
@@ -93,7 +117,11 @@ class BoundaryTracker:
                     return b""
                 self._fresh = False
                 if held.startswith(_BOM):
-                    start = 3
+                    if self._drop_bom:
+                        del held[:3]
+                        start = 0
+                    else:
+                        start = 3
             end = self._scan(held, start)
             if end > 0:
                 out = bytes(held[:end])

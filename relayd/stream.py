@@ -527,6 +527,7 @@ class Stream:
         if (self._result is None and not self._blocked and tracker is not None
                 and tracker.at_boundary):
             self.heartbeats += 1
+            tracker.interject()
             self._send([HEARTBEAT])
             self._wake()  # the beat may have filled the client's buffer (or found it gone)
 

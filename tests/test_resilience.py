@@ -98,6 +98,51 @@ async def test_no_heartbeat_inside_a_held_partial_event(relay, fake):
     assert got.startswith(b'data: {"a":1}\n\ndata: {"b":2}\n\n')
 
 
+async def _hb_stream(relay, fake, name: str, sc: Scenario, path: str = "/hb/x") -> bytes:
+    sc = fake.add(name, sc)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url(relay, path), headers={"x-fake": sc}) as r:
+            return await r.read()  # raises if the stream ended without its final chunk
+
+
+BIG = b'data: {"a":1}\n\ndata: {"x":"' + b"A" * (17 * 2**20) + b'"}\n\ndata: [DONE]\n\n'
+BIG_END, BIG_DONE = BIG.index(b'"}'), BIG.index(b"[DO") + 3  # in the big event's last line; in [DONE]
+
+
+async def test_no_heartbeat_inside_an_event_larger_than_16_mib(relay, fake):
+    # Past 16 MiB the tracker stops holding the event back; a heartbeat written in the
+    # silence inside it would cut the event in two for every client parser.
+    got = await _hb_stream(relay, fake, "hb-big", Scenario(
+        body=BIG, chunking=f"cut:{BIG_END}", delay=1.2))
+    assert b": keep-alive" not in got
+    assert got == BIG
+
+
+async def test_an_end_marker_split_after_an_event_larger_than_16_mib_ends_the_stream(relay, fake):
+    # Alignment comes back at the end of the oversized event: "[DONE]" split across reads
+    # is still recognised (it used to end the stream as broken, without a final chunk).
+    got = await _hb_stream(relay, fake, "big-split", Scenario(
+        body=BIG, chunking=f"cut:{BIG_DONE}", delay=0.2), path="/plain/v1/chat/completions")
+    assert got == BIG
+    a = relay.wait_access(where=lambda l: l["path"] == "/plain/v1/chat/completions")[-1]
+    assert a["end_reason"] == "done" and a["events"] == 3, a
+
+
+async def test_a_bom_after_a_heartbeat_does_not_cost_the_first_event(relay, fake):
+    body = b'\xef\xbb\xbfdata: {"first":1}\n\ndata: [DONE]\n\n'
+    got = await _hb_stream(relay, fake, "hb-bom", Scenario(body=body, first_delay=1.0))
+    assert got.startswith(b": keep-alive\n\n")
+    assert sse_events(got) == sse_events(body)  # the BOM no longer leads: it was dropped
+    assert strip_comments(got) == body[3:]
+
+
+async def test_heartbeats_reach_a_cr_only_stream(relay, fake):
+    body = b"data: a\r\rdata: [DONE]\r\r"
+    got = await _hb_stream(relay, fake, "hb-cr", Scenario(body=body, chunking="cut:9", delay=1.2))
+    assert got.count(b": keep-alive\n\n") >= 2, got
+    assert strip_comments(got) == body
+
+
 async def test_failover_dead_then_good(relay, fake):
     fake.reset_stats()
     async with aiohttp.ClientSession() as s:

@@ -74,7 +74,33 @@ def test_huge_event_gives_up_alignment_and_bounds_memory():
     out = t.feed(b"y" * 600)
     assert not t.aligned
     assert len(out) == 1206 and t.tail == b""
-    assert t.feed(b"z\n\n") == b"z\n\n"  # from now on: straight through
+    assert not t.at_boundary  # inside the oversized event: no heartbeat may go in
+    assert t.feed(b"more") == b"more"  # straight through while it lasts
+    assert t.feed(b"z\n\ndata: n") == b"z\n\n"  # its end: aligned again, a torn tail held
+    assert t.aligned and t.tail == b"data: n" and not t.at_boundary
+    assert t.feed(b"ext\n\n") == b"data: next\n\n" and t.at_boundary
+
+
+def test_an_empty_read_keeps_a_pending_cr():
+    # aiohttp's pure-Python parser hands the body reader b"" for a chunk-size line read
+    # on its own: the CR before it must still pair with the LF after it.
+    t = BoundaryTracker()
+    assert t.feed(b"data: x\r") == b""
+    assert t.feed(b"") == b""
+    assert t.feed(b"\n") == b""  # "data: x\r\n" is one line, not a block
+    assert t.feed(b"\r\n") == b"data: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("reads", [[b"\xef\xbb\xbfdata: 1\n\n"], [b"\xef\xbb", b"\xbfdata: 1\n\n"]])
+def test_a_bom_after_relayds_own_bytes_is_dropped(reads):
+    # A heartbeat before the upstream's first byte: the BOM would no longer lead the
+    # stream, and a client would take it into the first field's name.
+    t = BoundaryTracker()
+    assert t.at_boundary
+    t.interject()
+    assert b"".join(t.feed(r) for r in reads) == b"data: 1\n\n"
+    kept = BoundaryTracker()
+    assert b"".join(kept.feed(r) for r in reads) == b"\xef\xbb\xbfdata: 1\n\n"
 
 
 def test_16mib_line_is_still_aligned_and_linear():
@@ -90,7 +116,9 @@ def test_16mib_line_is_still_aligned_and_linear():
 def test_lone_cr_at_end_is_a_complete_boundary_for_injection():
     t = BoundaryTracker()
     assert t.feed(b"data: x\r\r") == b"data: x\r\r"
-    assert not t.at_boundary        # no heartbeat between the CR and a possible LF
+    # A heartbeat may go here: it comes only after a whole period of silence (a CR-only
+    # upstream would otherwise never get one); a late LF is one more blank line.
+    assert t.at_boundary
     assert t.feed(b"\n") == b"\n"   # the LF that completes the CRLF blank line
     assert t.at_boundary
 
@@ -140,3 +168,30 @@ def test_any_chunking_gives_reference_boundaries(body, cuts, bom, torn):
     # a conforming client sees the same events from the released bytes as from the input,
     # except for events of the torn tail, which it could never have dispatched either
     assert sse_events(released) == sse_events(data[: len(released)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_stream, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+       cap=st.integers(min_value=1, max_value=24), empty=st.booleans())
+def test_a_tiny_cap_loses_alignment_only_while_an_event_outgrows_it(body, cuts, cap, empty):
+    """Any chunking, empty reads included, with an event cap the stream's events exceed:
+    every byte comes out once, in order; whenever the tracker says it is aligned, what it
+    released so far ends on a reference boundary, and it says so at every boundary that
+    ends a read after an oversized event."""
+    data = body
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    reads, prev = [], 0
+    for p in points + [len(data)]:
+        reads.extend([data[prev:p], b""] if empty else [data[prev:p]])
+        prev = p
+    t = BoundaryTracker(max_event=cap)
+    ends = set(block_ends(data))
+    pos = 0
+    for r in reads:
+        pos += len(t.feed(r))
+        if t.aligned:
+            assert pos == 0 or pos in ends or (data[pos - 1] == 0x0D and pos + 1 in ends
+                                               and data[pos:pos + 1] == b"\n"), (pos, data)
+        if t.at_boundary:
+            assert pos == 0 or pos in ends or data[pos - 1] == 0x0D
+    assert data[:pos] + t.tail == data

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import _EXC_SENTINEL, set_exception
+from aiohttp.helpers import _EXC_SENTINEL, EMPTY_BODY_STATUS_CODES, set_exception
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict
@@ -95,6 +95,9 @@ class _Guarded(ResponseHandler):
 
     _awaiting = False  # a request was sent and its response has not ended yet
     _finals = 0        # final (non-1xx) responses parsed for the current request
+    _virgin = False    # no byte of the current response read yet
+    _salvaging: bytes | None = None  # the response's first read, while it is parsed
+    _params: dict[str, Any] = {}  # the parser's settings for the current request
     # A stream that takes its body pushed (``stream.Stream``): the parser's body bytes
     # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
     sink: Callable[[], None] | None = None
@@ -109,7 +112,7 @@ class _Guarded(ResponseHandler):
         # connection, though its handler may not have run yet to say so (it can be waiting
         # for a slow client while the body ended and the connection went back to the pool).
         self.sink = None
-        self._awaiting, self._finals = True, 0
+        self._awaiting, self._finals, self._virgin, self._params = True, 0, True, kwargs
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
@@ -122,7 +125,13 @@ class _Guarded(ResponseHandler):
         if not self._awaiting and data and not self.upgraded:  # mid-response: one attribute test
             self._poisoned()
             return
-        super().data_received(data)
+        if self._virgin and data:
+            self._virgin = False
+            self._salvaging = data
+            super().data_received(data)
+            self._salvaging = None
+        else:
+            super().data_received(data)
         if not self._awaiting and self._started_another():
             self._poisoned()
         if self.sink is not None:
@@ -170,9 +179,45 @@ class _Guarded(ResponseHandler):
             self.sink()
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        first, self._salvaging = self._salvaging, None
+        if first is not None and isinstance(exc, HttpProcessingError) and self._salvage(first):
+            return
         super().set_exception(exc, exc_cause)
         if isinstance(exc, HttpProcessingError):  # the parser gave up (not a failed upload)
             self._fail_body(self._payload, exc)
+
+    def _salvage(self, data: bytes) -> bool:
+        """A whole answer and bytes that are not one, in the response's first read (more
+        body than ``Content-Length``, a body on a 204): aiohttp's parser raises at the junk
+        and drops the answer it had parsed.  nginx relays the answer and drops the
+        connection; so does this.  The read is parsed again by a fresh parser, head
+        first: when the answer before the junk is whole, it is delivered, and the
+        connection (closed already by aiohttp) never returns to the pool.  Anything
+        else, a broken head or body included, stays the failure it was."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        ResponseHandler.set_response_params(self, **self._params)  # the failed parser is spent
+        parser = self._parser
+        messages: list[Any] = []
+        try:
+            messages = parser.feed_data(data[:end + 4])[0]
+            if len(messages) != 1 or messages[0][0].code < 200:
+                return False
+            parser.feed_data(data[end + 4:])
+            return False  # it parsed this time: not the failure this is for
+        except HttpProcessingError:
+            if len(messages) != 1:
+                return False
+        message, payload = messages[0]
+        bodiless = self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES
+        if not bodiless and not payload.is_eof():
+            return False  # the body itself broke
+        self._parser = None  # (its end at connection_lost would fail the complete body)
+        self._should_close = True
+        self._payload = payload
+        self.feed_data((message, EMPTY_PAYLOAD if bodiless else payload), 0)
+        return True
 
     @staticmethod
     def _fail_body(payload: Any, why: BaseException | None) -> None:

@@ -430,3 +430,41 @@ async def test_an_answer_without_content_type_gets_none(make_relayd):
         writer.close()
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"ok"
         assert b"content-type" not in head.lower(), head
+
+
+@pytest.mark.parametrize("method,answer,status,body", [
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}EXTRA", 200, b"{}"),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\nEXTRA", 200, b"{}"),
+    ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello", 204, b""),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello", 200, b""),
+], ids=["content-length", "chunked", "204", "head"])
+async def test_junk_after_a_whole_answer_in_the_same_read_relays_the_answer(make_relayd, method, answer,
+                                                                            status, body):
+    """The answer is relayed, as nginx does, and the connection is never reused: the
+    parser raised at the junk and used to drop the answer with it (a 502)."""
+    async def handler(reader, writer, n):
+        writer.write(answer)
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
+                    assert (r.status, await r.read()) == (status, body)
+        assert up.connections == 3
+
+
+async def test_a_broken_body_before_the_junk_is_still_a_502(make_relayd):
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"zz\r\n{}\r\n0\r\n\r\n")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        status, body, _ = await get(port)
+        assert status == 502, (status, body)

@@ -132,16 +132,15 @@ class RequestBody:
                 except web.RequestPayloadError as exc:
                     raise _Failure(End.BODY_INVALID, 400, str(exc)) from None
                 if not chunk:
-                    self.bytes_in = len(buf)
                     self.data = bytes(buf)
                     self.complete = True
                     return
                 buf += chunk
+                self.bytes_in = len(buf)  # as it comes: an upload that never ends is logged too
                 if len(buf) > cap or not self.budget.take(len(chunk), self.limits.replay_memory):
                     break
                 self._held += len(chunk)
             self._head = bytes(buf)
-            self.bytes_in = len(buf)
         self.replayable = False
         self.data = self._stream()
 
@@ -244,6 +243,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             continue
         except BaseException:  # the client went away while we waited: free the slot all the same
             target.pool.release()
+            metrics.attempt(up.name, "cancelled")  # (tokens may have been spent upstream)
             raise
         if resp.status in RETRY_STATUSES and not last and body.replayable:
             target.pool.record(False)

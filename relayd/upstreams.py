@@ -97,7 +97,7 @@ class _Guarded(ResponseHandler):
     _finals = 0        # final (non-1xx) responses parsed for the current request
     _virgin = False    # no byte of the current response read yet
     _salvaging: bytes | None = None  # the response's first read, while it is parsed
-    _params: dict[str, Any] = {}  # the parser's settings for the current request
+    _params: dict[str, Any] = {}  # the parser's settings, until the response's first read
     # A stream that takes its body pushed (``stream.Stream``): the parser's body bytes
     # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
     sink: Callable[[], None] | None = None
@@ -130,6 +130,7 @@ class _Guarded(ResponseHandler):
             self._salvaging = data
             super().data_received(data)
             self._salvaging = None
+            del self._params  # (a held stream keeps its connection: no dict more than needed)
         else:
             super().data_received(data)
         if not self._awaiting and self._started_another():

@@ -147,10 +147,22 @@ async def _serve(wid: int, path: str, config: Config, generation: int,
     orders = asyncio.get_running_loop().create_task(_obey(chan, daemon))
     await daemon.stopping.wait()
     chan.send("draining")  # (SIGTERM sent to this worker alone: main replaces it now)
+    gauges = asyncio.get_running_loop().create_task(_gauges_while_draining(daemon))
     await daemon.drain()
+    gauges.cancel()
     orders.cancel()
     daemon.log.info("worker exit", code=0)
     return 0
+
+
+async def _gauges_while_draining(daemon: Any) -> None:
+    """A worker retired alone (``systemctl kill``) is no longer asked for its live gauges
+    (its slot has its replacement's channel): it sets them itself while it drains, so a
+    scrape never sums its last answer, or none, with the others'."""
+    app = daemon.app
+    while True:
+        app.metrics.refresh(app.registry.pools(), len(app.active))
+        await asyncio.sleep(0.5)
 
 
 async def _obey(chan: Channel, daemon: Any) -> None:

@@ -145,6 +145,8 @@ async def test_stalled_upload_is_answered_within_first_byte_on_every_route(fake,
         writer.close()
     lines = r.wait_access(2, where=lambda l: l["end_reason"] == "body_timeout")
     assert len(lines) == 2
+    # what did arrive is logged on both (the failover route's buffer said 0)
+    assert [l["bytes_in"] for l in lines] == [len(b'{"partial":')] * 2, lines
 
 
 async def test_replay_memory_cap_falls_back_to_one_streamed_attempt(fake, make_relayd):
@@ -243,3 +245,4 @@ routes:
     assert lines["refused"]["end_reason"] == "pool_timeout" and lines["refused"]["queue_ms"] >= 900
     assert lines["queued"]["queue_ms"] > 0 and lines["hold0"]["queue_ms"] == 0
     assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0
+

@@ -456,6 +456,9 @@ async def test_pool_accounting_survives_client_disconnect_before_headers(fake, m
     # its access line names the upstream it had reached (tokens may have been spent there)
     line = r.wait_access(1)[0]
     assert (line["end_reason"], line["upstream"], line["attempts"]) == ("client_gone", "generic", 1)
+    # and the attempt is counted, under its own outcome
+    assert await wait_metric(admin, "relayd_upstream_attempts_total", 1, upstream="generic",
+                             outcome="cancelled") == 1
 
 
 async def test_a_request_without_an_answer_at_the_end_of_grace_gets_503(fake, make_relayd):

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 
 from conftest import basic_config
-from fakes import free_port
-from test_operations import wait_for
-from test_workers import TWO, children, get, ready_line, socket_inodes, streams_on_both
+from fakes import Scenario, free_port
+from test_operations import get_metrics, metric, wait_for
+from test_workers import TWO, children, get, ready_line, socket_inodes, spread, stream_body, streams_on_both
 
 SITECUSTOMIZE = '''
 import errno, os, socket
@@ -452,3 +452,33 @@ async def test_a_worker_stuck_before_ready_is_killed_and_restarted(fake, make_re
     assert wait_for(lambda: len(events(r, "worker serving")) == 3, 5)  # its replacement serves
     for _ in range(6):
         assert await get(port, "/local/echo") == 200
+
+
+async def test_a_worker_draining_alone_keeps_its_live_gauges_true(fake, make_relayd):
+    """Retired alone, a worker was no longer asked for its gauges: /metrics summed its last
+    answer (or none: 0 active requests while it drained its streams)."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top=TWO))
+    pids = ready_line(r)["worker_pids"]
+    body = stream_body(30)  # 62 lines 50 ms apart: 3 s (the drain's grace is 5 s)
+    sc = fake.add("gauges", Scenario(body=body, chunking="lines", delay=0.05))
+    fake.reset_stats()
+    streams = await spread(port, pids, sc, fake, 4)
+    os.kill(pids[0], signal.SIGTERM)
+    assert wait_for(lambda: events(r, "worker draining; starting its replacement"))
+
+    async def active() -> float:
+        return metric(await get_metrics(admin), "relayd_requests_active")
+
+    end = time.monotonic() + 2
+    seen = await active()
+    while seen != len(streams) and time.monotonic() < end:
+        await asyncio.sleep(0.1)
+        seen = await active()
+    assert seen == len(streams)  # every stream still in flight, the draining worker's too
+    assert all(got == body for got, _ in await asyncio.gather(*streams))
+    assert wait_for(lambda: events(r, "worker drained"))
+    end = time.monotonic() + 3
+    while (seen := await active()) != 0 and time.monotonic() < end:
+        await asyncio.sleep(0.1)
+    assert seen == 0

@@ -53,6 +53,16 @@ def create_default_context(*args, cafile=None, **kwargs):  # a pool's, not ca_fi
     return _context(*args, cafile=cafile, **kwargs)
 
 ssl.create_default_context = create_default_context
+
+import relayd.config as _config
+_load = _config.load
+
+def load(*args, **kwargs):  # a bug in the loader: an exception that is not a ConfigError
+    if os.path.exists(_trigger + ".load"):
+        raise RuntimeError("injected: loader bug")
+    return _load(*args, **kwargs)
+
+_config.load = load
 '''
 
 
@@ -482,3 +492,33 @@ async def test_a_worker_draining_alone_keeps_its_live_gauges_true(fake, make_rel
     while (seen := await active()) != 0 and time.monotonic() < end:
         await asyncio.sleep(0.1)
     assert seen == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_loader_bug_on_reload_is_a_failed_reload(fake, make_relayd, tmp_path, workers):
+    """An exception other than a config error (an overflow in a duration, say) escaped
+    the reload: no "reload failed", RELOADING=1 never followed by READY=1, and the
+    traceback surfaced at the next SIGHUP."""
+    env, trigger = faulty(tmp_path)
+    port = free_port()
+    sock = notify_socket(tmp_path)
+    try:
+        r = make_relayd(basic_config(fake.url, port), args=["--workers", workers],
+                        env={**env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        msgs: list[str] = []
+        assert wait_for(lambda: any("READY=1" in m for m in received(sock, msgs)))
+        Path(f"{trigger}.load").touch()
+        n = len(msgs)
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: events(r, "reload failed"))
+        failed = events(r, "reload failed")
+        assert len(failed) == 1 and "internal error" in failed[0]["errors"][0], failed
+        assert wait_for(lambda: any("READY=1" in m for m in received(sock, msgs)[n:]))
+        assert any("RELOADING=1" in m for m in msgs[n:])
+        Path(f"{trigger}.load").unlink()
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: events(r, "reload ok"))
+        assert len(events(r, "reload failed")) == 1
+        assert r.stop() == 0
+    finally:
+        sock.close()

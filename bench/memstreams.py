@@ -227,7 +227,7 @@ COMPONENTS = (
      ("stream.py:130", "web_response.py", "http_writer.py", "web_protocol.py:655", "headers.py")),
     ("upstream socket: uvloop TCPTransport, socket", ("connector.py:1337", "aiohappyeyeballs",
                                                       "tcp_helpers.py")),
-    ("upstream connection: ResponseHandler (_Guarded), llhttp parser, DataQueue deque",
+    ("upstream connection: ResponseHandler (Guarded), llhttp parser, DataQueue deque",
      ("client_proto.py:266", "streams.py:674", "connector.py:6", "connector.py:145",
       "weakref.py:167", "upstreams.py")),
     ("upstream response: parsed head, headers, body StreamReader, chunk-split deque",

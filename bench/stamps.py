@@ -27,7 +27,7 @@ def serve(argv: list[str], out: str) -> None:
     """relayd's CLI with the stamps in; SIGUSR2 writes the medians so far to `out`."""
     from aiohttp import client_proto, http_writer
 
-    from relayd import app, server, stream, upstream_http, upstreams
+    from relayd import app, server, stream, upstream_conn, upstream_http, upstreams
     from relayd.cli import main
 
     now = time.perf_counter_ns
@@ -63,7 +63,7 @@ def serve(argv: list[str], out: str) -> None:
     before(app.App, "handle", "1 App.handle")
     before(upstream_http.Sender, "send", "2 Sender.send")
     before(client_proto.ResponseHandler, "set_response_params", "3 upstream connection ready")
-    before(upstreams._Guarded, "data_received", "4 upstream answer read", lambda a: a[1][:5] == b"HTTP/")
+    before(upstream_conn.Guarded, "data_received", "4 upstream answer read", lambda a: a[1][:5] == b"HTTP/")
     before(stream.Stream, "__init__", "5 Stream made")
     before(stream.Stream, "_copy", "6 head prepared")
     before(http_writer.StreamWriter, "_write", "-", written)

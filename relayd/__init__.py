@@ -18,8 +18,10 @@ Modules, in that order:
                  request that uses it
 - ``clients``    client keys: where each provider's SDK sends a key, constant-time check,
                  401/403, the key removed before forwarding
-- ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker;
-                 the guarded connection protocol that also hands each read to a stream
+- ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker
+- ``upstream_conn``  the protocol of one pooled connection: closed when it speaks out of
+                 turn, an answer junk follows still relayed, each read of a streamed body
+                 handed to its stream
 - ``upstream_http``  one request on a pooled connection for a body in memory: head and
                  body in one write, the answer from aiohttp's parser (others: aiohttp)
 - ``forward``    before commit: request body (buffered for failover), upstream order,

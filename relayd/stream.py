@@ -12,7 +12,7 @@ The body is pushed, not pulled.  Pulling each read through aiohttp's ``StreamRea
 cost a future, a task wake-up and a chunked-writer call per read — most of relayd's CPU
 per event (bench/PROFILE.md).  Instead the response's reader becomes a ``_Pushed`` one:
 aiohttp's parser still frames the body, but hands the bytes to a list, and the upstream
-protocol (``upstreams._Guarded``) calls ``Stream.pump`` once after each read, which
+protocol (``upstream_conn.Guarded``) calls ``Stream.pump`` once after each read, which
 writes what is complete to the client transport in one write.  The handler task only
 waits: for the end, for a deadline, or for a slow client to drain.  While the client
 drains, the upstream connection stops reading, so a client that reads nothing holds at

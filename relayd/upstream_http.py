@@ -7,7 +7,7 @@ pooled connection and read the answer from aiohttp's own protocol (bench/PROFILE
 relayd needs none of that machinery — its headers are final and its body is in memory —
 so for that common request this module writes the head and the body in one write, on a
 connection from the pool's aiohttp connector (pooling, keep-alive, DNS and TLS stay
-aiohttp's), and reads the response head from aiohttp's parser in ``upstreams._Guarded``.
+aiohttp's), and reads the response head from aiohttp's parser in ``upstream_conn.Guarded``.
 
 A request through a proxy, or with a body that streams, takes aiohttp's whole path
 (``Pool.send``); both paths raise the same aiohttp exceptions, which ``forward``

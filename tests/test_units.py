@@ -404,9 +404,9 @@ async def test_a_new_request_on_a_pooled_connection_drops_the_last_streams_sink(
     handler is still waiting for a slow client; the next request on that connection must
     not find the old stream's sink set — its own response would be pushed to the old
     stream's path and taken for an out-of-turn answer (a 502)."""
-    from relayd.upstreams import _Guarded
+    from relayd.upstream_conn import Guarded
 
-    proto = _Guarded(loop=asyncio.get_running_loop())
+    proto = Guarded(loop=asyncio.get_running_loop())
     proto.sink, proto.pushed = (lambda: None), []
     proto.set_response_params(read_until_eof=True, auto_decompress=False)
     assert proto.sink is None

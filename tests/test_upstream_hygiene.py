@@ -457,6 +457,23 @@ async def test_junk_after_a_whole_answer_in_the_same_read_relays_the_answer(make
         assert up.connections == 3
 
 
+async def test_junk_after_an_answer_whose_head_came_in_pieces_relays_the_answer(make_relayd):
+    async def handler(reader, writer, n):
+        for piece in (b"HTTP/1.1 200 OK\r\nContent-Ty", b"pe: application/json\r\nContent-Len",
+                      b"gth: 2\r\n\r\n{}EXTRA"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        for _ in range(2):
+            status, body, _ = await get(port)
+            assert (status, body) == (200, b"{}")
+        assert up.connections == 2
+
+
 async def test_a_broken_body_before_the_junk_is_still_a_502(make_relayd):
     async def handler(reader, writer, n):
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"

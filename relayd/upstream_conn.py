@@ -1,0 +1,217 @@
+"""One upstream connection: the protocol under aiohttp's client that keeps a pooled
+connection honest and hands a streamed body straight to its stream.
+
+aiohttp's ``ResponseHandler`` parses whatever a connection receives, queues it as a
+response, and drops what it parsed when its parser raises.  ``Guarded`` closes a
+connection that speaks out of turn (it is never pooled again), relays an answer that junk
+follows in the same read (as nginx does), fails a body the parser gave up on, and, once a
+``stream.Stream`` takes a body over, feeds each read to the parser and the stream with
+no more Python than that.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import _EXC_SENTINEL, EMPTY_BODY_STATUS_CODES, set_exception
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import EMPTY_PAYLOAD
+
+from . import lean
+
+_SALVAGE_MAX = 2**16  # reads kept while a head trickles in (a first read is kept whatever its size)
+
+
+class Guarded(ResponseHandler):
+    """An upstream connection that is closed, never reused, when it speaks out of turn.
+
+    aiohttp parses whatever an idle pooled connection receives and queues it as a
+    response, so an upstream that writes an unsolicited response after a complete one
+    would hand it to the next request — one client could read another's data.  nginx
+    closes an idle upstream connection that receives bytes; so does this: bytes while no
+    request is waiting for a response, or a second final response to one request, close
+    the connection, and ``should_close`` keeps it out of the pool.
+    """
+
+    _awaiting = False  # a request was sent and its response has not ended yet
+    _finals = 0        # final (non-1xx) responses parsed for the current request
+    _heading = False   # no response parsed yet for the current request
+    _head_bytes: bytes | bytearray = b""  # what it has sent so far, for ``_salvage``
+    _salvaging = False  # a read of those bytes is being parsed
+    _params: dict[str, Any] = {}  # the parser's settings, until a response is parsed
+    # A stream that takes its body pushed (``stream.Stream``): the parser's body bytes
+    # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
+    sink: Callable[[], None] | None = None
+    pushed: list[bytes]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buffer = lean.SmallQueue()  # type: ignore[assignment]  # one response at a time
+
+    def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
+        # A new request: the stream that took the last body over is done with this
+        # connection, though its handler may not have run yet to say so (it can be waiting
+        # for a slow client while the body ended and the connection went back to the pool).
+        self.sink = None
+        self._awaiting, self._finals, self._heading, self._params = True, 0, True, kwargs
+        self._head_bytes = b""
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None and self._awaiting and self._read_timeout is None \
+                and self._payload_parser is None and not self._upgraded:
+            self._body_received(data)
+            sink()
+            return
+        if not self._awaiting and data and not self.upgraded:  # mid-response: one attribute test
+            self._poisoned()
+            return
+        if self._heading and data:
+            self._read_heading(data)
+        else:
+            super().data_received(data)
+        if not self._awaiting and self._started_another():
+            self._poisoned()
+        if self.sink is not None:
+            self.sink()
+
+    def _read_heading(self, data: bytes) -> None:
+        """A read before any answer to the current request was parsed: its bytes are kept
+        (a head is small) so that ``_salvage`` can parse them again."""
+        got = self._head_bytes
+        if not got:
+            self._head_bytes = data  # the common case: the whole head in one read, no copy
+        elif len(got) + len(data) > _SALVAGE_MAX:
+            self._salvaged()  # a head this long is not kept
+            super().data_received(data)
+            return
+        else:
+            if type(got) is bytes:
+                got = self._head_bytes = bytearray(got)  # (a head trickling in: no n² copies)
+            got += data
+        self._salvaging = True
+        super().data_received(data)
+        self._salvaging = False
+        if self._finals or not self._awaiting:  # answered (or failed): nothing to salvage
+            self._salvaged()
+
+    def _salvaged(self) -> None:
+        self._heading, self._head_bytes = False, b""
+        del self._params  # (a held stream keeps its connection: no dict more than needed)
+
+    def _body_received(self, data: bytes) -> None:
+        """A read of the body a stream took over, straight to the parser: what aiohttp's
+        ``data_received`` adds (a read-timeout re-arm relayd never asks for, the message
+        loop, websocket and upgrade branches) is a Python frame and a dozen tests per event.
+        Any message parsed now (a response after the body ended) is out of turn."""
+        parser = self._parser
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except Exception as exc:  # as aiohttp's: the connection is spent, the body failed
+            if self.transport is not None:
+                self.transport.close()
+            failure = (HttpProcessingError(code=exc.code, message=exc.message, headers=exc.headers)
+                       if isinstance(exc, HttpProcessingError) else HttpProcessingError())
+            self.set_exception(failure, exc)
+            return
+        if messages or (not self._awaiting and self._started_another()):
+            self._poisoned()
+
+    def _started_another(self) -> bool:
+        """After a response ended within a read: did the same read begin another one?
+
+        A complete second response is caught in ``feed_data``; the start of one (``HTTP/1.1
+        200 OK\r\nContent-Le``) stays in the parser, raises nothing, and the rest would be
+        read as the next request's answer.  Ending the parser's input tells: llhttp's parser
+        answers a message only for a message it has begun.  The parser is replaced when
+        the connection sends its next request, so this one is spent anyway."""
+        parser = self._parser
+        if parser is None or self.upgraded:
+            return False
+        try:
+            return parser.feed_eof() is not None
+        except Exception:  # noqa: BLE001 - whatever is left in it is not a clean end
+            return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        payload = self._payload
+        super().connection_lost(exc)
+        self._fail_body(payload, exc)
+        if self.sink is not None:
+            self.sink()
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
+        if self._salvaging and isinstance(exc, HttpProcessingError):
+            self._salvaging = False
+            if self._salvage(bytes(self._head_bytes)):
+                return
+        super().set_exception(exc, exc_cause)
+        if isinstance(exc, HttpProcessingError):  # the parser gave up (not a failed upload)
+            self._fail_body(self._payload, exc)
+
+    def _salvage(self, data: bytes) -> bool:
+        """A whole answer followed by bytes that are not one (more body than
+        ``Content-Length``, a body on a 204), in the read that completed its head: aiohttp's
+        parser raises at the junk and drops the answer it had parsed.  nginx relays the
+        answer and drops the connection; so does this.  Everything the response sent so far
+        (``data``) is parsed again by a fresh parser, head first: when the answer before the
+        junk is whole, it is delivered, and the connection (closed already by aiohttp)
+        never returns to the pool.  Anything else, a broken head or body, stays the
+        failure it was."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        ResponseHandler.set_response_params(self, **self._params)  # the failed parser is spent
+        parser = self._parser
+        messages: list[Any] = []
+        try:
+            messages = parser.feed_data(data[:end + 4])[0]
+            if len(messages) != 1 or messages[0][0].code < 200:
+                return False
+            parser.feed_data(data[end + 4:])
+            return False  # it parsed this time: not the failure this is for
+        except HttpProcessingError:
+            if len(messages) != 1:
+                return False
+        message, payload = messages[0]
+        bodiless = self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES
+        if not bodiless and not payload.is_eof():
+            return False  # the body itself broke
+        self._parser = None  # (its end at connection_lost would fail the complete body)
+        self._should_close = True
+        self._payload = payload
+        self.feed_data((message, EMPTY_PAYLOAD if bodiless else payload), 0)
+        return True
+
+    @staticmethod
+    def _fail_body(payload: Any, why: BaseException | None) -> None:
+        """A body the parser gave up on (a bad chunk size, a bad trailer) is a failed one.
+
+        aiohttp's parser drops the body it was reading when it raises, and tells only the
+        connection: the body's reader would wait, unended, until a deadline blamed the
+        upstream's silence (the connection was already closed)."""
+        if payload is not None and payload is not EMPTY_PAYLOAD and not payload.is_eof() \
+                and payload.exception() is None:
+            set_exception(payload, aiohttp.ClientPayloadError(
+                f"Response payload is not completed: {why!r}"))
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        message, payload = data
+        if message.code >= 200:
+            self._finals += 1
+            if self._finals > 1:
+                self._poisoned()
+                return
+            payload.on_eof(self._ended)
+        super().feed_data(data, size)
+
+    def _ended(self) -> None:
+        self._awaiting = False
+
+    def _poisoned(self) -> None:
+        self._should_close = True
+        if self.transport is not None:
+            self.transport.close()

@@ -22,9 +22,9 @@ MORE_HELP = ("Config reference: README.md (\"Configuration reference\"); "
              "annotated examples: config/examples/*.yaml.")
 
 
-def _workers(text: str) -> int | None:
+def _workers(text: str) -> int:
     if text == "auto":
-        return None
+        return 0  # (not None, which is "not given": auto overrides the config's workers too)
     try:
         n = int(text)
     except ValueError:

@@ -9,7 +9,8 @@ on how many of its leading characters were right.
 
 The key never goes further.  ``Forwardable`` is the request as ``forward`` should see it:
 every credential header gone and, for a provider that accepts the key as a query
-parameter, that parameter gone from the raw query (the rest keeps its bytes).  An
+parameter, that parameter gone from the raw query, as is any parameter that carries the
+key under another name (the rest keeps its bytes).  An
 upstream with an ``api_key`` gets its own key set as always; one without gets no
 credential at all — with clients configured, a client's key is relayd's business only.
 
@@ -23,6 +24,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any, Mapping
+from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -85,6 +87,17 @@ def _where(provider: Provider) -> str:
     return spot
 
 
+def _without_value(query: str, key: str | None) -> str:
+    """The raw query minus any parameter whose value is the client's key, whatever its name
+    (``?key=`` on an OpenAI route, ``?api_key=``): sent in the wrong place, it is still
+    relayd's key, not the upstream's business."""
+    if not key or not query:
+        return query
+    parts = query.split("&")
+    kept = [p for p in parts if unquote(p.partition("=")[2]) != key]
+    return query if len(kept) == len(parts) else "&".join(kept)
+
+
 class Forwardable:
     """The request minus the client's relayd key, as ``forward`` reads it.
 
@@ -102,8 +115,9 @@ class Forwardable:
             headers.popall(name, None)
         self.headers = CIMultiDictProxy(headers)
         path, q, query = request.raw_path.partition("?")
-        if q and provider.key_param:
-            query = provider.without_key_param(query)
+        if q:
+            key = provider.presented_key(request.headers, query)
+            query = _without_value(provider.without_key_param(query), key)
             self.raw_path = f"{path}?{query}" if query else path
         else:
             self.raw_path = request.raw_path

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -35,8 +36,13 @@ _KEEP_ERROR_BODY = 1024 * 1024
 class _Failure(Exception):
     """An attempt that produced no usable response."""
 
-    def __init__(self, reason: End, status: int, message: str) -> None:
+    def __init__(self, reason: End, status: int, message: str, detail: str | None = None) -> None:
         self.reason, self.status, self.message = reason, status, message
+        self.detail = detail  # for the operator's log only (a TLS verify reason)
+
+    @property
+    def cause(self) -> str:
+        return self.message if self.detail is None else f"{self.message} ({self.detail})"
 
 
 @dataclass
@@ -226,7 +232,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         except _Failure as f:  # every connection busy: try the next upstream, breaker untouched
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f.reason, cause=f.message)
+                        attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
             continue
         try:
@@ -238,7 +244,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f.reason, cause=f.message)
+                        attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
             continue
         except BaseException:  # the client went away while we waited: free the slot all the same
@@ -356,7 +362,8 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
                        f"upstream '{up.name}' sent no response headers within {fmt(timeouts.first_byte)}") from None
     except aiohttp.ClientConnectorError as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
-                       f"cannot connect to upstream '{up.name}': {_connect_why(exc)}") from None
+                       f"cannot connect to upstream '{up.name}': {_connect_why(exc)}",
+                       _tls_why(exc)) from None
     except aiohttp.ClientResponseError:
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'") from None
     except (aiohttp.ClientError, OSError) as exc:
@@ -405,6 +412,18 @@ def _connect_why(exc: aiohttp.ClientConnectorError) -> str:
     if isinstance(os_error, socket.gaierror):
         return "host name not resolved"
     return "network error"
+
+
+def _tls_why(exc: aiohttp.ClientConnectorError) -> str | None:
+    """Why a TLS handshake failed, for the operator: OpenSSL's verify message ("self-signed
+    certificate", "Hostname mismatch, ...") or reason.  Clients get "TLS handshake failed"
+    only: the reason names the upstream's certificate."""
+    if not isinstance(exc, aiohttp.ClientSSLError):
+        return None
+    err = exc.os_error
+    if isinstance(err, ssl.SSLCertVerificationError) and err.verify_message:
+        return f"certificate verify failed: {err.verify_message}"
+    return getattr(err, "reason", None) or type(err).__name__
 
 
 def _short(exc: BaseException) -> str:

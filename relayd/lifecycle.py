@@ -345,7 +345,8 @@ async def serve(path: str, config: Config) -> int:
 
 
 def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
-    """``workers``/``loop`` from the command line override the config's ``workers``."""
+    """``workers``/``loop`` from the command line override the config's ``workers``
+    (``workers``: None when not given, 0 for ``--workers auto``)."""
     try:
         config = config_mod.load(path)
     except ConfigError as exc:
@@ -353,7 +354,7 @@ def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
             print(p, file=sys.stderr)
         return 1
     logs.configure(config.log_level)
-    n = workers or config.workers or usable_cpus()
+    n = (config.workers if workers is None else workers) or usable_cpus()  # (0: --workers auto)
     logs.get().info("start", config=path, pid=os.getpid(), workers=n,
                     loop=loop_factory(loop).__module__.split(".")[0])
     if n == 1:

@@ -172,6 +172,21 @@ def test_google_genai_sdk(guarded, fake):
     assert len(got) == 2 and {header(q, "x-goog-api-key") for q in got} == {"gem-test-KEY3"}
 
 
+async def test_a_client_key_in_the_query_of_another_provider_never_reaches_the_upstream(guarded, fake):
+    # Only Gemini reads its key from the query; a client that also puts it there on an
+    # OpenAI route (?key=, ?api_key=) must not hand it to the upstream.
+    sc = fake.add("cl-openai-q", Scenario(body=b'{"ok":true}', content_type="application/json"))
+    base = f"http://127.0.0.1:{guarded.port}/openai/v1/chat/completions"
+    async with aiohttp.ClientSession() as s:
+        for query in (f"key={ALICE}&alt=sse", f"alt=sse&api_key={ALICE.replace('-', '%2D')}", f"k={ALICE}"):
+            async with s.post(URL(f"{base}?{query}", encoded=True), json={},
+                              headers={"x-fake": sc, "Authorization": f"Bearer {ALICE}"}) as resp:
+                assert resp.status == 200
+    got = reached(fake, sc)
+    no_client_key(got)
+    assert [q["raw_path"] for q in got] == ["/oai/v1/chat/completions?alt=sse"] * 2 + ["/oai/v1/chat/completions"]
+
+
 async def test_gemini_key_query_parameter_removed_rest_of_query_kept(guarded, fake):
     sc = fake.add("cl-gemini-q", Scenario(body=fixture("gemini-stream.sse")))
     base = f"http://127.0.0.1:{guarded.port}/gemini/v1beta/models/g:streamGenerateContent"

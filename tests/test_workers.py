@@ -342,6 +342,13 @@ def test_default_is_usable_cpus_on_uvloop(fake, make_relayd):
     assert start["workers"] == len(os.sched_getaffinity(0)) and start["loop"] == "uvloop"
 
 
+def test_workers_auto_on_the_command_line_overrides_the_config(fake, make_relayd):
+    # "auto" was parsed to None, which read as "not given": the config's workers: 1 stayed.
+    r = make_relayd(basic_config(fake.url, free_port(), top="workers: 1"), args=["--workers", "auto"])
+    start = next(l for l in r.logs() if l.get("event") == "start")
+    assert start["workers"] == len(os.sched_getaffinity(0)) > 1
+
+
 def test_loop_uvloop_without_uvloop_says_so(monkeypatch, capsys, tmp_path):
     import importlib.util
     from relayd import cli

@@ -56,19 +56,19 @@ def slots() -> None:
 @patch
 def wheel() -> None:
     """One shared timer per 0.25 s slot instead of one uvloop TimerHandle (and libuv
-    uv_timer_t) per stream: ``_Clock`` deadlines go into the slot's dict."""
+    uv_timer_t) per stream: ``StreamClock`` deadlines go into the slot's dict."""
     import asyncio
     import math
-    from relayd import stream
+    from relayd import clock
 
     res = 0.25
     buckets: dict[int, dict[object, None]] = {}
 
     def run(slot: int) -> None:
-        for clock in list(buckets.pop(slot, ())):
-            clock._fire()
+        for c in list(buckets.pop(slot, ())):
+            c._fire()
 
-    def _arm(self: stream._Clock) -> None:
+    def _arm(self: clock.StreamClock) -> None:
         since = max(self.last, self.last_beat)
         when = min(self.last + self.idle, since + self.send, self.total_deadline)
         if self.tracker is not None:
@@ -84,12 +84,12 @@ def wheel() -> None:
         bucket[self] = None
         self.handle = bucket
 
-    def stop(self: stream._Clock) -> None:
+    def stop(self: clock.StreamClock) -> None:
         if self.handle is not None:
             self.handle.pop(self, None)
 
-    stream._Clock._arm = _arm  # type: ignore[method-assign]
-    stream._Clock.stop = stop  # type: ignore[method-assign]
+    clock.StreamClock._arm = _arm  # type: ignore[method-assign]
+    clock.StreamClock.stop = stop  # type: ignore[method-assign]
 
 
 @patch

@@ -27,8 +27,8 @@ Modules, in that order:
 - ``forward``    before commit: request body (buffered for failover), upstream order,
                  send, failure classification, failover → open response or error response
 - ``stream``     after commit: the body pushed from the upstream connection's reads to the
-                 client transport, backpressure, the one stream clock, the one error
-                 event → how the stream ended
+                 client transport, backpressure, the one error event → how the stream ended
+- ``clock``      the stream's one timer for all its deadlines and heartbeats
 - ``sse``        sans-I/O SSE block-boundary tracker (bytes in, boundaries out)
 - ``providers``  one record per provider: auth header, error body, error events, and the
                  endpoint table of natural stream ends; no other module names a provider

@@ -18,7 +18,7 @@ waits: for the end, for a deadline, or for a slow client to drain.  While the cl
 drains, the upstream connection stops reading, so a client that reads nothing holds at
 most the transport's high-water mark and one read.
 
-One timer per stream (``_Clock``) watches every deadline: upstream silence (``idle``),
+One timer per stream (``StreamClock``) watches every deadline: upstream silence (``idle``),
 the response from its headers to its end (``total``), a client that accepts nothing
 (``send``) and heartbeats.
 """
@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from . import lean, providers
+from .clock import StreamClock
 from .exchange import End
 from .forward import fmt
 from .headers import for_client, media_type
@@ -85,110 +86,6 @@ class _UntypedOut(_Out):
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         self._headers.popall("Content-Type", None)
-
-
-class _Clock:
-    """One lazily re-armed timer per stream for every deadline.
-
-    Arming an ``asyncio.timeout`` per read or write would cost a Timeout object and a
-    heap-scheduled handle per event.  Instead the stream only records when it last made
-    progress; this timer wakes at the earliest deadline that could have passed, re-arms
-    itself if progress was made in the meantime, writes a heartbeat when one is due, and
-    only on a real deadline interrupts the handler task by cancelling it (the task tells
-    that apart from a client disconnect by ``reason`` and hands a real cancel on).
-
-    Which deadlines apply depends on what the stream waits for: ``idle`` and heartbeats
-    while it reads the upstream, ``send`` while it waits for the client, ``total``
-    always.  The timer is armed for the ones that apply (one that does not could be long
-    past, and would fire again at once, every loop turn); progress only moves deadlines
-    later, so only a change of state (``wait_for_client``/``wait_for_upstream``) can
-    need an earlier wake.
-    """
-
-    __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
-                 "reading", "reason", "handle", "at", "on_beat")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
-                 total_deadline: float, beat: float, on_beat: Callable[[], None]) -> None:
-        self.loop = loop
-        self.task = asyncio.current_task()
-        self.idle, self.send, self.total_deadline = idle, send, total_deadline
-        self.beat, self.on_beat = beat, on_beat  # beat: math.inf for no heartbeats
-        self.last = self.last_beat = loop.time()  # last progress: bytes arrived, or a drain ended
-        self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
-        self.reason: End | None = None
-        self.handle: asyncio.Handle | None = None
-        self.at = math.inf  # when the handle fires (uvloop's handle for a time within 0.5 ms
-        #                     of now is a plain Handle, without when())
-        # At the start every deadline lies ahead: the earliest of all is never late for
-        # either state, and the first change of state needs no re-arm.
-        self._arm(min(self.last + self.idle, self.last + self.send, self.last + self.beat,
-                      total_deadline))
-
-    def _next(self) -> float:
-        """The earliest deadline that applies in the current state."""
-        since = max(self.last, self.last_beat)  # a write begins after data or a heartbeat
-        if self.reading:
-            return min(self.last + self.idle, since + self.beat, self.total_deadline)
-        return min(since + self.send, self.total_deadline)
-
-    def _arm(self, when: float) -> None:
-        # uvloop's clock ticks in whole milliseconds and runs a call_at less than 0.5 ms
-        # ahead at once: a deadline closer than a tick would fire, find itself not due,
-        # and re-arm, every loop turn until the tick.  A tick later it is due.
-        when = max(when, self.loop.time() + 0.001)
-        self.at = when
-        self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
-
-    def _state(self, reading: bool) -> None:
-        if self.reading is reading:
-            return
-        self.reading = reading
-        when = self._next()
-        if self.at > when:
-            if self.handle is not None:
-                self.handle.cancel()
-            self._arm(when)
-
-    def wait_for_client(self) -> None:
-        self._state(False)
-
-    def wait_for_upstream(self) -> None:
-        self._state(True)
-
-    def _fire(self) -> None:
-        now = self.loop.time()
-        reason: End | None = None
-        if now >= self.total_deadline:
-            reason = End.TOTAL_TIMEOUT
-        elif not self.reading:
-            if now >= max(self.last, self.last_beat) + self.send:
-                reason = End.SEND_TIMEOUT
-        elif now >= self.last + self.idle:
-            reason = End.IDLE_TIMEOUT
-        elif now >= max(self.last, self.last_beat) + self.beat:
-            self.last_beat = now  # a beat the stream cannot send now is tried a period later
-            self.on_beat()
-        if reason is not None:
-            self.handle, self.at = None, math.inf
-            self.reason = reason
-            if self.task is not None:
-                self.task.cancel()
-            return
-        self._arm(self._next())
-
-    def woke(self) -> End | None:
-        """After a CancelledError: our reason, or None when the cancel came from outside."""
-        reason, self.reason = self.reason, None
-        if reason is None or self.task is None:
-            return None
-        if self.task.uncancel() > 0:  # a real cancellation arrived as well: honour it
-            return None
-        return reason
-
-    def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
 
 
 class Stream:
@@ -245,7 +142,7 @@ class Stream:
         self._chunked = False
         self._writer: Any = None
         self._high = 0
-        self._clock: _Clock | None = None
+        self._clock: StreamClock | None = None
 
     @property
     def events(self) -> int:
@@ -369,10 +266,10 @@ class Stream:
                 proto.sink = None
                 proto.pushed.clear()
 
-    def _start_clock(self) -> _Clock:
+    def _start_clock(self) -> StreamClock:
         loop = asyncio.get_running_loop()
         t = self.timeouts
-        self._clock = _Clock(
+        self._clock = StreamClock(
             loop, t.idle or math.inf, t.send or math.inf,
             loop.time() + t.total if t.total else math.inf,
             self.heartbeat if self.tracker is not None and self.heartbeat else math.inf,

@@ -13,6 +13,7 @@ from aiohttp import web
 from fakes import free_port
 from relayd import config as cfg
 from relayd import providers, sse, stream
+from relayd.clock import StreamClock
 from relayd.app import App, request_id
 from relayd.exchange import End
 from relayd.routes import upstream_url
@@ -225,11 +226,11 @@ async def test_stream_clock_never_fires_for_a_deadline_that_does_not_apply(readi
 
 
 async def _count_fires(idle: float, send: float, beat: float, reading: bool,
-                       seconds: float) -> tuple[stream._Clock, int]:
+                       seconds: float) -> tuple[StreamClock, int]:
     """A stream clock left alone for `seconds`: how often its timer fired."""
     fired = 0
 
-    class Counted(stream._Clock):
+    class Counted(StreamClock):
         __slots__ = ()
 
         def _fire(self) -> None:
@@ -251,7 +252,7 @@ async def test_stream_clock_wakes_for_the_deadline_a_change_of_state_brings() ->
     client must still end at its (nearer) send deadline."""
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
-    clock = stream._Clock(loop, 30.0, 0.3, math.inf, math.inf, lambda: None)
+    clock = StreamClock(loop, 30.0, 0.3, math.inf, math.inf, lambda: None)
     clock.wait_for_upstream()
     await asyncio.sleep(0.5)  # fires at the start's send deadline, re-arms for idle (30 s)
     clock.last = loop.time()  # an event arrived, its write now waits for the client
@@ -375,7 +376,7 @@ def test_stream_clock_with_a_deadline_within_half_a_millisecond_under_uvloop() -
 
     async def run() -> End | None:
         loop = asyncio.get_running_loop()
-        clock = stream._Clock(loop, 0.0004, 0.0004, math.inf, 0.0004, lambda: None)
+        clock = StreamClock(loop, 0.0004, 0.0004, math.inf, 0.0004, lambda: None)
         clock.wait_for_upstream()
         clock.wait_for_client()
         clock.wait_for_upstream()

@@ -38,8 +38,8 @@ from typing import Callable
 
 from aiohttp import web
 
-from . import heartbeat, lifecycle, listeners, logs, mainadmin, metrics, workers
-from .config import Config
+from . import heartbeat, lifecycle, listeners, logs, mainadmin, metrics, tls, workers
+from .config import Config, ConfigError
 from .metrics import Metrics
 from .server import log_warnings
 
@@ -98,6 +98,13 @@ class Supervisor(lifecycle.Reloads):
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(logs.loop_exception)
+        if self.config.tls is not None:
+            try:
+                tls.check(self.config.tls, self.path)  # the pair every worker forked serves
+            except ConfigError as exc:
+                for p in exc.problems:
+                    print(p, file=sys.stderr)
+                return 1
         try:
             self.group = listeners.ListenGroup(self.config.listen, "listen")
             for slot in self.slots:

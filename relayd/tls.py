@@ -3,34 +3,69 @@
 asyncio's server keeps the context it was given, so a renewed certificate cannot come in
 through a new context without a new listener.  It does not need one: ``load_cert_chain``
 on the same context replaces its certificate and key for every handshake after it, while
-connections already up keep theirs.  A reload therefore re-reads the files into the
-context the listener already has (``ListenerCert.reload``).
+connections already up keep theirs.  A reload therefore loads the pair into the context
+the listener already has (``ListenerCert.reload``).
 
-The files are first loaded into a scratch context: a bad certificate, a key that does not
-match, or a half-written renewal fails there, as a reload failure, and the live context
-keeps serving the old pair.  (A file replaced again in the instant between the two loads
-is the one case this cannot catch; the live load then fails the reload the same way.)
+The files are read once per load and their bytes go into a scratch context first: a bad
+certificate, a key that does not match, or a half-written renewal fails there, as a reload
+failure, and the live context keeps serving the old pair.  The live context then loads
+the same bytes, never the files again, so a renewal that lands in between cannot slip in
+unchecked.  The last pair that passed (``check``) is kept: a worker the main process
+forks later (a restart) serves what its siblings serve, not whatever the files hold by
+then — a half-written renewal on disk would have crashed it at start.
+
+OpenSSL loads a chain only from a file, so the bytes are handed to it through memfds
+(``/proc/self/fd/N``), which never touch the disk.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from . import logs
 from .config import Config, ConfigError, ListenerTLS, Problem
+
+Pem = tuple[bytes, bytes]  # the certificate chain and the key, as read
+_checked: dict[tuple[str, str], Pem] = {}  # the last pair that passed ``check``, by its files
 
 
 def _no_password() -> str:
     raise ValueError("the key is encrypted (relayd needs an unencrypted key file)")
 
 
-def new_context(cfg: ListenerTLS) -> ssl.SSLContext:
-    """A server context: TLS 1.2 or newer, the system's default ciphers, HTTP/1.1 by ALPN."""
+def _read(cfg: ListenerTLS) -> Pem:
+    with open(cfg.cert, "rb") as f:
+        cert = f.read()
+    with open(cfg.key, "rb") as f:
+        key = f.read()
+    return cert, key
+
+
+def _load(ctx: ssl.SSLContext, pem: Pem) -> None:
+    fds: list[int] = []
+    try:
+        for data in pem:
+            fd = os.memfd_create("relayd-tls", os.MFD_CLOEXEC)
+            fds.append(fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}",
+                            password=_no_password)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def new_context(cfg: ListenerTLS, pem: Pem | None = None) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or newer, the system's default ciphers, HTTP/1.1 by ALPN;
+    the pair from ``pem``, else from the files."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
     ctx.set_alpn_protocols(["http/1.1"])
-    ctx.load_cert_chain(cfg.cert, cfg.key, password=_no_password)
+    _load(ctx, pem if pem is not None else _read(cfg))
     return ctx
 
 
@@ -39,32 +74,38 @@ class ListenerCert:
 
     def __init__(self, cfg: ListenerTLS | None) -> None:
         self.config = cfg
-        self.context = new_context(cfg) if cfg is not None else None
+        self.context = (new_context(cfg, _checked.get((cfg.cert, cfg.key)))
+                        if cfg is not None else None)
 
     def reload(self, new: Config, file: str) -> None:
-        """Re-read the certificate into the live context.  Raises ConfigError (the reload
-        fails, the old certificate keeps serving) if the new files do not load.  Turning
-        TLS on or off needs a new listener, so it waits for a restart, like ``listen``."""
+        """Load the new pair into the live context.  Raises ConfigError (the reload
+        fails, the old certificate keeps serving) if it does not load.  Turning TLS on
+        or off needs a new listener, so it waits for a restart, like ``listen``."""
         if (self.context is None) != (new.tls is None):
             logs.get().warning("turning tls on or off needs a restart; keeping the listener as it is",
                                tls="on" if self.context is not None else "off")
             return
         if self.context is None or new.tls is None:
             return
-        check(new.tls, file)  # scratch: the live context is touched only by a good pair
+        pem = check(new.tls, file)  # scratch: the live context is touched only by a good pair
         try:
-            self.context.load_cert_chain(new.tls.cert, new.tls.key, password=_no_password)
+            _load(self.context, pem)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise _problem(file, exc) from None
         self.config = new.tls
 
 
-def check(cfg: ListenerTLS, file: str) -> None:
-    """Load the pair into a scratch context: ConfigError if it would not serve."""
+def check(cfg: ListenerTLS, file: str) -> Pem:
+    """Read the pair and load it into a scratch context: ConfigError if it would not serve.
+    The bytes that passed are returned and kept for processes forked from this one."""
     try:
-        new_context(cfg)
+        pem = _read(cfg)
+        new_context(cfg, pem)
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise _problem(file, exc) from None
+    _checked.clear()
+    _checked[(cfg.cert, cfg.key)] = pem
+    return pem
 
 
 def _problem(file: str, exc: Exception) -> ConfigError:

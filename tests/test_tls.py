@@ -183,3 +183,32 @@ routes:
         assert "certificate verify failed: self-signed certificate" in failed[-1]["cause"], failed
     finally:
         await runner.cleanup()
+
+
+async def test_a_restarted_worker_serves_the_pair_its_siblings_serve(make_relayd, fake, tmp_path):
+    """A worker restarted after a crash read the files again: a half-written renewal on
+    disk (no reload yet) made it crash at start, over and over, and a finished one made it
+    serve a certificate its sibling did not.  It serves the last pair that passed."""
+    import os
+    from test_workers import children, ready_line
+    live = make_cert(tmp_path / "live", "relayd-one", 1)
+    two = make_cert(tmp_path / "two", "relayd-two", 2)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=f"workers: 2\ntls: {{cert: '{live[0]}', key: '{live[1]}'}}"))
+    first = trust(live[0])
+    victim, other = ready_line(r)["worker_pids"]
+    live[0].write_text("-----BEGIN CERTIFICATE-----\nhalf wri")  # a renewal being written
+    os.kill(victim, 9)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other, victim}) == 1)
+    new = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("event") == "worker serving" and l.get("pid") == new for l in r.logs()))
+    install(two, live)  # the renewal is complete, still not reloaded
+    os.kill(new, 9)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other, new}) == 1)
+    newer = (children(r.proc.pid) - {other}).pop()
+    assert wait_for(lambda: any(l.get("event") == "worker serving" and l.get("pid") == newer for l in r.logs()))
+    assert {served_cn(port, first)[0] for _ in range(12)} == {"relayd-one"}  # both workers
+    assert not [l for l in r.logs() if l.get("event") == "worker failed"]
+    r.signal(signal.SIGHUP)  # the renewal, taken by every worker
+    assert wait_for(lambda: reloads(r, "reload ok") == 1)
+    assert {served_cn(port, trust(two[0]))[0] for _ in range(12)} == {"relayd-two"}

@@ -100,6 +100,14 @@ CASES = {
                                      "must not contain '.' or '..' segments"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
                               "character #x0007 is not allowed"),
+    "huge integer duration": ("shutdown_grace: 1" + "0" * 320 + "\n" + GOOD, 1, "shutdown_grace",
+                              "duration too large"),
+    "huge integer timeout": (GOOD + "    timeouts: {idle: 1" + "0" * 400 + "}\n", 10, "routes[0].timeouts.idle",
+                             "too large"),
+    "integer over python's digit limit": ("workers: 1" + "0" * 5000 + "\n" + GOOD, 1, "workers",
+                                          "number too large"),
+    "size over python's digit limit": ('limits: {replay_body: "1' + "0" * 5000 + 'KiB"}\n' + GOOD, 1,
+                                       "limits.replay_body", "size too large"),
 }
 
 

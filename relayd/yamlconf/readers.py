@@ -33,7 +33,10 @@ def parse_duration(v: Any) -> float:
     """Seconds as a number, or a string with a unit: ``500ms``, ``30s``, ``5m``, ``1h``."""
     m = _DURATION.match(v) if isinstance(v, str) else None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        seconds = float(v)
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int past float's range
+            raise ValueError("duration too large") from None
     elif m:
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     elif isinstance(v, str):
@@ -41,7 +44,7 @@ def parse_duration(v: Any) -> float:
     else:
         raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {show(v)}")
     if not 0 <= seconds < float("inf"):
-        raise ValueError(f"duration must be a finite number >= 0, got {v!r}")
+        raise ValueError(f"duration must be a finite number >= 0, got {show(v)}")
     return seconds
 
 
@@ -53,6 +56,8 @@ def parse_size(v: Any) -> int:
     if not m or (m.group(2) and m.group(2).lower() not in _UNITS):
         raise ValueError(f"bad size {show(v)} (bytes, or a number with a binary unit B, KiB, MiB, "
                          f"GiB; 1 KiB = 1024 bytes; KB/MB/GB are not accepted)")
+    if len(m.group(1)) > 30:  # int() refuses over 4300 digits with advice meant for programmers
+        raise ValueError(f"size too large: {show(v)}")
     return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
 
 

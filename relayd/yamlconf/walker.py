@@ -22,7 +22,8 @@ import yaml
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
 _PLACEHOLDER = re.compile(r"__yamlconf_var_(\d+)__")
 _HELD = re.compile(r"\x00(\d+)\x00")
-_STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+_STR, _NULL, _INT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null", "tag:yaml.org,2002:int"
+_INT_CHARS = 1000  # no config number needs more; Python refuses ints over 4300 digits anyway
 REQUIRED: Any = dataclasses.MISSING
 
 Reader = Callable[["Walker", yaml.Node, str, Any], Any]
@@ -80,10 +81,15 @@ def redact_url(text: str) -> str:
 
 
 def show(v: Any) -> str:
-    """How a wrong value is named in an error: a kind for structures, else its repr."""
+    """How a wrong value is named in an error: a kind for structures, else its repr.
+
+    An int past Python's 4300-digit str limit cannot be repr'd at all (repr raises)."""
     if v is None or isinstance(v, (bool, list, dict)):
         return {type(None): "nothing (null)", bool: "a boolean", list: "a list", dict: "a mapping"}[type(v)]
-    return repr(v)
+    try:
+        return repr(v)
+    except ValueError:
+        return "a number too large to show"
 
 
 def join(path: str, name: str) -> str:
@@ -231,6 +237,9 @@ class Walker:
         if text != node.value:  # a plain scalar is typed again after substitution
             tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR
             node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
+        if node.tag == _INT and len(node.value) > _INT_CHARS:
+            self.error(node, path, f"number too large (more than {_INT_CHARS} digits)")
+            return False, None
         try:
             return True, self._ctor.construct_object(node)
         except Exception as exc:  # YAML's constructors fail in many ways on bad tagged values
@@ -263,13 +272,17 @@ class Walker:
         return value is not None, value
 
     def typed(self, node: yaml.Node, path: str, check: Callable[[Any], Any]) -> Any:
-        """check(YAML-typed value); its ValueError text becomes the problem."""
+        """check(YAML-typed value); its ValueError text becomes the problem.
+
+        OverflowError too: a huge YAML int turned into a float (a duration) raises it."""
         ok, value = self.scalar(node, path)
         if not ok:
             return None
         try:
             return check(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            if isinstance(exc, ArithmeticError):
+                exc = ValueError(f"too large: {show(value)}")
             head, sep, tail = str(exc).rpartition(show(value))  # the value itself, not a bound
             self.error(node, path, f"{head}{self.hold(node, value)}{tail}" if sep else tail)
             return None

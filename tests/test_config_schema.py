@@ -258,3 +258,17 @@ def test_a_short_client_key_gets_a_warning_without_the_key():
     c = parse(BASE + "clients:\n  a: {key: abc123}\n  b: {key: 0123456789abcdef0123}\n")
     assert len(c.warnings) == 1, c.warnings
     assert c.warnings[0].startswith("clients.a: the key is 6 characters long") and "abc123" not in c.warnings[0]
+
+
+def test_text_that_looks_like_a_variable_placeholder_stays_text():
+    # Variables were swapped for "__yamlconf_var_N__" before composing: the same text
+    # written in the file took a variable's value, or (no variable) raised IndexError.
+    literal = BASE.replace("${K:-}", "__yamlconf_var_0__")
+    assert parse(literal).upstreams["openai"].api_key == "__yamlconf_var_0__"
+    c = parse(literal.replace("path: /openai", "path: /__yamlconf_var_1__")
+              + "  - {path: /x, upstream: openai, heartbeat: '${H}'}\n", {"H": "5s"})
+    assert c.upstreams["openai"].api_key == "__yamlconf_var_0__"
+    assert [r.path for r in c.routes] == ["/__yamlconf_var_1__", "/x"] and c.routes[1].heartbeat == 5.0
+    errs = errors("log_level: __yamlconf_var_0__\nworkers: ${W}\n" + BASE, {"W": "many"})
+    assert errs[0] == ("t.yaml:1: log_level: unknown log level '__yamlconf_var_0__' "
+                       "(use debug | info | warning | error)"), errs

@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
-_PLACEHOLDER = re.compile(r"__yamlconf_var_(\d+)__")
-_HELD = re.compile(r"\x00(\d+)\x00")
 _STR, _NULL, _INT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null", "tag:yaml.org,2002:int"
 _INT_CHARS = 1000  # no config number needs more; Python refuses ints over 4300 digits anyway
 REQUIRED: Any = dataclasses.MISSING
@@ -123,6 +122,16 @@ class Walker:
         self.ctx: dict[str, Any] = {}  # facts later sections of a schema look at
         self._held: list[tuple[str, frozenset[str]]] = []  # values printed or hidden at the end
         self._ctor = yaml.SafeLoader("")
+        self._mark("")
+
+    def _mark(self, text: str) -> None:
+        """Placeholders carry a random token absent from the text: literal text that looks
+        like a placeholder (``__yamlconf_var_0__``) must stay text, never a variable's value."""
+        while (token := secrets.token_hex(8)) in text:
+            pass
+        self._placeholder = re.compile(rf"__yamlconf_var_{token}_(\d+)__")
+        self._held_rx = re.compile(rf"\x00{token}:(\d+)\x00")
+        self._token = token
 
     def error(self, node: yaml.Node | None, path: str, why: str) -> None:
         self.problems.append(Problem(self.file, node.start_mark.line + 1 if node else 1, path, why))
@@ -131,7 +140,8 @@ class Walker:
         """Compose text, walk its root; raise ConfigError with every problem."""
         def hide(m: re.Match[str]) -> str:
             self.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
-            return f"__yamlconf_var_{len(self.vars) - 1}__"
+            return f"__yamlconf_var_{self._token}_{len(self.vars) - 1}__"
+        self._mark(text)
         text = _VAR.sub(hide, text)
         try:
             docs = [d for d in yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -161,7 +171,7 @@ class Walker:
     # -- interpolation and secrets
 
     def used_vars(self, node: yaml.Node) -> frozenset[str]:
-        return frozenset(n for i in _PLACEHOLDER.findall(str(getattr(node, "value", "")))
+        return frozenset(n for i in self._placeholder.findall(str(getattr(node, "value", "")))
                          if (n := self.vars[int(i)][0]) is not None)
 
     def expand(self, node: yaml.ScalarNode, path: str) -> str | None:
@@ -177,12 +187,12 @@ class Walker:
             return value
 
         if "${" in node.value or any("${" in (self.vars[int(i)][1] or "")
-                                     for i in _PLACEHOLDER.findall(node.value)):
+                                     for i in self._placeholder.findall(node.value)):
             # What _VAR did not take (a comment is not a value: only values are checked).
             self.error(node, path, "malformed variable reference: write ${NAME} or "
                                    "${NAME:-default} (no variable inside a default; $$ for a literal $)")
             return None
-        out = _PLACEHOLDER.sub(sub, node.value)
+        out = self._placeholder.sub(sub, node.value)
         for name in missing:
             self.error(node, path, f"environment variable {name} is not set "
                                    f"(write ${{{name}:-}} for an optional value)")
@@ -202,7 +212,7 @@ class Walker:
         if not names:
             return show(value)
         self._held.append((show(value), names))
-        return f"\x00{len(self._held) - 1}\x00"
+        return f"\x00{self._token}:{len(self._held) - 1}\x00"
 
     def finish(self) -> list[Problem]:
         """The problems sorted by line, values from secret variables blanked out."""
@@ -220,7 +230,7 @@ class Walker:
             for secret in secrets:
                 text = text.replace(secret, "(secret hidden)")
             return text
-        out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(_HELD.sub(fill, p.why)))
+        out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(self._held_rx.sub(fill, p.why)))
                for p in self.problems]
         return sorted(out, key=lambda p: p.line)
 

@@ -367,3 +367,35 @@ def test_a_key_read_from_a_file_is_hidden_in_other_messages(tmp_path):
     code, out, err = run_check(tmp_path, text)
     assert code == 1 and "listen:" in err
     assert "SECRET-9" not in out + err
+
+
+def test_a_config_or_key_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    # A FIFO hung `relayd check` forever (open blocked); /dev/zero grew memory without bound.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = relayd("check", str(fifo))
+    assert r.returncode == 1 and r.stderr.strip() == f"{fifo}: cannot read config: not a regular file", r.stderr
+    for where, text in (("upstreams.openai.api_key_file", GOOD.replace("api_key: ${OPENAI_API_KEY:-}",
+                                                                        "api_key_file: {}")),
+                        ("clients.a.key_file", GOOD + "clients: {a: {key_file: {}}}\n"),
+                        ("tls.cert", f"tls: {{cert: '{{}}', key: '{tmp_path / 'relayd.yaml'}'}}\n" + GOOD)):
+        for bad in (fifo, "/dev/zero"):
+            code, _, err = run_check(tmp_path, text.replace("{}", str(bad)))
+            assert code == 1 and f": {where}: " in err and "not a regular file" in err, (where, bad, err)
+
+
+def test_a_config_over_4_mib_is_refused(tmp_path):
+    big = GOOD + ("#" * 1023 + "\n") * (4 << 10)
+    code, _, err = run_check(tmp_path, big)
+    assert code == 1 and err.strip() == f"{tmp_path / 'relayd.yaml'}: cannot read config: larger than 4 MiB (the limit)"
+    code, _, err = run_check(tmp_path, big[: 4 << 20])  # at the limit: fine
+    assert code == 0, err
+
+
+def test_a_config_path_that_cannot_be_looked_at_says_why_not_not_found(tmp_path):
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    r = relayd("check", str(tmp_path / "a.yaml"))
+    assert r.returncode == 1 and "not found" not in r.stderr
+    assert r.stderr.strip() == (f"relayd: cannot read config file {tmp_path / 'a.yaml'}: Too many levels of "
+                                f"symbolic links (from -c/positional argument)")

@@ -272,3 +272,13 @@ def test_text_that_looks_like_a_variable_placeholder_stays_text():
     errs = errors("log_level: __yamlconf_var_0__\nworkers: ${W}\n" + BASE, {"W": "many"})
     assert errs[0] == ("t.yaml:1: log_level: unknown log level '__yamlconf_var_0__' "
                        "(use debug | info | warning | error)"), errs
+
+
+def test_key_files_over_64_kib_are_refused(tmp_path):
+    (tmp_path / "key").write_text("k" * (64 << 10) + "\n")
+    for text in (BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}"),
+                 BASE + f"clients: {{a: {{key_file: {tmp_path / 'key'}}}}}\n"):
+        errs = errors(text)
+        assert len(errs) == 1 and errs[0].endswith(f"cannot read {tmp_path / 'key'}: larger than 64 KiB (the limit)"), errs
+    (tmp_path / "key").write_text("k" * (64 << 10))  # at the limit: fine
+    assert parse(BASE + f"clients: {{a: {{key_file: {tmp_path / 'key'}}}}}\n").clients[0].key == "k" * (64 << 10)

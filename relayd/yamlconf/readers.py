@@ -7,10 +7,12 @@ walker instead of raising, so one pass finds every mistake in a file.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -22,7 +24,9 @@ from .walker import (ConfigError, Finish, Items, Problem, Reader, Walker, contro
 __all__ = ["parse_duration", "parse_size", "Listen", "parse_listen", "parse_url", "typed", "string",
            "integer", "size", "boolean", "duration", "listen", "url", "choice", "nested", "listof",
            "remember", "existing_file", "file_name", "network", "sha256_hex", "secret_source", "digest",
-           "read_file"]
+           "read_file", "read_bounded", "CONFIG_MAX", "KEY_MAX"]
+
+CONFIG_MAX, KEY_MAX = 4 << 20, 64 << 10  # bytes: a config file, a key file
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.I)
@@ -207,9 +211,15 @@ def remember(name: str, read: Reader) -> Reader:
 
 
 def existing_file(path: str) -> None:
-    """A check for string(): the file must exist now (not only when first used)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"file not found: {path!r}")
+    """A check for string(): the file must exist now (not only when first used), and be a
+    regular file: OpenSSL reading a FIFO would hang ``check`` and every reload."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        raise ValueError(f"file not found: {path!r}" if exc.errno == errno.ENOENT
+                         else f"cannot read {path!r}: {exc.strerror}") from None
+    if not regular:
+        raise ValueError(f"not a regular file: {path!r}")
 
 
 def file_name(v: str) -> None:
@@ -273,8 +283,7 @@ def secret_source(w: Walker, items: Items, path: str, names: tuple[str, str, str
             return None
         ref = os.path.join(w.env["CREDENTIALS_DIRECTORY"], ref)
     try:
-        with open(ref, "rb") as f:
-            value = f.read().decode("utf-8").removesuffix("\n").removesuffix("\r")
+        value = read_bounded(ref, KEY_MAX).decode("utf-8").removesuffix("\n").removesuffix("\r")
     except (OSError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or "not UTF-8 text"
         w.error(node, sub, f"cannot read {ref}: {why}")
@@ -292,11 +301,31 @@ def digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
+def read_bounded(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, else OSError saying why.
+
+    Opened non-blocking, so opening a FIFO cannot hang; anything but a regular file (a FIFO,
+    /dev/zero, a directory) is refused, and reading stops past the limit, so a file that keeps
+    growing cannot take memory without bound."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = bytearray()
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+        if len(data) > limit:
+            unit = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+            raise OSError(errno.EFBIG, f"larger than {unit} (the limit)")
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: str) -> str:
     """The UTF-8 text of a config file, or ConfigError naming the file (and line)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_bounded(path, CONFIG_MAX)
     except OSError as exc:
         raise ConfigError([Problem(path, 0, "", f"cannot read config: {exc.strerror or exc}")]) from None
     try:

@@ -282,3 +282,20 @@ def test_key_files_over_64_kib_are_refused(tmp_path):
         assert len(errs) == 1 and errs[0].endswith(f"cannot read {tmp_path / 'key'}: larger than 64 KiB (the limit)"), errs
     (tmp_path / "key").write_text("k" * (64 << 10))  # at the limit: fine
     assert parse(BASE + f"clients: {{a: {{key_file: {tmp_path / 'key'}}}}}\n").clients[0].key == "k" * (64 << 10)
+
+
+def test_a_tag_on_a_quoted_value_is_not_ignored():
+    # Quoted values took their text whatever their tag said: the key below was
+    # "c2stU0VDUkVU" itself, not the bytes it encodes; !whatever "openai" was openai.
+    for value, env, words in (('!!binary "c2stU0VDUkVU"', {}, "expected a string, got a bytes (value not shown)"),
+                              ("!!binary '${B}'", {"B": "c2stU0VDUkVU"}, "expected a string, got a bytes"),
+                              ('!!int "12"', {}, "expected a string, got a int (value not shown)"),
+                              ('!whatever "sk-x"', {}, "could not determine a constructor for the tag '!whatever'")):
+        errs = errors(BASE.replace("${K:-}", value), env)
+        assert len(errs) == 1 and errs[0].startswith("t.yaml:6: upstreams.openai.api_key: ") and words in errs[0], errs
+    errs = errors(BASE.replace("provider: openai", 'provider: !whatever "openai"'))
+    assert len(errs) == 1 and errs[0].startswith("t.yaml:5: upstreams.openai.provider: cannot read value"), errs
+    errs = errors(BASE.replace("path: /openai", "path: !!null '/openai'"))
+    assert errs == ["t.yaml:8: routes[0].path: expected a string, got nothing (null)"], errs
+    c = parse(BASE.replace("${K:-}", '!!str "012"').replace("provider: openai", "provider: !!str 'openai'"))
+    assert c.upstreams["openai"].api_key == "012"  # the default tag, written out, is fine

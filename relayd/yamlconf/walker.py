@@ -244,8 +244,9 @@ class Walker:
         text = self.expand(node, path)
         if text is None:
             return False, None
-        if text != node.value:  # a plain scalar is typed again after substitution
-            tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR
+        if text != node.value:  # a plain scalar is typed again after substitution; a tag stays
+            tag = (self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR) \
+                if self.implicit(node) else node.tag
             node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
         if node.tag == _INT and len(node.value) > _INT_CHARS:
             self.error(node, path, f"number too large (more than {_INT_CHARS} digits)")
@@ -258,6 +259,15 @@ class Walker:
             self.error(node, path, f"cannot read value: {problem}")
             return False, None
 
+    def implicit(self, node: yaml.ScalarNode) -> bool:
+        """No explicit tag, or one saying what the value says anyway (``!!str "x"``).
+
+        Quoted values count too: ``!!binary "c2st..."`` or ``!whatever "openai"`` in a string
+        field was taken as the plain text, its tag silently ignored."""
+        if node.style:
+            return node.tag == _STR
+        return node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))
+
     def text(self, node: yaml.Node, path: str, nullable: bool = False,
              secret: bool = False) -> tuple[bool, str | None]:
         """A string exactly as written: ``012345``, ``0x1F``, ``1:20`` and ``yes`` stay text.
@@ -268,7 +278,7 @@ class Walker:
         if not isinstance(node, yaml.ScalarNode):
             self.error(node, path, f"expected a single value, got a {kind(node)}")
             return False, None
-        if not (node.style or node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))):
+        if not self.implicit(node):
             ok, v = self.scalar(node, path)
             if ok and not isinstance(v, str):
                 got = f"a {type(v).__name__} (value not shown)" if secret else self.hold(node, v)

@@ -39,7 +39,7 @@ _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _proxy(v: str) -> None:
-    parse_url(v)
+    parse_url(v, origin_only=True)
 
 
 @dataclass(frozen=True)

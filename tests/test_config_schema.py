@@ -299,3 +299,36 @@ def test_a_tag_on_a_quoted_value_is_not_ignored():
     assert errs == ["t.yaml:8: routes[0].path: expected a string, got nothing (null)"], errs
     c = parse(BASE.replace("${K:-}", '!!str "012"').replace("provider: openai", "provider: !!str 'openai'"))
     assert c.upstreams["openai"].api_key == "012"  # the default tag, written out, is fine
+
+
+@pytest.mark.parametrize("url,words", [
+    ("http://127.0.0.1\\0:9", "bad URL 'http://127.0.0.1\\x00:9': contains control character 0x00"),
+    ("http://127.0.0.1:9/a\\tb", "contains control character 0x09"),  # was dropped without a word
+    ("http://127.0.0.1:9/a\\nb", "contains control character 0x0a"),
+    ("http://a b:9", "bad URL 'http://a b:9': invalid host"),
+    ("http://%zz:9", "invalid host"),
+    ("http://[zz::1]:9", "invalid host"),
+    ("http://127.0.0.1:0", "bad URL 'http://127.0.0.1:0': port must be between 1 and 65535"),
+    ("http://127.0.0.1:", "port must be between 1 and 65535"),
+    ("http://[::1]:/v1", "port must be between 1 and 65535"),
+])
+def test_bad_upstream_urls(url, words):
+    errs = errors(BASE.replace("https://api.openai.com", f'"{url}"'))
+    assert len(errs) == 1 and errs[0].startswith("t.yaml:4: upstreams.openai.url: ") and words in errs[0], errs
+
+
+def test_good_upstream_urls_still_pass():
+    for url in ("http://localhost:8000/v1", "http://[::1]:9", "http://my_host.internal:80/", "http://b\u00fccher.example",
+                "http://127.0.0.1:9/a%20b", "HTTP://Example.COM."):
+        parse(BASE.replace("https://api.openai.com", f'"{url}"'))
+
+
+def test_a_proxy_url_in_a_message_shows_only_its_origin():
+    errs = errors(BASE.replace("api_key: ${K:-}", "proxy: 'http://proxy:3128/tok-hunter2#frag-hunter2'"))
+    assert errs == ["t.yaml:6: upstreams.openai.proxy: bad URL 'http://proxy:3128/***': must not carry a query "
+                    "or fragment"], errs
+    errs = errors(BASE.replace("api_key: ${K:-}", "proxy: 'http://proxy:0/tok-hunter2'"))
+    assert len(errs) == 1 and "hunter2" not in errs[0] and "'http://proxy:0/***'" in errs[0], errs
+    # an upstream URL keeps its path (it helps find the mistake), never its fragment
+    errs = errors(BASE.replace("https://api.openai.com", "'http://h:0/v1#frag-hunter2'"))
+    assert len(errs) == 1 and "hunter2" not in errs[0] and "'http://h:0/v1#***'" in errs[0], errs

@@ -89,12 +89,22 @@ def parse_listen(v: Any) -> Listen:
     return Listen(host, port)
 
 
-def parse_url(v: Any) -> Any:
-    """An http(s) yarl.URL without credentials, query or fragment; errors never echo those."""
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
+def parse_url(v: Any, origin_only: bool = False) -> Any:
+    """An http(s) yarl.URL without credentials, query or fragment; errors never echo those
+    (nor the path, with origin_only).
+
+    yarl takes what no request can use: control characters (a NUL went into the upstream's
+    request line; tab and newline were dropped without a word), hosts like ``a b`` or ``%zz``,
+    port 0 or an empty port."""
     from yarl import URL
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a URL, got {show(v)}")
-    safe = repr(redact_url(v))
+    safe = show(redact_url(v, origin_only))
+    if (bad := next((ord(c) for c in v if c < " " or c == "\x7f"), None)) is not None:
+        raise ValueError(f"bad URL {safe}: contains control character 0x{bad:02x}")
     try:
         url = URL(v)
         url.port  # noqa: B018 - a bad port only shows when asked for
@@ -104,6 +114,14 @@ def parse_url(v: Any) -> Any:
         raise ValueError(f"bad URL {safe}: scheme must be http or https")
     if not url.host:
         raise ValueError(f"bad URL {safe}: no host")
+    try:
+        ok_host = ipaddress.IPv6Address(url.raw_host) if ":" in url.raw_host else _HOST_NAME.fullmatch(url.raw_host)
+    except ValueError:
+        ok_host = None
+    if not ok_host:
+        raise ValueError(f"bad URL {safe}: invalid host")
+    if url.explicit_port == 0 or re.split(r"[/?#]", v.partition("://")[2], 1)[0].endswith(":"):
+        raise ValueError(f"bad URL {safe}: port must be between 1 and 65535")
     if url.user or url.password or "@" in v:
         raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed (use api_key or headers)")
     if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:

@@ -69,13 +69,15 @@ def suggest(word: str, options: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def redact_url(text: str) -> str:
-    """A URL fit for an error message: no userinfo, no query (both can carry keys)."""
+def redact_url(text: str, origin_only: bool = False) -> str:
+    """A URL fit for an error message: no userinfo, query or fragment (all can carry keys);
+    origin_only (a proxy's URL, whose path can be a token too): scheme://host:port only."""
     scheme, sep, rest = text.rpartition("://") if "://" in text else ("", "", text)
     if "@" in rest:
         rest = "***@" + rest.rsplit("@", 1)[1]
-    if "?" in rest:
-        rest = rest.split("?", 1)[0] + "?***"
+    cut = re.search(r"[/?#]" if origin_only else r"[?#]", rest)
+    if cut:
+        rest = rest[: cut.start()] + cut.group() + "***"
     return f"{scheme}{sep}{rest}"
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import yaml
 from yarl import URL
@@ -36,6 +37,7 @@ PROVIDERS = providers.NAMES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"  # RFC 3986 pchar and '/': kept as they are
 
 
 def _proxy(v: str) -> None:
@@ -158,6 +160,10 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
         w.error(node, path, f"route path must start with '/', got {w.hold(node, prefix)}")
     elif "?" in prefix or "#" in prefix or " " in prefix:
         w.error(node, path, "route path must not contain '?', '#' or spaces")
+    elif not prefix.isascii() or not prefix.isprintable():
+        # Requests are matched on their raw, percent-encoded path: '/ü' could never match.
+        w.error(node, path, "route path must be printable ASCII: percent-encode it"
+                + (f" ({w.hold(node, quote(prefix, safe=_PATH_SAFE))})" if prefix.isprintable() else ""))
     elif any(seg in (".", "..") for seg in prefix.split("/")):
         # Requests are matched after their dot segments are resolved: no path reaches it.
         w.error(node, path, "route path must not contain '.' or '..' segments")

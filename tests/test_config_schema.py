@@ -332,3 +332,13 @@ def test_a_proxy_url_in_a_message_shows_only_its_origin():
     # an upstream URL keeps its path (it helps find the mistake), never its fragment
     errs = errors(BASE.replace("https://api.openai.com", "'http://h:0/v1#frag-hunter2'"))
     assert len(errs) == 1 and "hunter2" not in errs[0] and "'http://h:0/v1#***'" in errs[0], errs
+
+
+def test_route_paths_must_be_printable_ascii():
+    # Matching uses the raw percent-encoded path: '/ü' was accepted and could never match.
+    errs = errors(BASE.replace("path: /openai", "path: /\u00fc"))
+    assert errs == ["t.yaml:8: routes[0].path: route path must be printable ASCII: percent-encode it ('/%C3%BC')"]
+    for raw in ('"/a\\x01b"', '"/a\\tb"', '"/a\\x7f"', '"/a\\u0085"'):
+        errs = errors(BASE.replace("path: /openai", f"path: {raw}"))
+        assert errs == ["t.yaml:8: routes[0].path: route path must be printable ASCII: percent-encode it"], errs
+    assert parse(BASE.replace("path: /openai", "path: /%C3%BC/v1")).routes[0].path == "/%C3%BC/v1"

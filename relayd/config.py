@@ -66,7 +66,7 @@ def _finish_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items:
         except (ssl.SSLError, OSError, ValueError) as exc:
             why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             w.error(items["ca_file"][1], Y.join(path, "ca_file"),
-                    f"not a PEM certificate bundle: {v['ca_file']!r} ({why})")
+                    f"not a PEM certificate bundle: {Y.show(v['ca_file'])} ({why})")
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,7 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
         cnode = w.ctx["client_nodes"][c.name]
         for p in c.routes or ():
             if p not in routes:
-                w.error(cnode, f"clients.{c.name}.routes", f"no route with path {p!r}"
+                w.error(cnode, f"clients.{c.name}.routes", f"no route with path {Y.show(p)}"
                                                            f"{Y.suggest(p, routes)}")
         if c.key_sha256 in owners:
             w.error(cnode, f"clients.{c.name}", f"same key as client {owners[c.key_sha256]!r}")

@@ -399,3 +399,31 @@ def test_a_config_path_that_cannot_be_looked_at_says_why_not_not_found(tmp_path)
     assert r.returncode == 1 and "not found" not in r.stderr
     assert r.stderr.strip() == (f"relayd: cannot read config file {tmp_path / 'a.yaml'}: Too many levels of "
                                 f"symbolic links (from -c/positional argument)")
+
+
+def test_names_with_control_characters_cannot_forge_error_lines(tmp_path):
+    text = GOOD + '"evil\\nsk-fake.yaml:1: injected line": 1\nclients:\n  "c\\e[2Jd": {key: 0123456789abcdef0123}\n'
+    text = text.replace("  openai:\n", '  "o\\nx":\n    url: http://x\n    provider: openai\n  openai:\n')
+    code, _, err = run_check(tmp_path, text)
+    lines = err.splitlines()
+    f = tmp_path / "relayd.yaml"
+    assert code == 1 and lines == [
+        f"{f}:3: upstreams.o\\x0ax: a key or name must not contain control characters",
+        f"{f}:13: evil\\x0ask-fake.yaml:1: injected line: a key or name must not contain control characters",
+        f"{f}:15: clients.c\\x1b[2Jd: a key or name must not contain control characters"], lines
+
+
+def test_values_in_messages_are_cut_short(tmp_path):
+    code, _, err = run_check(tmp_path, f"log_level: {'x' * 3_000_000}\n? '{'y' * 3000}'\n: 1\n" + GOOD)
+    lines = err.splitlines()
+    assert code == 1 and len(lines) == 2 and all(len(l) < 600 for l in lines), [len(l) for l in lines]
+    assert lines[0].endswith(f"log_level: unknown log level '{'x' * 78}\u2026 (use debug | info | warning | error)")
+    assert f": {'y' * 199}\u2026: unknown key (allowed: " in lines[1]
+
+
+def test_a_value_cut_short_does_not_show_the_start_of_a_secret(tmp_path):
+    key = "sk-" + "s3cr3t" * 20
+    (tmp_path / "key").write_text(key)
+    text = GOOD.replace("api_key: ${OPENAI_API_KEY:-}", f"api_key_file: {tmp_path / 'key'}")
+    code, _, err = run_check(tmp_path, f"log_level: a{key}\n" + text)
+    assert code == 1 and "s3cr3t" not in err and "(secret hidden)\u2026" in err, err

@@ -44,7 +44,7 @@ def parse_duration(v: Any) -> float:
     elif m:
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     elif isinstance(v, str):
-        raise ValueError(f"bad duration {v!r} (use seconds, or '500ms' '30s' '5m' '1h')")
+        raise ValueError(f"bad duration {show(v)} (use seconds, or '500ms' '30s' '5m' '1h')")
     else:
         raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {show(v)}")
     if not 0 <= seconds < float("inf"):
@@ -83,7 +83,7 @@ def parse_listen(v: Any) -> Listen:
         if m.group(1):
             ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"bad IPv6 address {host!r} in {v!r}") from None
+        raise ValueError(f"bad IPv6 address {show(host)} in {show(v)}") from None
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
     return Listen(host, port)
@@ -154,7 +154,7 @@ def string(nullable: bool = False, secret: bool = False, empty_is_none: bool = F
         try:
             check and check(v)
         except ValueError as exc:
-            w.error(node, path, str(exc).replace(repr(v), w.hold(node, v)))
+            w.error(node, path, str(exc).replace(show(v), w.hold(node, v)))
         return v
     return read
 
@@ -234,16 +234,16 @@ def existing_file(path: str) -> None:
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError as exc:
-        raise ValueError(f"file not found: {path!r}" if exc.errno == errno.ENOENT
-                         else f"cannot read {path!r}: {exc.strerror}") from None
+        raise ValueError(f"file not found: {show(path)}" if exc.errno == errno.ENOENT
+                         else f"cannot read {show(path)}: {exc.strerror}") from None
     if not regular:
-        raise ValueError(f"not a regular file: {path!r}")
+        raise ValueError(f"not a regular file: {show(path)}")
 
 
 def file_name(v: str) -> None:
     """A check for string(): a bare file name, no directory part."""
     if not v or "/" in v or v in (".", ".."):
-        raise ValueError(f"bad credential name {v!r} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
+        raise ValueError(f"bad credential name {show(v)} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
 
 
 def network(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:

@@ -30,6 +30,18 @@ Items = dict[str, tuple[yaml.Node, yaml.Node]]
 Finish = Callable[["Walker", yaml.Node, str, dict[str, Any], Items], None]
 
 
+_SHOWN, _PATH_MAX, _WHY_MAX = 80, 200, 1000  # characters of a value, a field path, a reason in a message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 @dataclass(frozen=True)
 class Problem:
     file: str
@@ -38,8 +50,11 @@ class Problem:
     why: str
 
     def __str__(self) -> str:
+        """One line whatever the file holds: control characters (a key "x\\nf.yaml:1: ...",
+        ESC sequences) are escaped, so no error line can be forged, and a path or reason
+        is cut short (a 50 MB key made a 50 MB line)."""
         at = f"{self.file}:{self.line}:" if self.line else f"{self.file}:"
-        return f"{at} {self.path + ': ' if self.path else ''}{self.why}"
+        return _printable(f"{at} {_cut(self.path, _PATH_MAX) + ': ' if self.path else ''}{_cut(self.why, _WHY_MAX)}")
 
 
 class ConfigError(Exception):
@@ -65,7 +80,8 @@ def keys_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
 
 
 def suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    """A "did you mean"; none for a long word (difflib is quadratic, and no key is long)."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6) if len(word) <= 100 else []
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -82,13 +98,14 @@ def redact_url(text: str, origin_only: bool = False) -> str:
 
 
 def show(v: Any) -> str:
-    """How a wrong value is named in an error: a kind for structures, else its repr.
+    """How a wrong value is named in an error: a kind for structures, else its repr, cut to
+    80 characters (a message quoting a 50 MB value was 50 MB long).
 
     An int past Python's 4300-digit str limit cannot be repr'd at all (repr raises)."""
     if v is None or isinstance(v, (bool, list, dict)):
         return {type(None): "nothing (null)", bool: "a boolean", list: "a list", dict: "a mapping"}[type(v)]
     try:
-        return repr(v)
+        return _cut(repr(v), _SHOWN)
     except ValueError:
         return "a number too large to show"
 
@@ -231,6 +248,9 @@ class Walker:
         def scrub(text: str) -> str:
             for secret in secrets:
                 text = text.replace(secret, "(secret hidden)")
+            for secret in secrets:  # a value cut short by show() can end in a secret's start
+                for n in range(min(len(secret) - 1, _SHOWN), 3, -1):
+                    text = text.replace(secret[:n] + "\u2026", "(secret hidden)\u2026")
             return text
         out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(self._held_rx.sub(fill, p.why)))
                for p in self.problems]
@@ -323,9 +343,13 @@ class Walker:
             ok, name = self.text(knode, path)
             if not ok or name is None:
                 continue
+            unprintable = not name.isprintable()  # names go into messages and logs: no line breaks, no ESC
+            if unprintable:
+                self.error(knode, join(path, name), "a key or name must not contain control characters")
             if names is not None and name not in names:
-                self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
-                                                    f"(allowed: {', '.join(names)})")
+                if not unprintable:
+                    self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
+                                                        f"(allowed: {', '.join(names)})")
             elif name in out:
                 self.error(knode, join(path, name), "duplicate key")
             else:

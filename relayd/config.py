@@ -87,10 +87,13 @@ _FRAMING = HOP_BY_HOP | {"content-length", "expect"}
 def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     read = Y.string(nullable=True, secret=True)
+    seen: dict[str, str] = {}  # header names are case-insensitive: X-A and x-a are one header
     for name, (k, v) in (w.mapping(node, path, None) or {}).items():
-        if not _HEADER_NAME.match(name):
-            w.error(k, Y.join(path, name), "not a valid HTTP header name")
+        if not _HEADER_NAME.match(name) or name.lower() in seen:
+            w.error(k, Y.join(path, name), f"same header as {seen[name.lower()]!r} (header names are "
+                    "case-insensitive)" if name.lower() in seen else "not a valid HTTP header name")
             continue
+        seen[name.lower()] = name
         if name.lower() in _FRAMING:
             # These say how the request is framed: one set here would be wrong for every
             # body but the one it fits, and the upstream would read the rest of a body as a
@@ -138,6 +141,11 @@ def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], i
     loaded = Y.secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
     if loaded is not None:
         v["api_key"] = loaded
+    auth, given = providers.get(v["provider"]).auth_header.lower(), items.get("headers", (node, node))[1]
+    for k, _ in given.value if v["api_key"] and isinstance(given, yaml.MappingNode) else ():
+        if k.value.lower() == auth and dict(v["headers"]).get(k.value):  # set_auth's header, not empty
+            w.error(k, Y.join(path, f"headers.{k.value}"), f"conflicts with api_key (the key is sent "
+                                                           f"in {k.value}): set one of them")
 
 
 def _upstreams(w: Walker, node: yaml.Node, path: str, default: Any) -> Mapping[str, Upstream]:

@@ -342,3 +342,26 @@ def test_route_paths_must_be_printable_ascii():
         errs = errors(BASE.replace("path: /openai", f"path: {raw}"))
         assert errs == ["t.yaml:8: routes[0].path: route path must be printable ASCII: percent-encode it"], errs
     assert parse(BASE.replace("path: /openai", "path: /%C3%BC/v1")).routes[0].path == "/%C3%BC/v1"
+
+
+def test_a_header_that_api_key_sets_conflicts_with_it(tmp_path):
+    # The configured header silently won over the key (or the key over it, whichever came last).
+    for provider, header in (("openai", "Authorization"), ("anthropic", "x-api-key"), ("azure", "Api-Key"),
+                             ("gemini", "X-Goog-Api-Key")):
+        text = BASE.replace("provider: openai", f"provider: {provider}").replace(
+            "api_key: ${K:-}", f"api_key: sk-x\n    headers:\n      X-Other: 1\n      {header}: v")
+        assert errors(text) == [f"t.yaml:9: upstreams.openai.headers.{header}: conflicts with api_key (the key "
+                                f"is sent in {header}): set one of them"], provider
+    (tmp_path / "key").write_text("sk-file")
+    errs = errors(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}\n    headers: {{authorization: b}}"))
+    assert len(errs) == 1 and "headers.authorization: conflicts with api_key" in errs[0], errs
+    # without a key the header is how auth is done; another provider's header is no conflict
+    assert parse(BASE.replace("api_key: ${K:-}", "headers: {Authorization: Bearer x}")).upstreams["openai"].headers
+    parse(BASE.replace("provider: openai", "provider: anthropic").replace(
+        "api_key: ${K:-}", "api_key: k\n    headers: {Authorization: Bearer x}"))
+
+
+def test_header_names_differing_only_in_case_are_one_header():
+    errs = errors(BASE.replace("api_key: ${K:-}", "headers: {X-A: '1', x-a: '2'}"))
+    assert errs == ["t.yaml:6: upstreams.openai.headers.x-a: same header as 'X-A' (header names are "
+                    "case-insensitive)"], errs

@@ -357,9 +357,7 @@ _SHORT_KEY = 16  # client keys shorter than this get a warning
 def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
     listen, admin, warnings = v["listen"], v["admin_listen"], []
     if admin is not None:
-        wild = ("0.0.0.0", "::", "")
-        if admin.port == listen.port and (admin.host == listen.host or wild.count(admin.host)
-                                          or wild.count(listen.host)):
+        if admin.overlaps(listen):
             w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
                                                               f"give the admin endpoints their own port")
         elif not _loopback(admin):

@@ -365,3 +365,16 @@ def test_header_names_differing_only_in_case_are_one_header():
     errs = errors(BASE.replace("api_key: ${K:-}", "headers: {X-A: '1', x-a: '2'}"))
     assert errs == ["t.yaml:6: upstreams.openai.headers.x-a: same header as 'X-A' (header names are "
                     "case-insensitive)"], errs
+
+
+def test_admin_listen_overlap_compares_addresses_not_text():
+    # Host strings were compared: these all bind what listen binds, and each passed.
+    for listen, admin in (("127.0.0.1:8080", '"[::ffff:127.0.0.1]:8080"'), ('"[::1]:8080"', '"[0:0::1]:8080"'),
+                          ("127.0.0.1:8080", "localhost:8080"), ('"[::1]:8080"', "LOCALHOST:8080"),
+                          ("localhost:8080", "127.0.0.1:8080"), ("127.0.0.1:8080", '"[::]:8080"'),
+                          ('"[::ffff:0.0.0.0]:8080"', "127.0.0.1:8080")):
+        errs = errors(f"admin_listen: {admin}\n" + BASE.replace("127.0.0.1:8080", listen))
+        assert len(errs) == 1 and errs[0].startswith("t.yaml:1: admin_listen: ") and "overlaps listen" in errs[0], errs
+    for listen, admin in (("127.0.0.1:8080", "127.0.0.2:8080"), ("localhost:8080", "127.0.0.1:9090"),
+                          ("127.0.0.1:8080", '"[::2]:8080"'), ("example.com:8080", "127.0.0.1:8080")):
+        parse(f"admin_listen: {admin}\n" + BASE.replace("127.0.0.1:8080", listen))

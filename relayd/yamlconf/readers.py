@@ -73,6 +73,27 @@ class Listen:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def overlaps(self, other: Listen) -> bool:
+        """Whether the two cannot both be bound: one port, and one address or a wildcard.
+
+        Addresses are compared as addresses, not as text: ``::ffff:127.0.0.1`` is
+        ``127.0.0.1``, ``0:0::1`` is ``::1``, and ``localhost`` is both loopbacks."""
+        mine, theirs = _addresses(self.host), _addresses(other.host)
+        return self.port == other.port and (mine is None or theirs is None or bool(mine & theirs))
+
+
+def _addresses(host: str) -> frozenset[Any] | None:
+    """The addresses a listen host binds; None for a wildcard; a name other than localhost
+    is compared as written (it is resolved only when bound)."""
+    if host.lower() == "localhost":
+        return frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return frozenset({host.lower()})
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return None if ip.is_unspecified else frozenset({ip})
+
 
 def parse_listen(v: Any) -> Listen:
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", v.strip()) if isinstance(v, str) else None

@@ -106,6 +106,8 @@ CASES = {
                              "too large"),
     "integer over python's digit limit": ("workers: 1" + "0" * 5000 + "\n" + GOOD, 1, "workers",
                                           "number too large"),
+    "listen port over python's digit limit": ("listen: 127.0.0.1:1" + "0" * 5000 + "\n" + GOOD.split("\n", 1)[1], 1,
+                                              "listen", "port must be between 1 and 65535, got a number too large"),
     "size over python's digit limit": ('limits: {replay_body: "1' + "0" * 5000 + 'KiB"}\n' + GOOD, 1,
                                        "limits.replay_body", "size too large"),
 }

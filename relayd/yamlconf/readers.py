@@ -47,6 +47,8 @@ def parse_duration(v: Any) -> float:
         raise ValueError(f"bad duration {show(v)} (use seconds, or '500ms' '30s' '5m' '1h')")
     else:
         raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {show(v)}")
+    if seconds == float("inf") and isinstance(v, str):  # '1000...0s': digits past float's range
+        raise ValueError("duration too large")
     if not 0 <= seconds < float("inf"):
         raise ValueError(f"duration must be a finite number >= 0, got {show(v)}")
     return seconds
@@ -99,14 +101,16 @@ def parse_listen(v: Any) -> Listen:
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", v.strip()) if isinstance(v, str) else None
     if not m:
         raise ValueError(f"bad listen address {show(v)} (use host:port, or [::1]:port for IPv6)")
-    host, port = m.group(1) or m.group(3), int(m.group(2) or m.group(4))
+    host, digits = m.group(1) or m.group(3), m.group(2) or m.group(4)
+    digits = digits.lstrip("0") or "0"  # int() of 4300+ digits raises advice meant for programmers
+    port = int(digits) if len(digits) <= 5 else None
     try:
         if m.group(1):
             ipaddress.IPv6Address(host)
     except ValueError:
         raise ValueError(f"bad IPv6 address {show(host)} in {show(v)}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    if port is None or not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {'a number too large' if port is None else port}")
     return Listen(host, port)
 
 

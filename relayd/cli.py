@@ -63,9 +63,14 @@ def resolve(args: argparse.Namespace) -> str | None:
                          (DEFAULT_CONFIG, "default")):
         if path:
             break
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         print(f"relayd: config file not found: {path} (from {source}; looked at: {SEARCH_ORDER})",
               file=sys.stderr)
+        return None
+    except OSError as exc:  # a symlink loop, a directory we may not search: not "not found"
+        print(f"relayd: cannot read config file {path}: {exc.strerror} (from {source})", file=sys.stderr)
         return None
     return path
 

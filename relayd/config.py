@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import yaml
 from yarl import URL
@@ -36,10 +37,11 @@ PROVIDERS = providers.NAMES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NETWORK = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"  # RFC 3986 pchar and '/': kept as they are
 
 
 def _proxy(v: str) -> None:
-    parse_url(v)
+    parse_url(v, origin_only=True)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def _finish_tls(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items:
         except (ssl.SSLError, OSError, ValueError) as exc:
             why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
             w.error(items["ca_file"][1], Y.join(path, "ca_file"),
-                    f"not a PEM certificate bundle: {v['ca_file']!r} ({why})")
+                    f"not a PEM certificate bundle: {Y.show(v['ca_file'])} ({why})")
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,13 @@ _FRAMING = HOP_BY_HOP | {"content-length", "expect"}
 def _headers(w: Walker, node: yaml.Node, path: str, default: Any) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     read = Y.string(nullable=True, secret=True)
+    seen: dict[str, str] = {}  # header names are case-insensitive: X-A and x-a are one header
     for name, (k, v) in (w.mapping(node, path, None) or {}).items():
-        if not _HEADER_NAME.match(name):
-            w.error(k, Y.join(path, name), "not a valid HTTP header name")
+        if not _HEADER_NAME.match(name) or name.lower() in seen:
+            w.error(k, Y.join(path, name), f"same header as {seen[name.lower()]!r} (header names are "
+                    "case-insensitive)" if name.lower() in seen else "not a valid HTTP header name")
             continue
+        seen[name.lower()] = name
         if name.lower() in _FRAMING:
             # These say how the request is framed: one set here would be wrong for every
             # body but the one it fits, and the upstream would read the rest of a body as a
@@ -136,6 +141,11 @@ def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], i
     loaded = Y.secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
     if loaded is not None:
         v["api_key"] = loaded
+    auth, given = providers.get(v["provider"]).auth_header.lower(), items.get("headers", (node, node))[1]
+    for k, _ in given.value if v["api_key"] and isinstance(given, yaml.MappingNode) else ():
+        if k.value.lower() == auth and dict(v["headers"]).get(k.value):  # set_auth's header, not empty
+            w.error(k, Y.join(path, f"headers.{k.value}"), f"conflicts with api_key (the key is sent "
+                                                           f"in {k.value}): set one of them")
 
 
 def _upstreams(w: Walker, node: yaml.Node, path: str, default: Any) -> Mapping[str, Upstream]:
@@ -158,6 +168,10 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
         w.error(node, path, f"route path must start with '/', got {w.hold(node, prefix)}")
     elif "?" in prefix or "#" in prefix or " " in prefix:
         w.error(node, path, "route path must not contain '?', '#' or spaces")
+    elif not prefix.isascii() or not prefix.isprintable():
+        # Requests are matched on their raw, percent-encoded path: '/ü' could never match.
+        w.error(node, path, "route path must be printable ASCII: percent-encode it"
+                + (f" ({w.hold(node, quote(prefix, safe=_PATH_SAFE))})" if prefix.isprintable() else ""))
     elif any(seg in (".", "..") for seg in prefix.split("/")):
         # Requests are matched after their dot segments are resolved: no path reaches it.
         w.error(node, path, "route path must not contain '.' or '..' segments")
@@ -343,9 +357,7 @@ _SHORT_KEY = 16  # client keys shorter than this get a warning
 def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
     listen, admin, warnings = v["listen"], v["admin_listen"], []
     if admin is not None:
-        wild = ("0.0.0.0", "::", "")
-        if admin.port == listen.port and (admin.host == listen.host or wild.count(admin.host)
-                                          or wild.count(listen.host)):
+        if admin.overlaps(listen):
             w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
                                                               f"give the admin endpoints their own port")
         elif not _loopback(admin):
@@ -360,7 +372,7 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
         cnode = w.ctx["client_nodes"][c.name]
         for p in c.routes or ():
             if p not in routes:
-                w.error(cnode, f"clients.{c.name}.routes", f"no route with path {p!r}"
+                w.error(cnode, f"clients.{c.name}.routes", f"no route with path {Y.show(p)}"
                                                            f"{Y.suggest(p, routes)}")
         if c.key_sha256 in owners:
             w.error(cnode, f"clients.{c.name}", f"same key as client {owners[c.key_sha256]!r}")

@@ -100,6 +100,16 @@ CASES = {
                                      "must not contain '.' or '..' segments"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
                               "character #x0007 is not allowed"),
+    "huge integer duration": ("shutdown_grace: 1" + "0" * 320 + "\n" + GOOD, 1, "shutdown_grace",
+                              "duration too large"),
+    "huge integer timeout": (GOOD + "    timeouts: {idle: 1" + "0" * 400 + "}\n", 10, "routes[0].timeouts.idle",
+                             "too large"),
+    "integer over python's digit limit": ("workers: 1" + "0" * 5000 + "\n" + GOOD, 1, "workers",
+                                          "number too large"),
+    "listen port over python's digit limit": ("listen: 127.0.0.1:1" + "0" * 5000 + "\n" + GOOD.split("\n", 1)[1], 1,
+                                              "listen", "port must be between 1 and 65535, got a number too large"),
+    "size over python's digit limit": ('limits: {replay_body: "1' + "0" * 5000 + 'KiB"}\n' + GOOD, 1,
+                                       "limits.replay_body", "size too large"),
 }
 
 
@@ -359,3 +369,63 @@ def test_a_key_read_from_a_file_is_hidden_in_other_messages(tmp_path):
     code, out, err = run_check(tmp_path, text)
     assert code == 1 and "listen:" in err
     assert "SECRET-9" not in out + err
+
+
+def test_a_config_or_key_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    # A FIFO hung `relayd check` forever (open blocked); /dev/zero grew memory without bound.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = relayd("check", str(fifo))
+    assert r.returncode == 1 and r.stderr.strip() == f"{fifo}: cannot read config: not a regular file", r.stderr
+    for where, text in (("upstreams.openai.api_key_file", GOOD.replace("api_key: ${OPENAI_API_KEY:-}",
+                                                                        "api_key_file: {}")),
+                        ("clients.a.key_file", GOOD + "clients: {a: {key_file: {}}}\n"),
+                        ("tls.cert", f"tls: {{cert: '{{}}', key: '{tmp_path / 'relayd.yaml'}'}}\n" + GOOD)):
+        for bad in (fifo, "/dev/zero"):
+            code, _, err = run_check(tmp_path, text.replace("{}", str(bad)))
+            assert code == 1 and f": {where}: " in err and "not a regular file" in err, (where, bad, err)
+
+
+def test_a_config_over_4_mib_is_refused(tmp_path):
+    big = GOOD + ("#" * 1023 + "\n") * (4 << 10)
+    code, _, err = run_check(tmp_path, big)
+    assert code == 1 and err.strip() == f"{tmp_path / 'relayd.yaml'}: cannot read config: larger than 4 MiB (the limit)"
+    code, _, err = run_check(tmp_path, big[: 4 << 20])  # at the limit: fine
+    assert code == 0, err
+
+
+def test_a_config_path_that_cannot_be_looked_at_says_why_not_not_found(tmp_path):
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    r = relayd("check", str(tmp_path / "a.yaml"))
+    assert r.returncode == 1 and "not found" not in r.stderr
+    assert r.stderr.strip() == (f"relayd: cannot read config file {tmp_path / 'a.yaml'}: Too many levels of "
+                                f"symbolic links (from -c/positional argument)")
+
+
+def test_names_with_control_characters_cannot_forge_error_lines(tmp_path):
+    text = GOOD + '"evil\\nsk-fake.yaml:1: injected line": 1\nclients:\n  "c\\e[2Jd": {key: 0123456789abcdef0123}\n'
+    text = text.replace("  openai:\n", '  "o\\nx":\n    url: http://x\n    provider: openai\n  openai:\n')
+    code, _, err = run_check(tmp_path, text)
+    lines = err.splitlines()
+    f = tmp_path / "relayd.yaml"
+    assert code == 1 and lines == [
+        f"{f}:3: upstreams.o\\x0ax: a key or name must not contain control characters",
+        f"{f}:13: evil\\x0ask-fake.yaml:1: injected line: a key or name must not contain control characters",
+        f"{f}:15: clients.c\\x1b[2Jd: a key or name must not contain control characters"], lines
+
+
+def test_values_in_messages_are_cut_short(tmp_path):
+    code, _, err = run_check(tmp_path, f"log_level: {'x' * 3_000_000}\n? '{'y' * 3000}'\n: 1\n" + GOOD)
+    lines = err.splitlines()
+    assert code == 1 and len(lines) == 2 and all(len(l) < 600 for l in lines), [len(l) for l in lines]
+    assert lines[0].endswith(f"log_level: unknown log level '{'x' * 78}\u2026 (use debug | info | warning | error)")
+    assert f": {'y' * 199}\u2026: unknown key (allowed: " in lines[1]
+
+
+def test_a_value_cut_short_does_not_show_the_start_of_a_secret(tmp_path):
+    key = "sk-" + "s3cr3t" * 20
+    (tmp_path / "key").write_text(key)
+    text = GOOD.replace("api_key: ${OPENAI_API_KEY:-}", f"api_key_file: {tmp_path / 'key'}")
+    code, _, err = run_check(tmp_path, f"log_level: a{key}\n" + text)
+    assert code == 1 and "s3cr3t" not in err and "(secret hidden)\u2026" in err, err

@@ -258,3 +258,123 @@ def test_a_short_client_key_gets_a_warning_without_the_key():
     c = parse(BASE + "clients:\n  a: {key: abc123}\n  b: {key: 0123456789abcdef0123}\n")
     assert len(c.warnings) == 1, c.warnings
     assert c.warnings[0].startswith("clients.a: the key is 6 characters long") and "abc123" not in c.warnings[0]
+
+
+def test_text_that_looks_like_a_variable_placeholder_stays_text():
+    # Variables were swapped for "__yamlconf_var_N__" before composing: the same text
+    # written in the file took a variable's value, or (no variable) raised IndexError.
+    literal = BASE.replace("${K:-}", "__yamlconf_var_0__")
+    assert parse(literal).upstreams["openai"].api_key == "__yamlconf_var_0__"
+    c = parse(literal.replace("path: /openai", "path: /__yamlconf_var_1__")
+              + "  - {path: /x, upstream: openai, heartbeat: '${H}'}\n", {"H": "5s"})
+    assert c.upstreams["openai"].api_key == "__yamlconf_var_0__"
+    assert [r.path for r in c.routes] == ["/__yamlconf_var_1__", "/x"] and c.routes[1].heartbeat == 5.0
+    errs = errors("log_level: __yamlconf_var_0__\nworkers: ${W}\n" + BASE, {"W": "many"})
+    assert errs[0] == ("t.yaml:1: log_level: unknown log level '__yamlconf_var_0__' "
+                       "(use debug | info | warning | error)"), errs
+
+
+def test_key_files_over_64_kib_are_refused(tmp_path):
+    (tmp_path / "key").write_text("k" * (64 << 10) + "\n")
+    for text in (BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}"),
+                 BASE + f"clients: {{a: {{key_file: {tmp_path / 'key'}}}}}\n"):
+        errs = errors(text)
+        assert len(errs) == 1 and errs[0].endswith(f"cannot read {tmp_path / 'key'}: larger than 64 KiB (the limit)"), errs
+    (tmp_path / "key").write_text("k" * (64 << 10))  # at the limit: fine
+    assert parse(BASE + f"clients: {{a: {{key_file: {tmp_path / 'key'}}}}}\n").clients[0].key == "k" * (64 << 10)
+
+
+def test_a_tag_on_a_quoted_value_is_not_ignored():
+    # Quoted values took their text whatever their tag said: the key below was
+    # "c2stU0VDUkVU" itself, not the bytes it encodes; !whatever "openai" was openai.
+    for value, env, words in (('!!binary "c2stU0VDUkVU"', {}, "expected a string, got a bytes (value not shown)"),
+                              ("!!binary '${B}'", {"B": "c2stU0VDUkVU"}, "expected a string, got a bytes"),
+                              ('!!int "12"', {}, "expected a string, got a int (value not shown)"),
+                              ('!whatever "sk-x"', {}, "could not determine a constructor for the tag '!whatever'")):
+        errs = errors(BASE.replace("${K:-}", value), env)
+        assert len(errs) == 1 and errs[0].startswith("t.yaml:6: upstreams.openai.api_key: ") and words in errs[0], errs
+    errs = errors(BASE.replace("provider: openai", 'provider: !whatever "openai"'))
+    assert len(errs) == 1 and errs[0].startswith("t.yaml:5: upstreams.openai.provider: cannot read value"), errs
+    errs = errors(BASE.replace("path: /openai", "path: !!null '/openai'"))
+    assert errs == ["t.yaml:8: routes[0].path: expected a string, got nothing (null)"], errs
+    c = parse(BASE.replace("${K:-}", '!!str "012"').replace("provider: openai", "provider: !!str 'openai'"))
+    assert c.upstreams["openai"].api_key == "012"  # the default tag, written out, is fine
+
+
+@pytest.mark.parametrize("url,words", [
+    ("http://127.0.0.1\\0:9", "bad URL 'http://127.0.0.1\\x00:9': contains control character 0x00"),
+    ("http://127.0.0.1:9/a\\tb", "contains control character 0x09"),  # was dropped without a word
+    ("http://127.0.0.1:9/a\\nb", "contains control character 0x0a"),
+    ("http://a b:9", "bad URL 'http://a b:9': invalid host"),
+    ("http://%zz:9", "invalid host"),
+    ("http://[zz::1]:9", "invalid host"),
+    ("http://127.0.0.1:0", "bad URL 'http://127.0.0.1:0': port must be between 1 and 65535"),
+    ("http://127.0.0.1:", "port must be between 1 and 65535"),
+    ("http://[::1]:/v1", "port must be between 1 and 65535"),
+])
+def test_bad_upstream_urls(url, words):
+    errs = errors(BASE.replace("https://api.openai.com", f'"{url}"'))
+    assert len(errs) == 1 and errs[0].startswith("t.yaml:4: upstreams.openai.url: ") and words in errs[0], errs
+
+
+def test_good_upstream_urls_still_pass():
+    for url in ("http://localhost:8000/v1", "http://[::1]:9", "http://my_host.internal:80/", "http://b\u00fccher.example",
+                "http://127.0.0.1:9/a%20b", "HTTP://Example.COM."):
+        parse(BASE.replace("https://api.openai.com", f'"{url}"'))
+
+
+def test_a_proxy_url_in_a_message_shows_only_its_origin():
+    errs = errors(BASE.replace("api_key: ${K:-}", "proxy: 'http://proxy:3128/tok-hunter2#frag-hunter2'"))
+    assert errs == ["t.yaml:6: upstreams.openai.proxy: bad URL 'http://proxy:3128/***': must not carry a query "
+                    "or fragment"], errs
+    errs = errors(BASE.replace("api_key: ${K:-}", "proxy: 'http://proxy:0/tok-hunter2'"))
+    assert len(errs) == 1 and "hunter2" not in errs[0] and "'http://proxy:0/***'" in errs[0], errs
+    # an upstream URL keeps its path (it helps find the mistake), never its fragment
+    errs = errors(BASE.replace("https://api.openai.com", "'http://h:0/v1#frag-hunter2'"))
+    assert len(errs) == 1 and "hunter2" not in errs[0] and "'http://h:0/v1#***'" in errs[0], errs
+
+
+def test_route_paths_must_be_printable_ascii():
+    # Matching uses the raw percent-encoded path: '/ü' was accepted and could never match.
+    errs = errors(BASE.replace("path: /openai", "path: /\u00fc"))
+    assert errs == ["t.yaml:8: routes[0].path: route path must be printable ASCII: percent-encode it ('/%C3%BC')"]
+    for raw in ('"/a\\x01b"', '"/a\\tb"', '"/a\\x7f"', '"/a\\u0085"'):
+        errs = errors(BASE.replace("path: /openai", f"path: {raw}"))
+        assert errs == ["t.yaml:8: routes[0].path: route path must be printable ASCII: percent-encode it"], errs
+    assert parse(BASE.replace("path: /openai", "path: /%C3%BC/v1")).routes[0].path == "/%C3%BC/v1"
+
+
+def test_a_header_that_api_key_sets_conflicts_with_it(tmp_path):
+    # The configured header silently won over the key (or the key over it, whichever came last).
+    for provider, header in (("openai", "Authorization"), ("anthropic", "x-api-key"), ("azure", "Api-Key"),
+                             ("gemini", "X-Goog-Api-Key")):
+        text = BASE.replace("provider: openai", f"provider: {provider}").replace(
+            "api_key: ${K:-}", f"api_key: sk-x\n    headers:\n      X-Other: 1\n      {header}: v")
+        assert errors(text) == [f"t.yaml:9: upstreams.openai.headers.{header}: conflicts with api_key (the key "
+                                f"is sent in {header}): set one of them"], provider
+    (tmp_path / "key").write_text("sk-file")
+    errs = errors(BASE.replace("api_key: ${K:-}", f"api_key_file: {tmp_path / 'key'}\n    headers: {{authorization: b}}"))
+    assert len(errs) == 1 and "headers.authorization: conflicts with api_key" in errs[0], errs
+    # without a key the header is how auth is done; another provider's header is no conflict
+    assert parse(BASE.replace("api_key: ${K:-}", "headers: {Authorization: Bearer x}")).upstreams["openai"].headers
+    parse(BASE.replace("provider: openai", "provider: anthropic").replace(
+        "api_key: ${K:-}", "api_key: k\n    headers: {Authorization: Bearer x}"))
+
+
+def test_header_names_differing_only_in_case_are_one_header():
+    errs = errors(BASE.replace("api_key: ${K:-}", "headers: {X-A: '1', x-a: '2'}"))
+    assert errs == ["t.yaml:6: upstreams.openai.headers.x-a: same header as 'X-A' (header names are "
+                    "case-insensitive)"], errs
+
+
+def test_admin_listen_overlap_compares_addresses_not_text():
+    # Host strings were compared: these all bind what listen binds, and each passed.
+    for listen, admin in (("127.0.0.1:8080", '"[::ffff:127.0.0.1]:8080"'), ('"[::1]:8080"', '"[0:0::1]:8080"'),
+                          ("127.0.0.1:8080", "localhost:8080"), ('"[::1]:8080"', "LOCALHOST:8080"),
+                          ("localhost:8080", "127.0.0.1:8080"), ("127.0.0.1:8080", '"[::]:8080"'),
+                          ('"[::ffff:0.0.0.0]:8080"', "127.0.0.1:8080")):
+        errs = errors(f"admin_listen: {admin}\n" + BASE.replace("127.0.0.1:8080", listen))
+        assert len(errs) == 1 and errs[0].startswith("t.yaml:1: admin_listen: ") and "overlaps listen" in errs[0], errs
+    for listen, admin in (("127.0.0.1:8080", "127.0.0.2:8080"), ("localhost:8080", "127.0.0.1:9090"),
+                          ("127.0.0.1:8080", '"[::2]:8080"'), ("example.com:8080", "127.0.0.1:8080")):
+        parse(f"admin_listen: {admin}\n" + BASE.replace("127.0.0.1:8080", listen))

@@ -7,10 +7,12 @@ walker instead of raising, so one pass finds every mistake in a file.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -22,7 +24,9 @@ from .walker import (ConfigError, Finish, Items, Problem, Reader, Walker, contro
 __all__ = ["parse_duration", "parse_size", "Listen", "parse_listen", "parse_url", "typed", "string",
            "integer", "size", "boolean", "duration", "listen", "url", "choice", "nested", "listof",
            "remember", "existing_file", "file_name", "network", "sha256_hex", "secret_source", "digest",
-           "read_file"]
+           "read_file", "read_bounded", "CONFIG_MAX", "KEY_MAX"]
+
+CONFIG_MAX, KEY_MAX = 4 << 20, 64 << 10  # bytes: a config file, a key file
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMG]i?B|B)?\s*$", re.I)
@@ -33,15 +37,20 @@ def parse_duration(v: Any) -> float:
     """Seconds as a number, or a string with a unit: ``500ms``, ``30s``, ``5m``, ``1h``."""
     m = _DURATION.match(v) if isinstance(v, str) else None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        seconds = float(v)
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int past float's range
+            raise ValueError("duration too large") from None
     elif m:
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     elif isinstance(v, str):
-        raise ValueError(f"bad duration {v!r} (use seconds, or '500ms' '30s' '5m' '1h')")
+        raise ValueError(f"bad duration {show(v)} (use seconds, or '500ms' '30s' '5m' '1h')")
     else:
         raise ValueError(f"expected a duration (seconds, or '500ms' '30s' '5m' '1h'), got {show(v)}")
+    if seconds == float("inf") and isinstance(v, str):  # '1000...0s': digits past float's range
+        raise ValueError("duration too large")
     if not 0 <= seconds < float("inf"):
-        raise ValueError(f"duration must be a finite number >= 0, got {v!r}")
+        raise ValueError(f"duration must be a finite number >= 0, got {show(v)}")
     return seconds
 
 
@@ -53,6 +62,8 @@ def parse_size(v: Any) -> int:
     if not m or (m.group(2) and m.group(2).lower() not in _UNITS):
         raise ValueError(f"bad size {show(v)} (bytes, or a number with a binary unit B, KiB, MiB, "
                          f"GiB; 1 KiB = 1024 bytes; KB/MB/GB are not accepted)")
+    if len(m.group(1)) > 30:  # int() refuses over 4300 digits with advice meant for programmers
+        raise ValueError(f"size too large: {show(v)}")
     return int(m.group(1)) * _UNITS[(m.group(2) or "b").lower()]
 
 
@@ -64,28 +75,61 @@ class Listen:
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def overlaps(self, other: Listen) -> bool:
+        """Whether the two cannot both be bound: one port, and one address or a wildcard.
+
+        Addresses are compared as addresses, not as text: ``::ffff:127.0.0.1`` is
+        ``127.0.0.1``, ``0:0::1`` is ``::1``, and ``localhost`` is both loopbacks."""
+        mine, theirs = _addresses(self.host), _addresses(other.host)
+        return self.port == other.port and (mine is None or theirs is None or bool(mine & theirs))
+
+
+def _addresses(host: str) -> frozenset[Any] | None:
+    """The addresses a listen host binds; None for a wildcard; a name other than localhost
+    is compared as written (it is resolved only when bound)."""
+    if host.lower() == "localhost":
+        return frozenset({ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")})
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return frozenset({host.lower()})
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return None if ip.is_unspecified else frozenset({ip})
+
 
 def parse_listen(v: Any) -> Listen:
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", v.strip()) if isinstance(v, str) else None
     if not m:
         raise ValueError(f"bad listen address {show(v)} (use host:port, or [::1]:port for IPv6)")
-    host, port = m.group(1) or m.group(3), int(m.group(2) or m.group(4))
+    host, digits = m.group(1) or m.group(3), m.group(2) or m.group(4)
+    digits = digits.lstrip("0") or "0"  # int() of 4300+ digits raises advice meant for programmers
+    port = int(digits) if len(digits) <= 5 else None
     try:
         if m.group(1):
             ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"bad IPv6 address {host!r} in {v!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
+        raise ValueError(f"bad IPv6 address {show(host)} in {show(v)}") from None
+    if port is None or not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {'a number too large' if port is None else port}")
     return Listen(host, port)
 
 
-def parse_url(v: Any) -> Any:
-    """An http(s) yarl.URL without credentials, query or fragment; errors never echo those."""
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
+def parse_url(v: Any, origin_only: bool = False) -> Any:
+    """An http(s) yarl.URL without credentials, query or fragment; errors never echo those
+    (nor the path, with origin_only).
+
+    yarl takes what no request can use: control characters (a NUL went into the upstream's
+    request line; tab and newline were dropped without a word), hosts like ``a b`` or ``%zz``,
+    port 0 or an empty port."""
     from yarl import URL
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a URL, got {show(v)}")
-    safe = repr(redact_url(v))
+    safe = show(redact_url(v, origin_only))
+    if (bad := next((ord(c) for c in v if c < " " or c == "\x7f"), None)) is not None:
+        raise ValueError(f"bad URL {safe}: contains control character 0x{bad:02x}")
     try:
         url = URL(v)
         url.port  # noqa: B018 - a bad port only shows when asked for
@@ -95,6 +139,14 @@ def parse_url(v: Any) -> Any:
         raise ValueError(f"bad URL {safe}: scheme must be http or https")
     if not url.host:
         raise ValueError(f"bad URL {safe}: no host")
+    try:
+        ok_host = ipaddress.IPv6Address(url.raw_host) if ":" in url.raw_host else _HOST_NAME.fullmatch(url.raw_host)
+    except ValueError:
+        ok_host = None
+    if not ok_host:
+        raise ValueError(f"bad URL {safe}: invalid host")
+    if url.explicit_port == 0 or re.split(r"[/?#]", v.partition("://")[2], 1)[0].endswith(":"):
+        raise ValueError(f"bad URL {safe}: port must be between 1 and 65535")
     if url.user or url.password or "@" in v:
         raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed (use api_key or headers)")
     if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
@@ -127,7 +179,7 @@ def string(nullable: bool = False, secret: bool = False, empty_is_none: bool = F
         try:
             check and check(v)
         except ValueError as exc:
-            w.error(node, path, str(exc).replace(repr(v), w.hold(node, v)))
+            w.error(node, path, str(exc).replace(show(v), w.hold(node, v)))
         return v
     return read
 
@@ -202,15 +254,21 @@ def remember(name: str, read: Reader) -> Reader:
 
 
 def existing_file(path: str) -> None:
-    """A check for string(): the file must exist now (not only when first used)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"file not found: {path!r}")
+    """A check for string(): the file must exist now (not only when first used), and be a
+    regular file: OpenSSL reading a FIFO would hang ``check`` and every reload."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:
+        raise ValueError(f"file not found: {show(path)}" if exc.errno == errno.ENOENT
+                         else f"cannot read {show(path)}: {exc.strerror}") from None
+    if not regular:
+        raise ValueError(f"not a regular file: {show(path)}")
 
 
 def file_name(v: str) -> None:
     """A check for string(): a bare file name, no directory part."""
     if not v or "/" in v or v in (".", ".."):
-        raise ValueError(f"bad credential name {v!r} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
+        raise ValueError(f"bad credential name {show(v)} (a file name in $CREDENTIALS_DIRECTORY, no '/')")
 
 
 def network(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
@@ -268,8 +326,7 @@ def secret_source(w: Walker, items: Items, path: str, names: tuple[str, str, str
             return None
         ref = os.path.join(w.env["CREDENTIALS_DIRECTORY"], ref)
     try:
-        with open(ref, "rb") as f:
-            value = f.read().decode("utf-8").removesuffix("\n").removesuffix("\r")
+        value = read_bounded(ref, KEY_MAX).decode("utf-8").removesuffix("\n").removesuffix("\r")
     except (OSError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or "not UTF-8 text"
         w.error(node, sub, f"cannot read {ref}: {why}")
@@ -287,11 +344,31 @@ def digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
+def read_bounded(path: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, else OSError saying why.
+
+    Opened non-blocking, so opening a FIFO cannot hang; anything but a regular file (a FIFO,
+    /dev/zero, a directory) is refused, and reading stops past the limit, so a file that keeps
+    growing cannot take memory without bound."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        data = bytearray()
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+        if len(data) > limit:
+            unit = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+            raise OSError(errno.EFBIG, f"larger than {unit} (the limit)")
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
 def read_file(path: str) -> str:
     """The UTF-8 text of a config file, or ConfigError naming the file (and line)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_bounded(path, CONFIG_MAX)
     except OSError as exc:
         raise ConfigError([Problem(path, 0, "", f"cannot read config: {exc.strerror or exc}")]) from None
     try:

@@ -14,20 +14,32 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}\n]*))?\}")
-_PLACEHOLDER = re.compile(r"__yamlconf_var_(\d+)__")
-_HELD = re.compile(r"\x00(\d+)\x00")
-_STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+_STR, _NULL, _INT = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null", "tag:yaml.org,2002:int"
+_INT_CHARS = 1000  # no config number needs more; Python refuses ints over 4300 digits anyway
 REQUIRED: Any = dataclasses.MISSING
 
 Reader = Callable[["Walker", yaml.Node, str, Any], Any]
 Items = dict[str, tuple[yaml.Node, yaml.Node]]
 Finish = Callable[["Walker", yaml.Node, str, dict[str, Any], Items], None]
+
+
+_SHOWN, _PATH_MAX, _WHY_MAX = 80, 200, 1000  # characters of a value, a field path, a reason in a message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,11 @@ class Problem:
     why: str
 
     def __str__(self) -> str:
+        """One line whatever the file holds: control characters (a key "x\\nf.yaml:1: ...",
+        ESC sequences) are escaped, so no error line can be forged, and a path or reason
+        is cut short (a 50 MB key made a 50 MB line)."""
         at = f"{self.file}:{self.line}:" if self.line else f"{self.file}:"
-        return f"{at} {self.path + ': ' if self.path else ''}{self.why}"
+        return _printable(f"{at} {_cut(self.path, _PATH_MAX) + ': ' if self.path else ''}{_cut(self.why, _WHY_MAX)}")
 
 
 class ConfigError(Exception):
@@ -65,25 +80,34 @@ def keys_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
 
 
 def suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    """A "did you mean"; none for a long word (difflib is quadratic, and no key is long)."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6) if len(word) <= 100 else []
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def redact_url(text: str) -> str:
-    """A URL fit for an error message: no userinfo, no query (both can carry keys)."""
+def redact_url(text: str, origin_only: bool = False) -> str:
+    """A URL fit for an error message: no userinfo, query or fragment (all can carry keys);
+    origin_only (a proxy's URL, whose path can be a token too): scheme://host:port only."""
     scheme, sep, rest = text.rpartition("://") if "://" in text else ("", "", text)
     if "@" in rest:
         rest = "***@" + rest.rsplit("@", 1)[1]
-    if "?" in rest:
-        rest = rest.split("?", 1)[0] + "?***"
+    cut = re.search(r"[/?#]" if origin_only else r"[?#]", rest)
+    if cut:
+        rest = rest[: cut.start()] + cut.group() + "***"
     return f"{scheme}{sep}{rest}"
 
 
 def show(v: Any) -> str:
-    """How a wrong value is named in an error: a kind for structures, else its repr."""
+    """How a wrong value is named in an error: a kind for structures, else its repr, cut to
+    80 characters (a message quoting a 50 MB value was 50 MB long).
+
+    An int past Python's 4300-digit str limit cannot be repr'd at all (repr raises)."""
     if v is None or isinstance(v, (bool, list, dict)):
         return {type(None): "nothing (null)", bool: "a boolean", list: "a list", dict: "a mapping"}[type(v)]
-    return repr(v)
+    try:
+        return _cut(repr(v), _SHOWN)
+    except ValueError:
+        return "a number too large to show"
 
 
 def join(path: str, name: str) -> str:
@@ -117,6 +141,16 @@ class Walker:
         self.ctx: dict[str, Any] = {}  # facts later sections of a schema look at
         self._held: list[tuple[str, frozenset[str]]] = []  # values printed or hidden at the end
         self._ctor = yaml.SafeLoader("")
+        self._mark("")
+
+    def _mark(self, text: str) -> None:
+        """Placeholders carry a random token absent from the text: literal text that looks
+        like a placeholder (``__yamlconf_var_0__``) must stay text, never a variable's value."""
+        while (token := secrets.token_hex(8)) in text:
+            pass
+        self._placeholder = re.compile(rf"__yamlconf_var_{token}_(\d+)__")
+        self._held_rx = re.compile(rf"\x00{token}:(\d+)\x00")
+        self._token = token
 
     def error(self, node: yaml.Node | None, path: str, why: str) -> None:
         self.problems.append(Problem(self.file, node.start_mark.line + 1 if node else 1, path, why))
@@ -125,7 +159,8 @@ class Walker:
         """Compose text, walk its root; raise ConfigError with every problem."""
         def hide(m: re.Match[str]) -> str:
             self.vars.append((m.group(1), m.group(2)) if m.group(0) != "$$" else (None, None))
-            return f"__yamlconf_var_{len(self.vars) - 1}__"
+            return f"__yamlconf_var_{self._token}_{len(self.vars) - 1}__"
+        self._mark(text)
         text = _VAR.sub(hide, text)
         try:
             docs = [d for d in yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -155,7 +190,7 @@ class Walker:
     # -- interpolation and secrets
 
     def used_vars(self, node: yaml.Node) -> frozenset[str]:
-        return frozenset(n for i in _PLACEHOLDER.findall(str(getattr(node, "value", "")))
+        return frozenset(n for i in self._placeholder.findall(str(getattr(node, "value", "")))
                          if (n := self.vars[int(i)][0]) is not None)
 
     def expand(self, node: yaml.ScalarNode, path: str) -> str | None:
@@ -171,12 +206,12 @@ class Walker:
             return value
 
         if "${" in node.value or any("${" in (self.vars[int(i)][1] or "")
-                                     for i in _PLACEHOLDER.findall(node.value)):
+                                     for i in self._placeholder.findall(node.value)):
             # What _VAR did not take (a comment is not a value: only values are checked).
             self.error(node, path, "malformed variable reference: write ${NAME} or "
                                    "${NAME:-default} (no variable inside a default; $$ for a literal $)")
             return None
-        out = _PLACEHOLDER.sub(sub, node.value)
+        out = self._placeholder.sub(sub, node.value)
         for name in missing:
             self.error(node, path, f"environment variable {name} is not set "
                                    f"(write ${{{name}:-}} for an optional value)")
@@ -196,7 +231,7 @@ class Walker:
         if not names:
             return show(value)
         self._held.append((show(value), names))
-        return f"\x00{len(self._held) - 1}\x00"
+        return f"\x00{self._token}:{len(self._held) - 1}\x00"
 
     def finish(self) -> list[Problem]:
         """The problems sorted by line, values from secret variables blanked out."""
@@ -213,8 +248,11 @@ class Walker:
         def scrub(text: str) -> str:
             for secret in secrets:
                 text = text.replace(secret, "(secret hidden)")
+            for secret in secrets:  # a value cut short by show() can end in a secret's start
+                for n in range(min(len(secret) - 1, _SHOWN), 3, -1):
+                    text = text.replace(secret[:n] + "\u2026", "(secret hidden)\u2026")
             return text
-        out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(_HELD.sub(fill, p.why)))
+        out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(self._held_rx.sub(fill, p.why)))
                for p in self.problems]
         return sorted(out, key=lambda p: p.line)
 
@@ -228,9 +266,13 @@ class Walker:
         text = self.expand(node, path)
         if text is None:
             return False, None
-        if text != node.value:  # a plain scalar is typed again after substitution
-            tag = self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR
+        if text != node.value:  # a plain scalar is typed again after substitution; a tag stays
+            tag = (self._ctor.resolve(yaml.ScalarNode, text, (True, False)) if not node.style else _STR) \
+                if self.implicit(node) else node.tag
             node = yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
+        if node.tag == _INT and len(node.value) > _INT_CHARS:
+            self.error(node, path, f"number too large (more than {_INT_CHARS} digits)")
+            return False, None
         try:
             return True, self._ctor.construct_object(node)
         except Exception as exc:  # YAML's constructors fail in many ways on bad tagged values
@@ -238,6 +280,15 @@ class Walker:
                 if isinstance(exc, yaml.YAMLError) else f"not a valid !!{node.tag.rsplit(':', 1)[-1]}"
             self.error(node, path, f"cannot read value: {problem}")
             return False, None
+
+    def implicit(self, node: yaml.ScalarNode) -> bool:
+        """No explicit tag, or one saying what the value says anyway (``!!str "x"``).
+
+        Quoted values count too: ``!!binary "c2st..."`` or ``!whatever "openai"`` in a string
+        field was taken as the plain text, its tag silently ignored."""
+        if node.style:
+            return node.tag == _STR
+        return node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))
 
     def text(self, node: yaml.Node, path: str, nullable: bool = False,
              secret: bool = False) -> tuple[bool, str | None]:
@@ -249,7 +300,7 @@ class Walker:
         if not isinstance(node, yaml.ScalarNode):
             self.error(node, path, f"expected a single value, got a {kind(node)}")
             return False, None
-        if not (node.style or node.tag == self._ctor.resolve(yaml.ScalarNode, node.value, (True, False))):
+        if not self.implicit(node):
             ok, v = self.scalar(node, path)
             if ok and not isinstance(v, str):
                 got = f"a {type(v).__name__} (value not shown)" if secret else self.hold(node, v)
@@ -263,13 +314,17 @@ class Walker:
         return value is not None, value
 
     def typed(self, node: yaml.Node, path: str, check: Callable[[Any], Any]) -> Any:
-        """check(YAML-typed value); its ValueError text becomes the problem."""
+        """check(YAML-typed value); its ValueError text becomes the problem.
+
+        OverflowError too: a huge YAML int turned into a float (a duration) raises it."""
         ok, value = self.scalar(node, path)
         if not ok:
             return None
         try:
             return check(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            if isinstance(exc, ArithmeticError):
+                exc = ValueError(f"too large: {show(value)}")
             head, sep, tail = str(exc).rpartition(show(value))  # the value itself, not a bound
             self.error(node, path, f"{head}{self.hold(node, value)}{tail}" if sep else tail)
             return None
@@ -288,9 +343,13 @@ class Walker:
             ok, name = self.text(knode, path)
             if not ok or name is None:
                 continue
+            unprintable = not name.isprintable()  # names go into messages and logs: no line breaks, no ESC
+            if unprintable:
+                self.error(knode, join(path, name), "a key or name must not contain control characters")
             if names is not None and name not in names:
-                self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
-                                                    f"(allowed: {', '.join(names)})")
+                if not unprintable:
+                    self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
+                                                        f"(allowed: {', '.join(names)})")
             elif name in out:
                 self.error(knode, join(path, name), "duplicate key")
             else:

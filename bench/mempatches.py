@@ -33,7 +33,7 @@ def slots() -> None:
     """``__slots__`` on the per-stream objects that have a ``__dict__``: Stream, Forwarded,
     RequestBody (rebuilt as slotted copies of themselves)."""
     import dataclasses
-    from relayd import app, forward, stream
+    from relayd import app, body, forward, stream
 
     def slotted(cls: type, names: tuple[str, ...]) -> type:
         ns = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
@@ -44,9 +44,9 @@ def slots() -> None:
         "request", "resp", "provider", "timeouts", "heartbeat", "request_id", "endpoint",
         "json_body", "out", "committed", "tracker", "meter", "bytes_out", "heartbeats",
         "injected", "stop_reason", "ended", "stalled", "last_block", "crlf"))
-    app.RequestBody = forward.RequestBody = slotted(forward.RequestBody, (
+    app.RequestBody = body.RequestBody = slotted(body.RequestBody, (
         "request", "replay", "budget", "limits", "bytes_in", "data", "replayable", "complete",
-        "_held", "_head"))
+        "_held", "_head", "broken", "reading"))
     fw = dataclasses.dataclass(slots=True)(
         type("Forwarded", (), {"__annotations__": forward.Forwarded.__annotations__,
                                **{f.name: f.default for f in dataclasses.fields(forward.Forwarded)}}))

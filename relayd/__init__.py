@@ -24,8 +24,10 @@ Modules, in that order:
                  handed to its stream
 - ``upstream_http``  one request on a pooled connection for a body in memory: head and
                  body in one write, the answer from aiohttp's parser (others: aiohttp)
-- ``forward``    before commit: request body (buffered for failover), upstream order,
-                 send, failure classification, failover → open response or error response
+- ``forward``    before commit: upstream order, send, failure classification, failover
+                 → open response or error response
+- ``body``       the request body: buffered for failover or streamed, the process's
+                 replay budget, a client that resets a paused upload noticed
 - ``stream``     after commit: the body pushed from the upstream connection's reads to the
                  client transport, backpressure, the one error event → how the stream ended
 - ``clock``      the stream's one timer for all its deadlines and heartbeats

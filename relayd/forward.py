@@ -17,15 +17,16 @@ import asyncio
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
-from aiohttp import HttpVersion11, web
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from . import headers as hdrs
-from . import lean, providers
+from . import providers
+from .body import ClientWatch, ReplayBudget, RequestBody
 from .exchange import End
 from .routes import Match, Target, upstream_url
 
@@ -57,121 +58,6 @@ class Forwarded:
     error: web.Response | None = None
     reason: End = End.DONE
     status: int = 0
-
-
-class ReplayBudget:
-    """Bytes of request bodies held in memory for failover, across the whole process.
-
-    Buffering is what makes failover possible, and also what a crowd of slow uploads
-    could use to pin memory; past the budget a request simply gets one attempt with its
-    body streamed, which is what a one-upstream route does anyway.
-    """
-
-    def __init__(self) -> None:
-        self.used = 0
-
-    def take(self, n: int, limit: int) -> bool:
-        if self.used + n > limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used -= n
-
-
-class RequestBody:
-    """The request body as it goes upstream, and how much of it came in.
-
-    With ``replay`` the body is buffered (up to ``replay_body`` and while the process
-    budget lasts) so another upstream can be tried; otherwise, or past either limit, it
-    streams and the request gets one attempt.  Reading it counts against ``first_byte``
-    like the rest of the wait for a response.
-    """
-
-    def __init__(self, request: web.BaseRequest, replay: bool, budget: ReplayBudget,
-                 limits: Any) -> None:
-        self.request = request
-        self.replay = replay
-        self.budget, self.limits = budget, limits
-        self.bytes_in = 0
-        self.data: Any = None
-        self.replayable = True
-        self.complete = True   # every byte the client announced has arrived
-        self._held = 0         # bytes of the budget this body holds
-        self._head = b""
-        self.broken: str | None = None  # why the client's body broke its framing, if it did
-
-    def ready(self) -> bool:
-        """True when nothing is left to wait for: no body, or (no failover to buffer for)
-        a Content-Length body that arrived whole with the head, as small ones do.  That
-        one goes upstream as bytes, which aiohttp frames exactly as the streamed body
-        (the client's Content-Length) at a fraction of an async generator's cost."""
-        request = self.request
-        if not request.body_exists:
-            return True
-        if self.replay or request.content_length is None or "Expect" in request.headers:
-            return False
-        content = request.content
-        if not content.is_eof() or content.exception() is not None:
-            return False  # still coming, or broken: the streaming path reports it as before
-        data = content.read_nowait()
-        lean.drop_buffer(content)  # read to its end: a held stream keeps no empty buffer
-        self.data, self.bytes_in, self.replayable = data, len(data), False
-        return True
-
-    async def prepare(self) -> None:
-        request = self.request
-        if not request.body_exists:
-            return
-        self.complete = False
-        if request.headers.get("Expect", "").lower() == "100-continue" \
-                and request.version >= HttpVersion11:  # a 1.0 client may take a 1xx for its answer
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self.replay:
-            content = request.content
-            buf = bytearray()
-            cap = self.limits.replay_body
-            while True:
-                try:
-                    chunk = await content.readany()
-                except web.RequestPayloadError as exc:
-                    raise _Failure(End.BODY_INVALID, 400, str(exc)) from None
-                if not chunk:
-                    self.data = bytes(buf)
-                    self.complete = True
-                    return
-                buf += chunk
-                self.bytes_in = len(buf)  # as it comes: an upload that never ends is logged too
-                if len(buf) > cap or not self.budget.take(len(chunk), self.limits.replay_memory):
-                    break
-                self._held += len(chunk)
-            self._head = bytes(buf)
-        self.replayable = False
-        self.data = self._stream()
-
-    async def _stream(self) -> AsyncIterator[bytes]:
-        if self._head:
-            yield self._head
-        content = self.request.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except web.RequestPayloadError as exc:
-                self.broken = str(exc)  # for the attempt to say "client", not "upstream"
-                raise
-            if not chunk:
-                self.complete = True
-                return
-            self.bytes_in += len(chunk)
-            yield chunk
-
-    def release(self) -> None:
-        """The attempts are over: give the bytes back to the budget, and let the body go
-        (a long stream would keep a large prompt for its whole length)."""
-        self.budget.give(self._held)
-        self._held = 0
-        self.data = None
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
@@ -207,6 +93,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                 await body.prepare()
         except TimeoutError:
             raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
+        except web.RequestPayloadError as exc:
+            raise _Failure(End.BODY_INVALID, 400, str(exc)) from None
 
     kept_error: web.Response | None = None
     last_failure: _Failure | None = None
@@ -349,6 +237,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     """One upstream attempt, each failure classified for the client and the breaker."""
     up = target.upstream
     ct = _client_timeout(timeouts.connect)
+    watch = None if body.complete else ClientWatch(body.request)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
             resp = await target.pool.send(method, url, headers, body.data, ct)
@@ -356,8 +245,12 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 504,
                        f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None
     except TimeoutError:
-        if not body.complete:
+        if not body.complete and body.reading:
             raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
+        if not body.complete:  # relayd had bytes for it: the upstream stopped taking them
+            raise _Failure(End.FIRST_BYTE_TIMEOUT, 504,
+                           f"upstream '{up.name}' did not read the request body within "
+                           f"{fmt(timeouts.first_byte)}") from None
         raise _Failure(End.FIRST_BYTE_TIMEOUT, 504,
                        f"upstream '{up.name}' sent no response headers within {fmt(timeouts.first_byte)}") from None
     except aiohttp.ClientConnectorError as exc:
@@ -369,6 +262,9 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
+    finally:
+        if watch is not None:
+            watch.stop()
     if hdrs.has_control_chars(resp.headers) or not _framed(resp):
         resp.close()
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")

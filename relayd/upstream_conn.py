@@ -11,6 +11,8 @@ no more Python than that.
 
 from __future__ import annotations
 
+import socket
+import struct
 from typing import Any, Callable
 
 import aiohttp
@@ -22,6 +24,21 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from . import lean
 
 _SALVAGE_MAX = 2**16  # reads kept while a head trickles in (a first read is kept whatever its size)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _reset(transport: Any) -> None:
+    """Make the coming close a reset: a socket closed with bytes still in the kernel's send
+    buffer otherwise goes on sending them, so an upstream could still receive a whole request
+    whose client is gone.  A reset drops them, and the upstream learns at once."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
 
 
 class Guarded(ResponseHandler):
@@ -151,6 +168,9 @@ class Guarded(ResponseHandler):
         super().set_exception(exc, exc_cause)
         if isinstance(exc, HttpProcessingError):  # the parser gave up (not a failed upload)
             self._fail_body(self._payload, exc)
+            transport = self.transport
+            if transport is not None and transport.is_closing():  # (aiohttp closed it)
+                self._shut(transport)
 
     def _salvage(self, data: bytes) -> bool:
         """A whole answer followed by bytes that are not one (more body than
@@ -214,4 +234,35 @@ class Guarded(ResponseHandler):
     def _poisoned(self) -> None:
         self._should_close = True
         if self.transport is not None:
-            self.transport.close()
+            self._shut(self.transport)
+
+    # -- a request not fully written
+
+    @property
+    def should_close(self) -> bool:
+        """Also when request bytes are still unsent (the upstream answered without reading
+        the whole body, a 401 to a large upload): pooled, the next request would go out
+        behind the rest of this one's body."""
+        transport = self.transport
+        return super().should_close or (transport is not None
+                                        and transport.get_write_buffer_size() > 0)
+
+    def close(self) -> None:
+        """A transport closed with bytes still unsent waits for the upstream to take them:
+        forever, if it stopped reading, with its descriptor and buffers (and the upstream
+        may yet receive a whole request from a client long gone).  Such a connection is
+        aborted; one with nothing left to send closes as usual."""
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            _reset(transport)
+            self.abort()
+        else:
+            super().close()
+
+    @staticmethod
+    def _shut(transport: Any) -> None:
+        if transport.get_write_buffer_size():
+            _reset(transport)
+            transport.abort()
+        else:
+            transport.close()

@@ -83,19 +83,23 @@ class Sender:
         # key); one template stands for every request of this pool.
         self.template = ClientRequest("GET", origin, loop=asyncio.get_running_loop())
 
-    async def send(self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None,
-                   timeout: aiohttp.ClientTimeout) -> Response:
+    async def send(self, method: str, url: URL, headers: CIMultiDict[str],
+                   data: bytes | bytearray | None, timeout: aiohttp.ClientTimeout) -> Response:
         head = self._head(method, url, headers, data)
+        # A large body goes out by writev, not copied next to the head (a buffered body is
+        # the largest thing relayd holds; joined, every failover upload cost twice its size).
+        out = (head,) if not data else (head + data,) if len(data) < 16384 else (head, data)
         retry = method in _IDEMPOTENT
         while True:
             try:
-                return await self._exchange(method, url, headers, head, timeout)
+                return await self._exchange(method, url, headers, out, timeout)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
                 if not retry:  # a pooled connection the upstream had closed: once more
                     raise
                 retry = False
 
-    def _head(self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None) -> bytes:
+    def _head(self, method: str, url: URL, headers: CIMultiDict[str],
+              data: bytes | bytearray | None) -> bytes:
         lines = [f"{method} {url.raw_path_qs} HTTP/1.1"]
         if "Host" not in headers:
             lines.append(f"Host: {url.host_port_subcomponent}")
@@ -107,10 +111,10 @@ class Sender:
         # relayd's serializer (headers.py) keeps obs-text bytes and refuses CR/LF; the
         # request line and the two added fields are built from parsed, checked values.
         fields = http_writer._serialize_headers("-", headers)[3:]
-        return "\r\n".join(lines).encode("latin-1") + b"\r\n" + fields + (data or b"")
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n" + fields
 
-    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str], head: bytes,
-                        timeout: aiohttp.ClientTimeout) -> Response:
+    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
+                        out: tuple[bytes | bytearray, ...], timeout: aiohttp.ClientTimeout) -> Response:
         try:
             conn = await self.connector.connect(self.template, [], timeout)
         except asyncio.TimeoutError as exc:
@@ -122,7 +126,7 @@ class Sender:
                 raise aiohttp.ServerDisconnectedError()
             proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
                                       auto_decompress=False, read_bufsize=self.read_bufsize)
-            transport.write(head)
+            transport.write(out[0]) if len(out) == 1 else transport.writelines(out)
             try:
                 while True:
                     message, payload = await proto.read()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import struct
 import time
 
 import aiohttp
@@ -246,3 +247,83 @@ routes:
     assert lines["queued"]["queue_ms"] > 0 and lines["hold0"]["queue_ms"] == 0
     assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0
 
+
+
+async def _stalling_upstream(take: int) -> tuple[asyncio.AbstractServer, str]:
+    """An upstream that reads a request's head and `take` bytes of its body, then nothing."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(take)
+            writer.transport.pause_reading()
+            await asyncio.sleep(60)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def _upload_config(port: int, admin: int, url: str, first_byte: str) -> str:
+    return f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+defaults:
+  timeouts: {{connect: 2, first_byte: {first_byte}, idle: 5, total: 60}}
+upstreams:
+  a: {{url: "{url}", provider: openai}}
+routes:
+  - {{path: /one, upstream: a}}
+"""
+
+
+async def test_an_upstream_that_stops_reading_an_upload_is_blamed_not_the_client(make_relayd):
+    """The client sent at full speed; the upstream read 1 MB and stopped.  relayd answered
+    408 "the request body did not arrive" and charged nothing; nginx: 504."""
+    server, url = await _stalling_upstream(1 << 20)
+    port, admin = free_port(), free_port()
+    r = make_relayd(_upload_config(port, admin, url, "2s"), args=["--workers", "1"])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def body():
+                for _ in range(400):
+                    yield b"x" * 65536
+
+            async with s.post(f"http://127.0.0.1:{port}/one/v1/x", data=body()) as resp:
+                assert resp.status == 504
+                assert "did not read the request body" in (await resp.json())["error"]["message"]
+        line = r.wait_access(1)[-1]
+        assert line["end_reason"] == "first_byte_timeout"
+        assert await wait_metric(admin, "relayd_upstream_attempts_total", 1, upstream="a",
+                                 outcome="first_byte_timeout") == 1
+    finally:
+        server.close()
+
+
+async def test_a_client_that_resets_a_paused_upload_is_gone_at_once(make_relayd):
+    """relayd had stopped reading the client (the upstream took nothing more), so it did not
+    see the reset: the upstream request stayed open until first_byte, logged as a 408."""
+    server, url = await _stalling_upstream(1 << 20)
+    port, admin = free_port(), free_port()
+    r = make_relayd(_upload_config(port, admin, url, "30s"), args=["--workers", "1"])
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        sock.send(b"POST /one/v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        sent, stuck = 0, time.monotonic()
+        while time.monotonic() - stuck < 1 and sent < 64 << 20:  # until relayd stops taking bytes
+            try:
+                sent += sock.send(b"x" * 65536)
+                stuck = time.monotonic()
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        assert sent < 64 << 20
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        gone = time.monotonic()
+        line = r.wait_access(1, timeout=10)[-1]
+        assert line["end_reason"] == "client_gone", line
+        assert time.monotonic() - gone < 5
+        assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="a") == 0
+    finally:
+        server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Awaitable, Callable
 
@@ -485,3 +486,65 @@ async def test_a_broken_body_before_the_junk_is_still_a_502(make_relayd):
         make_relayd(config(port, admin, up.url))
         status, body, _ = await get(port)
         assert status == 502, (status, body)
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]  # tcpi_state
+
+
+_TCP_CLOSE = 7
+
+
+@pytest.mark.parametrize("route", ["/f", "/u"], ids=["buffered-for-failover", "streamed"])
+async def test_an_upstream_answering_without_reading_the_body_is_aborted_and_not_reused(make_relayd, route):
+    """A 401 to a 32 MB upload the upstream never reads: relayd closed that connection
+    gracefully, and a transport waits for its unsent bytes forever (the descriptor and
+    megabytes of buffers stayed); the buffered path even put it back in the pool, so the
+    next request went out behind the rest of the body and timed out."""
+    conns: list[socket.socket] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer.get_extra_info("socket"))
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"content-length: 0\r\n" in head.lower() or not head.startswith(b"POST"):
+                    writer.write(ok(b"{}"))
+                    continue
+                writer.transport.pause_reading()  # the body is never read
+                writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 2\r\n\r\n{}")
+                await asyncio.sleep(30)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    port, admin = free_port(), free_port()
+    make_relayd(f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+limits: {{replay_body: 64MiB}}
+defaults:
+  timeouts: {{connect: 2, first_byte: 10, idle: 5, total: 30}}
+upstreams:
+  a: {{url: "{url}", provider: openai}}
+  b: {{url: "{url}", provider: openai}}
+routes:
+  - {{path: /f, upstream: [a, b]}}
+  - {{path: /u, upstream: a}}
+""", args=["--workers", "1"])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}{route}/v1/x", data=b"x" * (32 << 20)) as r:
+                assert r.status == 401
+            end = time.monotonic() + 5
+            while _tcp_state(conns[0]) != _TCP_CLOSE and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+            assert _tcp_state(conns[0]) == _TCP_CLOSE  # reset by relayd, not left half-sent
+            started = time.monotonic()
+            async with s.get(f"http://127.0.0.1:{port}{route}/v1/x") as r:
+                assert r.status == 200
+            assert time.monotonic() - started < 2 and len(conns) == 2  # a fresh connection
+    finally:
+        server.close()

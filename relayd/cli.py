@@ -11,6 +11,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 from typing import Any
 
 from . import __version__
@@ -84,7 +85,8 @@ def check(path: str) -> int:
         return 1
     for warning in cfg.warnings:
         print(f"warning: {path}: {warning}", file=sys.stderr)
-    print(f"ok: {len(cfg.routes)} routes, {len(cfg.upstreams)} upstreams")
+    routes, upstreams = len(cfg.routes), len(cfg.upstreams)
+    print(f"ok: {routes} route{'s' * (routes != 1)}, {upstreams} upstream{'s' * (upstreams != 1)}")
     return 0
 
 
@@ -116,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the last line of defence: a sentence, not a traceback
-        print(f"relayd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # Where, not the message: a message may quote a config value, and values can be keys.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"relayd: internal error: {type(exc).__name__} at "
+              f"{os.path.basename(where.filename)}:{where.lineno} (a bug; please report it)",
+              file=sys.stderr)
         return 70
 
 

@@ -283,6 +283,8 @@ def _finish_client(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
     if loaded is not None:
         v["key"] = loaded
     if v["key"] is not None:
+        if v["key"] != v["key"].strip():  # a presented key is stripped: this one could never match
+            w.error(node, path, "the key starts or ends with whitespace: no request can carry it")
         if "key_sha256" in items:
             w.error(items["key_sha256"][0], Y.join(path, "key_sha256"), "set either a key or key_sha256")
         v["key_sha256"] = Y.digest(v["key"])

@@ -41,7 +41,7 @@ def run_check(tmp_path: Path, text: str | bytes, env: dict[str, str] | None = No
 def test_check_ok(tmp_path):
     code, out, err = run_check(tmp_path, GOOD)
     assert code == 0, err
-    assert out.strip() == "ok: 1 routes, 1 upstreams"
+    assert out.strip() == "ok: 1 route, 1 upstream"
 
 
 # (config text, expected line, expected field path, words in the reason)
@@ -183,7 +183,7 @@ def test_unreadable_config_has_no_line_zero(tmp_path):
 def test_check_positional_and_c_agree(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text(GOOD)
-    assert relayd("check", str(p)).stdout.strip() == "ok: 1 routes, 1 upstreams"
+    assert relayd("check", str(p)).stdout.strip() == "ok: 1 route, 1 upstream"
     assert relayd("check", str(p), "-c", str(p)).returncode == 0
     r = relayd("check", str(p), "-c", str(tmp_path / "y.yaml"))
     assert r.returncode == 1 and "two config files given" in r.stderr
@@ -209,7 +209,7 @@ def test_run_options_are_validated(tmp_path, args, words):
 def test_check_warnings_exit_zero(tmp_path):
     text = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080") + "admin_listen: 0.0.0.0:9090\n"
     code, out, err = run_check(tmp_path, text, env={"OPENAI_API_KEY": "sk-test-warn"})
-    assert code == 0 and out.strip() == "ok: 1 routes, 1 upstreams"
+    assert code == 0 and out.strip() == "ok: 1 route, 1 upstream"
     lines = err.strip().splitlines()
     assert len(lines) == 2 and all(l.startswith("warning: ") for l in lines), lines
     assert "admin_listen 0.0.0.0:9090 is not a loopback address" in err
@@ -238,7 +238,7 @@ def test_config_env_default_path(tmp_path):
     p.write_text(GOOD)
     r = subprocess.run([sys.executable, "-m", "relayd", "check"], capture_output=True, text=True,
                        env={**os.environ, "RELAYD_CONFIG": str(p)}, timeout=30)
-    assert r.returncode == 0 and "ok: 1 routes" in r.stdout
+    assert r.returncode == 0 and "ok: 1 route," in r.stdout
 
 
 def test_version():

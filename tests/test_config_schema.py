@@ -378,3 +378,14 @@ def test_admin_listen_overlap_compares_addresses_not_text():
     for listen, admin in (("127.0.0.1:8080", "127.0.0.2:8080"), ("localhost:8080", "127.0.0.1:9090"),
                           ("127.0.0.1:8080", '"[::2]:8080"'), ("example.com:8080", "127.0.0.1:8080")):
         parse(f"admin_listen: {admin}\n" + BASE.replace("127.0.0.1:8080", listen))
+
+
+def test_a_client_key_with_outer_whitespace_is_refused(tmp_path):
+    # A presented key is stripped (SDKs and proxies trim header values): a key stored
+    # with spaces around it passed check and then refused every request.
+    (tmp_path / "key").write_text("  rk-spaced-key-0123456789  \n")
+    for client in ('{key: " rk-spaced-key-0123456789"}', f"{{key_file: {tmp_path / 'key'}}}"):
+        errs = errors(BASE + f"clients: {{a: {client}}}\n")
+        assert len(errs) == 1 and errs[0].endswith("clients.a: the key starts or ends with whitespace: "
+                                                   "no request can carry it"), errs
+    assert parse(BASE + 'clients: {a: {key: "rk inner space 0123456789"}}\n').clients[0].key

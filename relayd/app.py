@@ -204,8 +204,6 @@ class App:
             if wait is not None:
                 await wait  # a client that leaves meanwhile is logged as gone, like any
             found = table.match(path)
-            if request.method in _NEVER_FORWARDED:
-                return self._refuse_method(ex, found, request.method)
             version = request.version
             if version != HttpVersion11 and version != HttpVersion10:
                 # HTTP/2.0 or 0.9 in a request line: aiohttp would answer in that version
@@ -215,6 +213,8 @@ class App:
                                     "supported", "http_version_not_supported")
                 resp.force_close()
                 return resp
+            if request.method in _NEVER_FORWARDED:
+                return self._refuse_method(ex, found, request.method)
             codings = request.headers.getall("Transfer-Encoding", ())
             if codings and version == HttpVersion10:
                 # RFC 9112 §6.1: framing an HTTP/1.0 peer may not share (nginx: 400).

@@ -135,9 +135,10 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
             continue
-        except BaseException:  # the client went away while we waited: free the slot all the same
+        except BaseException as exc:  # the client went away while we waited: free the slot all the same
             target.pool.release()
-            metrics.attempt(up.name, "cancelled")  # (tokens may have been spent upstream)
+            if isinstance(exc, (asyncio.CancelledError, ConnectionError)):
+                metrics.attempt(up.name, "cancelled")  # (tokens may have been spent upstream)
             raise
         if resp.status in RETRY_STATUSES and not last and body.replayable:
             target.pool.record(False)

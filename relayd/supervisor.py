@@ -220,7 +220,7 @@ class Supervisor(lifecycle.Reloads):
                 if msg[1] < self.generation:
                     # Forked before a reload whose order it could not get yet (the
                     # channel opens after the fork): it gets the config now.
-                    chan.send("config", self.generation, self.config)
+                    chan.send("config", self.generation, self.config, tls.kept(self.config.tls))
             elif msg[0] == "swapped":
                 slot.generation = msg[1]
             elif msg[0] == "swap_failed" and msg[1] == self.generation:
@@ -321,12 +321,14 @@ class Supervisor(lifecycle.Reloads):
     async def reload(self) -> bool:
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         began = time.monotonic()
+        pem = tls.kept(self.config.tls)  # (the running pair, should this reload roll back)
         new = lifecycle.load_for_reload(self.path, self.config, self.log)
         stalled = time.monotonic() - began
         for slot in self.slots:  # no ping went out while this loop parsed: not their silence
             if slot.waiting is not None:
                 slot.waiting += stalled
         if new is None:
+            tls.keep(self.config.tls, pem)
             self.metrics.reloads.labels("failed").inc()
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
@@ -340,6 +342,7 @@ class Supervisor(lifecycle.Reloads):
             # workers that took it go back, as a generation of its own, and restarts use
             # the config that works.
             failed = dict(self.swap_failed)
+            tls.keep(old.tls, pem)
             back = await self._send_config(old)
             self.metrics.generation.set(back)
             # A worker that cannot build the previous config again either (its pools for
@@ -376,7 +379,7 @@ class Supervisor(lifecycle.Reloads):
         self.swap_failed = {}
         for slot in self._live():
             assert slot.chan is not None
-            slot.chan.send("config", gen, new)
+            slot.chan.send("config", gen, new, tls.kept(new.tls))
         # a worker that dies meanwhile is restarted on the new config: it does not count
         await self.until(lambda: all(s.generation >= gen or s.wid in self.swap_failed
                                      for s in self._live() if self.serves(s)), 30)

@@ -10,9 +10,10 @@ The files are read once per load and their bytes go into a scratch context first
 certificate, a key that does not match, or a half-written renewal fails there, as a reload
 failure, and the live context keeps serving the old pair.  The live context then loads
 the same bytes, never the files again, so a renewal that lands in between cannot slip in
-unchecked.  The last pair that passed (``check``) is kept: a worker the main process
-forks later (a restart) serves what its siblings serve, not whatever the files hold by
-then — a half-written renewal on disk would have crashed it at start.
+unchecked.  The last pair that passed (``check``) is kept, and with workers the main process
+sends those bytes with each config: every worker, and one forked later (a restart),
+serves the pair the main process checked, never whatever the files hold by then (a
+half-written renewal on disk crashed a restarted worker at start).
 
 OpenSSL loads a chain only from a file, so the bytes are handed to it through memfds
 (``/proc/self/fd/N``), which never touch the disk.
@@ -69,6 +70,20 @@ def new_context(cfg: ListenerTLS, pem: Pem | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def kept(cfg: ListenerTLS | None) -> Pem | None:
+    """The bytes of the last pair that passed ``check`` (or that the main process sent), if
+    they are ``cfg``'s files."""
+    return _checked.get((cfg.cert, cfg.key)) if cfg is not None else None
+
+
+def keep(cfg: ListenerTLS | None, pem: Pem | None) -> None:
+    """Make ``pem`` the pair of ``cfg`` that reloads and forked workers load: a worker keeps
+    what its main process checked, and a rolled-back reload the pair it rolled back to."""
+    _checked.clear()
+    if cfg is not None and pem is not None:
+        _checked[(cfg.cert, cfg.key)] = pem
+
+
 class ListenerCert:
     """The listener's TLS context (None: plain HTTP) and the files it was loaded from."""
 
@@ -87,8 +102,11 @@ class ListenerCert:
             return
         if self.context is None or new.tls is None:
             return
-        pem = check(new.tls, file)  # scratch: the live context is touched only by a good pair
+        pem = kept(new.tls)  # what this process (or the main process) checked for this reload
+        if pem is None:
+            pem = check(new.tls, file)
         try:
+            new_context(new.tls, pem)  # scratch: the live context is touched only by a good pair
             _load(self.context, pem)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise _problem(file, exc) from None

@@ -181,29 +181,37 @@ class Guarded(ResponseHandler):
         junk is whole, it is delivered, and the connection (closed already by aiohttp)
         never returns to the pool.  Anything else, a broken head or body, stays the
         failure it was."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            return False
         ResponseHandler.set_response_params(self, **self._params)  # the failed parser is spent
         parser = self._parser
-        messages: list[Any] = []
+        messages: list[Any] = []  # interim (1xx) answers first, as they came, then the final one
+        start = 0
         try:
-            messages = parser.feed_data(data[:end + 4])[0]
-            if len(messages) != 1 or messages[0][0].code < 200:
-                return False
-            parser.feed_data(data[end + 4:])
+            while not messages or messages[-1][0].code < 200:
+                end = data.find(b"\r\n\r\n", start)
+                if end < 0:
+                    return False
+                got = parser.feed_data(data[start:end + 4])[0]
+                if len(got) != 1:
+                    return False
+                messages += got
+                start = end + 4
+            parser.feed_data(data[start:])
             return False  # it parsed this time: not the failure this is for
         except HttpProcessingError:
-            if len(messages) != 1:
+            if not messages or messages[-1][0].code < 200:
                 return False
-        message, payload = messages[0]
+        message, payload = messages[-1]
         bodiless = self._skip_payload or message.code in EMPTY_BODY_STATUS_CODES
         if not bodiless and not payload.is_eof():
             return False  # the body itself broke
         self._parser = None  # (its end at connection_lost would fail the complete body)
         self._should_close = True
+        for interim, _ in messages[:-1]:
+            self.feed_data((interim, EMPTY_PAYLOAD), 0)
         self._payload = payload
         self.feed_data((message, EMPTY_PAYLOAD if bodiless else payload), 0)
+        if self.transport is not None:  # (aiohttp closed it: unsent request bytes would wait)
+            self._shut(self.transport)
         return True
 
     @staticmethod

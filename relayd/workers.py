@@ -11,7 +11,7 @@ and is dropped (``_keep_only``), the epoll one included.  It never returns into 
 parent's code: it leaves through ``os._exit``.
 
 Main and worker talk over a socketpair (``Channel``): length-prefixed pickled tuples.
-Main → worker: ``("config", generation, Config)``, ``("snap", n)``, ``("ping",)``.  Worker → main:
+Main → worker: ``("config", generation, Config, certificate bytes or None)``, ``("snap", n)``, ``("ping",)``.  Worker → main:
 ``("ready", generation)``, ``("swapped", generation)``, ``("snapped", n)``,
 ``("draining",)``, ``("pong",)``.
 """
@@ -28,7 +28,7 @@ import sys
 import types
 from typing import Any, NoReturn
 
-from . import logs
+from . import logs, tls
 from .config import Config
 
 # signals held back around fork(): the child installs its handlers, then unblocks them
@@ -174,6 +174,7 @@ async def _obey(chan: Channel, daemon: Any) -> None:
             return
         if msg[0] == "config":
             if msg[1] > daemon.app.generation:  # (sent twice to a worker that was starting)
+                tls.keep(msg[2].tls, msg[3])  # the pair the main process checked, not the files
                 try:
                     daemon.apply(msg[2], msg[1])
                 except Exception as exc:  # noqa: BLE001 - the loop must go on answering

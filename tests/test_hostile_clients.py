@@ -579,7 +579,7 @@ async def test_transfer_encoding_in_http_1_0_is_a_400_and_the_connection_closes(
     assert fake.requests == []
 
 
-@pytest.mark.parametrize("line", [b"GET /openai/echo HTTP/2.0", b"GET /openai/echo"])
+@pytest.mark.parametrize("line", [b"GET /openai/echo HTTP/2.0", b"GET /openai/echo", b"TRACE /openai/echo HTTP/2.0"])
 async def test_other_http_versions_get_505_in_http_1_1(tmp_path, fake, line) -> None:
     # aiohttp's parser takes HTTP/2.0 and 0.9 request lines, and aiohttp answered in
     # the request's version ("HTTP/2.0 200 OK" over HTTP/1.1 framing).

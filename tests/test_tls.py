@@ -212,3 +212,43 @@ async def test_a_restarted_worker_serves_the_pair_its_siblings_serve(make_relayd
     r.signal(signal.SIGHUP)  # the renewal, taken by every worker
     assert wait_for(lambda: reloads(r, "reload ok") == 1)
     assert {served_cn(port, trust(two[0]))[0] for _ in range(12)} == {"relayd-two"}
+
+
+_READ_LOG = """
+import os
+import relayd.tls as _tls
+_read = _tls._read
+
+def _logged(cfg):
+    with open(os.environ["RELAYD_TEST_READS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    return _read(cfg)
+
+_tls._read = _logged
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_only_the_main_process_reads_the_certificate_on_reload(make_relayd, fake, tmp_path, workers):
+    """Each worker read the files again after the main process had checked them: a renewal
+    landing in between reached the workers unchecked, and a worker restarted later served
+    the main process's pair while its siblings served the files'.  Workers load the bytes
+    the main process checked."""
+    import os
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_READ_LOG)
+    reads = tmp_path / "reads"
+    path = os.environ.get("PYTHONPATH")
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{path}" if path else str(site), "RELAYD_TEST_READS": str(reads)}
+    live = make_cert(tmp_path / "live", "relayd-one", 1)
+    two = make_cert(tmp_path / "two", "relayd-two", 2)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=f"workers: {workers}\n"
+                                 f"tls: {{cert: '{live[0]}', key: '{live[1]}'}}"), env=env)
+    reads.write_text("")
+    install(two, live)
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload ok") == 1)
+    assert {served_cn(port, trust(two[0]))[0] for _ in range(8)} == {"relayd-two"}
+    assert set(reads.read_text().split()) == {str(r.proc.pid)}

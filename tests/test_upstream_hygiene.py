@@ -438,8 +438,10 @@ async def test_an_answer_without_content_type_gets_none(make_relayd):
     ("GET", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"2\r\n{}\r\n0\r\n\r\nEXTRA", 200, b"{}"),
     ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello", 204, b""),
+    ("GET", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}EXTRA", 200, b"{}"),
     ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\nhello", 200, b""),
-], ids=["content-length", "chunked", "204", "head"])
+], ids=["content-length", "chunked", "204", "after-103", "head"])
 async def test_junk_after_a_whole_answer_in_the_same_read_relays_the_answer(make_relayd, method, answer,
                                                                             status, body):
     """The answer is relayed, as nginx does, and the connection is never reused: the

@@ -347,7 +347,8 @@ class App:
         table = self.table
         assert table is not None
         match = table.match(path) if path.startswith("/") else None
-        code = "request_header_too_large" if status == 431 else "invalid_request"
+        code = {431: "request_header_too_large", 505: "http_version_not_supported"}.get(
+            status, "invalid_request")
         resp = self._refuse(ex, match, status, why, code)
         ex.end = End.DONE if status < 500 else End.ERROR
         self.metrics.finished(ex)

@@ -338,15 +338,18 @@ class Connection(web.RequestHandler):
         """A JSON error (not aiohttp's plain text) with an access line, then close."""
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
+        first = self._parser.first_line if isinstance(self._parser, _Parser) else b""
         if isinstance(exc, HeadTooLarge):
             status, why = 431, "request headers too large"
+        elif status == 400 and first.startswith(b"PRI * HTTP/2.0"):
+            # An HTTP/2 client with prior knowledge (h2c): say so, not llhttp's "Pause on PRI".
+            status, why = 505, "HTTP/2 is not supported: relayd speaks HTTP/1.1"
         elif status == 400:
             why = f"malformed request: {_short(exc)}"
         else:
             why = "internal error" if status == 500 else "timed out"
             if exc is not None:
                 self.logger.error("request failed outside the handler", exc_info=exc)
-        first = self._parser.first_line if isinstance(self._parser, _Parser) else b""
         resp = self._reject(request, status, why, first)
         resp.force_close()
         return resp

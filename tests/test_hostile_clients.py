@@ -599,3 +599,13 @@ async def test_expect_100_continue_from_http_1_0_gets_no_interim_response(tmp_pa
             b"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n", then=b"{}")
     assert data.startswith(b"HTTP/1.0 200 OK\r\n"), data[:300]
     assert b"100 Continue" not in data
+
+
+async def test_an_http2_preface_gets_a_505_that_says_so(tmp_path, fake) -> None:
+    # llhttp pauses on the preface's PRI method: aiohttp's 400 said "Pause on PRI/Upgrade".
+    async with inproc(tmp_path, fake.url) as port:
+        data = await asyncio.to_thread(closed_after, port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    got = responses(data)
+    assert [g[0] for g in got] == [505], data[:300]
+    error = json.loads(got[0][2])["error"]
+    assert error["code"] == "http_version_not_supported" and "HTTP/2 is not supported" in error["message"]

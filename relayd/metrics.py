@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess, values
+from prometheus_client import disable_created_metrics, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .allow import GATES
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from .upstreams import Pool
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# One process exposed a ``*_created`` sample per series that the sum over workers does not
+# have: one exposition whatever ``workers`` says.
+disable_created_metrics()
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _DURATION = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 

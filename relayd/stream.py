@@ -39,7 +39,7 @@ from .exchange import End
 from .forward import fmt
 from .headers import for_client, media_type
 from .sse import BoundaryTracker
-from .usage import Usage, UsageMeter
+from .usage import Unmetered, Usage, UsageMeter
 
 HEARTBEAT = b": keep-alive\n\n"
 _WRITELINES = 16384  # from this size a chunk is sent with its framing by writev, not copied
@@ -123,7 +123,9 @@ class Stream:
         bodiless = request.method == "HEAD" or resp.status in (204, 304)
         self.tracker = BoundaryTracker() if sse and identity and not bodiless else None
         self._ends = self.endpoint.ends if self.tracker is not None else None
-        self.meter = UsageMeter()
+        # Tokens are spent by generating, and generating is a POST (a GET of a stored
+        # response shows the usage of a generation counted when it ran).
+        self.meter = UsageMeter() if request.method == "POST" else Unmetered()
         self.bytes_out = 0
         self.heartbeats = 0
         self.injected: End | None = None

@@ -15,11 +15,15 @@ import re
 from dataclasses import dataclass
 
 _DECODER = json.JSONDecoder()
-_MENTION = re.compile(rb'"usage(?:": ?\{|Metadata")')
+_MENTION = re.compile(rb'"usage(?:"\s*:\s*\{|Metadata")')
 _JSON_TAIL = 64 * 1024
 
 _INPUT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _OUTPUT_KEYS = ("completion_tokens", "output_tokens")
+# Anthropic counts cache reads and writes apart from input_tokens; OpenAI's prompt_tokens
+# and Gemini's promptTokenCount include cached tokens.  Added, "input" means one thing.
+_CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+_MAX_TOKENS = 10**12  # a count beyond this (or below 0) is the upstream's bug, not usage
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,10 @@ class UsageMeter:
         inp = out = None
         for u in found:
             for k in _INPUT_KEYS:
-                v = u.get(k)
-                if isinstance(v, int) and not isinstance(v, bool) and (v or inp is None):
+                v = _count(u.get(k))
+                if v is not None and k == "input_tokens":
+                    v += sum(_count(u.get(c)) or 0 for c in _CACHE_KEYS)
+                if v is not None and (v or inp is None):
                     inp = v
             o = _output(u)
             if o is not None:
@@ -89,15 +95,22 @@ class UsageMeter:
         return Usage(inp, out, partial)
 
 
+def _count(v: object) -> int | None:
+    """A token count, or None: a negative or absurd number (an upstream bug) would make a
+    Prometheus counter raise and take the whole batch of pending counts with it."""
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_TOKENS:
+        return v
+    return None
+
+
 def _output(u: dict[str, object]) -> int | None:
     for k in _OUTPUT_KEYS:
-        v = u.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
+        v = _count(u.get(k))
+        if v is not None:
             return v
-    c = u.get("candidatesTokenCount")
-    t = u.get("thoughtsTokenCount")
-    if isinstance(c, int) or isinstance(t, int):
-        return (c if isinstance(c, int) else 0) + (t if isinstance(t, int) else 0)
+    c, t = _count(u.get("candidatesTokenCount")), _count(u.get("thoughtsTokenCount"))
+    if c is not None or t is not None:
+        return (c or 0) + (t or 0)
     return None
 
 
@@ -119,8 +132,21 @@ def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:
     for m in _KEY.finditer(text):
         try:
             obj, _ = _DECODER.raw_decode(text, m.end() - 1)
-        except ValueError:
+        except (ValueError, RecursionError):  # (an object nested 1,000 deep: not usage)
             continue
         if isinstance(obj, dict):
             out.append(obj)
     return out
+
+
+class Unmetered(UsageMeter):
+    """For answers that spend no tokens though they may show a usage object (a GET of a
+    stored response): nothing is kept, nothing counted."""
+
+    __slots__ = ()
+
+    def observe_events(self, segment: bytes) -> None:
+        pass
+
+    def observe_body(self, chunk: bytes) -> None:
+        pass

@@ -329,3 +329,22 @@ async def test_a_client_that_resets_a_paused_upload_is_gone_at_once(make_relayd)
         assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="a") == 0
     finally:
         server.close()
+
+
+async def test_a_stored_response_fetched_by_get_counts_no_tokens(fake, make_relayd):
+    """A GET of a stored response shows the usage of a generation that ran (and was counted)
+    before: counted again, it inflated relayd_tokens_total."""
+    sc = fake.add("stored", Scenario(body=b'{"id":"resp_1","object":"response","usage":'
+                                          b'{"input_tokens":1000,"output_tokens":500}}',
+                                     content_type="application/json"))
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 5, total: 30"),
+                    args=["--workers", "1"])
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/one/v1/responses/resp_1", headers={"x-fake": sc}) as resp:
+            assert resp.status == 200 and (await resp.json())["usage"]["input_tokens"] == 1000
+        async with s.post(f"http://127.0.0.1:{port}/one/v1/responses", headers={"x-fake": sc}, json={}) as resp:
+            assert resp.status == 200
+    got, posted = r.wait_access(2)
+    assert got["usage"] is None and posted["usage"]["input_tokens"] == 1000
+    assert await wait_metric(admin, "relayd_tokens_total", 1000, route="/one", kind="input") == 1000

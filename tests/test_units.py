@@ -73,6 +73,34 @@ def test_usage_meter_ignores_null_usage_and_reads_last():
     assert m.result(True).as_log() == {"input_tokens": 5, "output_tokens": 7, "partial": True}
 
 
+def test_usage_values_an_upstream_gets_wrong_are_not_counted():
+    # A negative or absurd count made the Prometheus counter raise, losing every pending
+    # count of the batch (and a scrape answered 500); an object nested 1,000 deep raised
+    # RecursionError inside the handler's finally: no access line, the request never left
+    # the active set.
+    for body in (b'{"usage":{"prompt_tokens":-1000000,"completion_tokens":3}}',
+                 b'{"usage":{"prompt_tokens":%d,"completion_tokens":3}}' % 10**400,
+                 b'{"usage":{"prompt_tokens":1e30,"completion_tokens":3}}'):
+        m = UsageMeter()
+        m.observe_body(body)
+        assert m.result(False).as_log() == {"input_tokens": None, "output_tokens": 3, "partial": False}
+    m = UsageMeter()
+    m.observe_body(b'{"usage":{"x":' + b"[" * 1200 + b"]" * 1200 + b',"prompt_tokens":7}}')
+    assert m.result(False) is None
+
+
+def test_usage_is_found_with_any_spacing_and_counts_anthropics_cache():
+    m = UsageMeter()
+    m.observe_events(b'data: {"choices":[],"usage" :\t{"prompt_tokens":5,"completion_tokens":7}}\n\n')
+    assert m.result(False).as_log() == {"input_tokens": 5, "output_tokens": 7, "partial": False}
+    # OpenAI's prompt_tokens include cached tokens; Anthropic counts them apart
+    m = UsageMeter()
+    m.observe_events(b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+                     b'{"input_tokens":3,"cache_creation_input_tokens":20,"cache_read_input_tokens":50000,'
+                     b'"output_tokens":1}}}\n\n')
+    assert m.result(False).input == 50023
+
+
 async def test_tcp_nodelay_on_both_sides():
     """Both the client-facing and the upstream-facing sockets run without Nagle delays."""
     seen: dict[str, int] = {}

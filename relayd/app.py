@@ -311,7 +311,10 @@ class App:
             if st is not None:
                 ex.bytes_out, ex.events, ex.heartbeats = st.bytes_out, st.events, st.heartbeats
                 ex.injected = st.injected
-                ex.usage = st.usage(partial=ex.end != End.DONE)
+                try:
+                    ex.usage = st.usage(partial=ex.end != End.DONE)
+                except Exception:  # a bug here must not cost the access line and the counts
+                    self.log.exception("usage not read", request_id=ex.request_id)
             self.active.discard(ex)
             self.metrics.finished(ex)
             if table.config.access_log:

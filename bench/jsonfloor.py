@@ -41,8 +41,12 @@ _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"tr
                   b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization"})
 
 
-def _split_head(buf: bytes, end: int) -> tuple[bytes, list[bytes], int]:
-    """(start line, end-to-end header lines, Content-Length) of the head ending at ``end``."""
+def _message(buf: bytes) -> tuple[bytes, list[bytes], int, bytes, bytes] | None:
+    """The first whole message in ``buf`` (Content-Length framed) as (start line,
+    end-to-end header lines, body length, body, what follows), or None while incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
     lines = buf[:end].split(b"\r\n")
     keep, size = [], 0
     for line in lines[1:]:
@@ -51,7 +55,9 @@ def _split_head(buf: bytes, end: int) -> tuple[bytes, list[bytes], int]:
             size = int(line[line.find(b":") + 1:])
         elif name not in _HOP:
             keep.append(line)
-    return lines[0], keep, size
+    if len(buf) < end + 4 + size:
+        return None
+    return lines[0], keep, size, buf[end + 4:end + 4 + size], buf[end + 4 + size:]
 
 
 def raw_proxy(loop: asyncio.AbstractEventLoop, up_port: int) -> type[asyncio.Protocol]:
@@ -66,13 +72,10 @@ def raw_proxy(loop: asyncio.AbstractEventLoop, up_port: int) -> type[asyncio.Pro
 
         def data_received(self, data: bytes) -> None:
             self.buf += data
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            got = _message(self.buf)
+            if got is None:
                 return
-            status, keep, size = _split_head(self.buf, end)
-            if len(self.buf) < end + 4 + size:
-                return
-            body, self.buf = self.buf[end + 4:end + 4 + size], self.buf[end + 4 + size:]
+            status, keep, size, body, self.buf = got
             client, self.client = self.client, None
             idle.append(self)
             client.tr.write(b"\r\n".join([status, *keep, b"Content-Length: %d" % size, b"", body]))
@@ -83,13 +86,10 @@ def raw_proxy(loop: asyncio.AbstractEventLoop, up_port: int) -> type[asyncio.Pro
 
         def data_received(self, data: bytes) -> None:
             self.buf += data
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            got = _message(self.buf)
+            if got is None:
                 return
-            line, keep, size = _split_head(self.buf, end)
-            if len(self.buf) < end + 4 + size:
-                return
-            body, self.buf = self.buf[end + 4:end + 4 + size], self.buf[end + 4 + size:]
+            line, keep, size, body, self.buf = got
             out = b"\r\n".join([line, host, *keep, b"Authorization: Bearer sk-floor",
                                  b"Content-Length: %d" % size, b"", body])
             if idle:

@@ -102,11 +102,10 @@ class ListenerCert:
             return
         if self.context is None or new.tls is None:
             return
-        pem = kept(new.tls)  # what this process (or the main process) checked for this reload
-        if pem is None:
-            pem = check(new.tls, file)
+        # Bytes that passed ``check`` (here, or in the main process for this reload): a
+        # scratch load has already shown they serve, so only the live context loads them.
+        pem = kept(new.tls) or check(new.tls, file)
         try:
-            new_context(new.tls, pem)  # scratch: the live context is touched only by a good pair
             _load(self.context, pem)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise _problem(file, exc) from None

@@ -161,16 +161,19 @@ class Guarded(ResponseHandler):
             self.sink()
 
     def set_exception(self, exc: BaseException, exc_cause: BaseException = _EXC_SENTINEL) -> None:
-        if self._salvaging and isinstance(exc, HttpProcessingError):
-            self._salvaging = False
-            if self._salvage(bytes(self._head_bytes)):
-                return
-        super().set_exception(exc, exc_cause)
-        if isinstance(exc, HttpProcessingError):  # the parser gave up (not a failed upload)
+        if not isinstance(exc, HttpProcessingError):  # (a failed upload, a lost connection)
+            super().set_exception(exc, exc_cause)
+            return
+        # The parser gave up: the answer before the junk is delivered if it was whole, else
+        # the body fails.  Either way aiohttp has closed the connection, and a close with
+        # request bytes unsent would wait for them: ``_shut`` resets it then.
+        salvaging, self._salvaging = self._salvaging, False
+        if not (salvaging and self._salvage(bytes(self._head_bytes))):
+            super().set_exception(exc, exc_cause)
             self._fail_body(self._payload, exc)
-            transport = self.transport
-            if transport is not None and transport.is_closing():  # (aiohttp closed it)
-                self._shut(transport)
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            self._shut(transport)
 
     def _salvage(self, data: bytes) -> bool:
         """A whole answer followed by bytes that are not one (more body than
@@ -210,8 +213,6 @@ class Guarded(ResponseHandler):
             self.feed_data((interim, EMPTY_PAYLOAD), 0)
         self._payload = payload
         self.feed_data((message, EMPTY_PAYLOAD if bodiless else payload), 0)
-        if self.transport is not None:  # (aiohttp closed it: unsent request bytes would wait)
-            self._shut(self.transport)
         return True
 
     @staticmethod

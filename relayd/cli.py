@@ -11,7 +11,6 @@ import importlib.util
 import inspect
 import os
 import sys
-import traceback
 from typing import Any
 
 from . import __version__
@@ -118,11 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the last line of defence: a sentence, not a traceback
-        # Where, not the message: a message may quote a config value, and values can be keys.
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        print(f"relayd: internal error: {type(exc).__name__} at "
-              f"{os.path.basename(where.filename)}:{where.lineno} (a bug; please report it)",
-              file=sys.stderr)
+        from .logs import raised_at
+        print(f"relayd: internal error: {raised_at(exc)} (a bug; please report it)", file=sys.stderr)
         return 70
 
 

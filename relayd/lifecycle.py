@@ -24,7 +24,6 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from dataclasses import replace
 from typing import Any, Callable, Coroutine
 from aiohttp import web
@@ -271,10 +270,8 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
         # (RELOADING=1 without READY=1, the error surfacing at the next SIGHUP): it is a
         # failed reload like any other.  Where it was raised, not its message: a message
         # may quote a value from the file, and values can be keys.
-        where = traceback.extract_tb(exc.__traceback__)[-1]
         log.error("reload failed", config=path,
-                  errors=[f"{path}: internal error while loading: {type(exc).__name__} at "
-                          f"{os.path.basename(where.filename)}:{where.lineno}"])
+                  errors=[f"{path}: internal error while loading: {logs.raised_at(exc)}"])
         return None
     if new.listen != old.listen or new.admin_listen != old.admin_listen:
         log.warning("listen address changes need a restart; keeping the old listeners",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import traceback
 from typing import Any, Iterable
 
 import structlog
@@ -133,3 +135,10 @@ def loop_exception(_: Any, context: dict[str, Any]) -> None:
 
 def get() -> Any:
     return structlog.get_logger("relayd")
+
+
+def raised_at(exc: BaseException) -> str:
+    """``TypeName at file.py:LINE``: what a relayd bug was and where, never its message,
+    which may quote a config value (and values can be keys)."""
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__} at {os.path.basename(where.filename)}:{where.lineno}"

@@ -66,6 +66,12 @@ class Slot:
         self.restart: asyncio.TimerHandle | None = None
 
 
+def _order(chan: workers.Channel, generation: int, config: Config) -> None:
+    """A config for a worker, always with the certificate bytes this process checked for it:
+    a worker never reads the files itself."""
+    chan.send("config", generation, config, tls.kept(config.tls))
+
+
 class Supervisor(lifecycle.Reloads):
     def __init__(self, path: str, config: Config, n: int, loop: str) -> None:
         self.path, self.config, self.loop_name = path, config, loop
@@ -220,7 +226,7 @@ class Supervisor(lifecycle.Reloads):
                 if msg[1] < self.generation:
                     # Forked before a reload whose order it could not get yet (the
                     # channel opens after the fork): it gets the config now.
-                    chan.send("config", self.generation, self.config, tls.kept(self.config.tls))
+                    _order(chan, self.generation, self.config)
             elif msg[0] == "swapped":
                 slot.generation = msg[1]
             elif msg[0] == "swap_failed" and msg[1] == self.generation:
@@ -379,7 +385,7 @@ class Supervisor(lifecycle.Reloads):
         self.swap_failed = {}
         for slot in self._live():
             assert slot.chan is not None
-            slot.chan.send("config", gen, new, tls.kept(new.tls))
+            _order(slot.chan, gen, new)
         # a worker that dies meanwhile is restarted on the new config: it does not count
         await self.until(lambda: all(s.generation >= gen or s.wid in self.swap_failed
                                      for s in self._live() if self.serves(s)), 30)

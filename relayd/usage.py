@@ -92,7 +92,16 @@ class UsageMeter:
                 out = o
         if inp is None and out is None:
             return None
-        return Usage(inp, out, partial)
+        return Usage(inp, out, partial or self._placeholder_only())
+
+    def _placeholder_only(self) -> bool:
+        """Anthropic's ``message_start`` carries a placeholder output count (1); the real one
+        comes in ``message_delta``.  A stream the provider ended with its own error event
+        after ``message_start`` ends as the upstream ended it, yet its count is not final.
+        (In a JSON string the name would be escaped: text cannot fake either name.)"""
+        first, last = self._first, self._last
+        return (first is not None and b'"message_start"' in first and b'"message_delta"' not in first
+                and (last is None or b'"message_delta"' not in last))
 
 
 def _count(v: object) -> int | None:

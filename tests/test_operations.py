@@ -358,10 +358,15 @@ async def test_access_log_usage_metrics_and_redaction(fake, make_relayd):
         sc = fake.add("usage-partial", Scenario(body=body, fault="reset", fault_at=body.index(b"event: content_block_stop")))
         async with s.post(f"http://127.0.0.1:{port}/anthropic/v1/messages", headers={"x-fake": sc}) as resp:
             await resp.read()
+        # the provider's own error event after message_start: the stream ended as the
+        # upstream ended it, but its output count is message_start's placeholder
+        sc = fake.add("usage-provider-error", Scenario(body=fixture("anthropic-midstream-error.sse")))
+        async with s.post(f"http://127.0.0.1:{port}/anthropic/v1/messages", headers={"x-fake": sc}) as resp:
+            await resp.read()
         async with s.get(f"http://127.0.0.1:{port}/nowhere") as resp:
             await resp.read()
-    access = r.wait_access(7)
-    assert len(access) == 7
+    access = r.wait_access(8)
+    assert len(access) == 8
     for a, (path, name, route) in zip(access, USAGE_CASES):
         inp, out = expected_usage(name)
         assert a["usage"] == {"input_tokens": inp, "output_tokens": out, "partial": False}, (name, a)
@@ -369,12 +374,14 @@ async def test_access_log_usage_metrics_and_redaction(fake, make_relayd):
         assert a["events"] >= 3 and a["bytes_out"] == len(fixture(name))
     assert access[4]["usage"] == {"input_tokens": 11, "output_tokens": 3, "partial": False}
     assert access[5]["usage"]["partial"] is True and access[5]["injected_error"] == "upstream_reset"
+    assert access[6]["end_reason"] == "done" and access[6]["injected_error"] is None
+    assert access[6]["usage"]["partial"] is True and access[6]["usage"]["output_tokens"] == 1
     fields = {"ts", "request_id", "method", "path", "route", "upstream", "attempts", "status", "end_reason",
               "ttfb_ms", "duration_ms", "bytes_in", "bytes_out", "events", "heartbeats", "injected_error",
               "client", "usage"}
     assert fields <= set(access[0])
     assert all(a["client"] == "127.0.0.1" for a in access)  # the peer's address
-    assert access[6]["status"] == 404
+    assert access[7]["status"] == 404
 
     m = await get_metrics(admin)
     assert metric(m, "relayd_requests_total", route="/openai", status="200") == 3

@@ -91,6 +91,28 @@ async def get(port: int, path: str = "/u/v1/x") -> tuple[int, bytes, aiohttp.typ
             return r.status, await r.read(), r.headers
 
 
+async def repeat(port: int, method: str, n: int) -> list[tuple[int, bytes]]:
+    """``n`` requests one after another on one client connection."""
+    async with aiohttp.ClientSession() as s:
+        out = []
+        for _ in range(n):
+            async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
+                out.append((r.status, await r.read()))
+        return out
+
+
+async def raw_get(port: int, body_len: int = 0) -> tuple[bytes, bytes]:
+    """A GET on a raw socket: the response head byte for byte (aiohttp's client would
+    normalise it), and the first ``body_len`` body bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return head, await asyncio.wait_for(reader.readexactly(body_len), 5)
+    finally:
+        writer.close()
+
+
 async def test_unsolicited_response_on_idle_connection_is_never_relayed(make_relayd):
     """The issue's reproduction: a response written 200 ms after a complete one."""
     async def handler(reader, writer, n):
@@ -176,10 +198,7 @@ async def test_obs_text_in_upstream_header_passes_byte_exact(make_relayd):
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        writer.close()
+        head, _ = await raw_get(port)
         assert b"\r\nX-Latin: caf\xe9\r\n" in head and b"\r\nX-Utf: caf\xc3\xa9\r\n" in head
 
 
@@ -217,11 +236,7 @@ async def test_clean_ends_keep_the_connection_pooled(make_relayd, method, tail):
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url), args=["--workers", "1"])
-        async with aiohttp.ClientSession() as s:
-            for _ in range(3):
-                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
-                    assert r.status == 200
-                    await r.read()
+        assert [st for st, _ in await repeat(port, method, 3)] == [200] * 3
         assert up.connections == 1
 
 
@@ -424,11 +439,7 @@ async def test_an_answer_without_content_type_gets_none(make_relayd):
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        body = await asyncio.wait_for(reader.readexactly(2), 5)
-        writer.close()
+        head, body = await raw_get(port, 2)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"ok"
         assert b"content-type" not in head.lower(), head
 
@@ -453,10 +464,7 @@ async def test_junk_after_a_whole_answer_in_the_same_read_relays_the_answer(make
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url), args=["--workers", "1"])
-        async with aiohttp.ClientSession() as s:
-            for _ in range(3):
-                async with s.request(method, f"http://127.0.0.1:{port}/u/v1/x") as r:
-                    assert (r.status, await r.read()) == (status, body)
+        assert await repeat(port, method, 3) == [(status, body)] * 3
         assert up.connections == 3
 
 

@@ -1,8 +1,8 @@
 """Upstream connection pools: one aiohttp ClientSession per upstream, kept across reloads.
 
-A pool is keyed by what decides its connections (url origin, pool size, keepalive, TLS,
-proxy).  A reload asks the registry for pools again: unchanged upstreams get their warm
-pool back; pools no longer wanted are retired.  A retired pool closes when no route
+A pool is keyed by what decides its connections (url origin, pool size, keepalive, TLS
+and the CA bytes it trusts, proxy).  A reload asks the registry for pools again:
+unchanged upstreams get their warm pool back; pools no longer wanted are retired.  A retired pool closes when no route
 table that uses it is still live — the current table, or an old one a request still
 holds (``routes.RouteTable.enter``/``leave``).  Counting tables rather than attempts
 means a request that is still reading its upload, or whose first failover attempt is
@@ -16,6 +16,7 @@ import asyncio
 import collections
 import functools
 import hashlib
+import os
 import ssl
 import time
 from http.cookies import BaseCookie, SimpleCookie
@@ -45,15 +46,30 @@ def _close_later(pool: "Pool") -> None:
 _CONTEXTS: dict[tuple[str | None, object], ssl.SSLContext] = {}
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
+def _system_store() -> object:
+    """Where the system CA store stands now: ``update-ca-certificates`` rewrites the bundle
+    file and the hashed directory, so a reload after it keys its pools anew, while an
+    unchanged store keeps them warm across any number of reloads."""
+    paths = ssl.get_default_verify_paths()
+    stamp = []
+    for path in (paths.cafile or paths.openssl_cafile, paths.capath or paths.openssl_capath):
+        try:
+            st = os.stat(path)
+            stamp.append((path, st.st_ino, st.st_mtime_ns, st.st_size))
+        except (OSError, TypeError, ValueError):
+            stamp.append(None)
+    return tuple(stamp)
+
+
+def _tls_keyed(ca_file: str | None) -> tuple[tuple[str | None, object], ssl.SSLContext]:
     """One verifying context per CA bundle, shared by every pool that names it: loading
     the system bundle takes about 40 ms, once per upstream made a worker with hundreds of
     HTTPS upstreams start (and reload) for seconds.  A named bundle is keyed by its bytes
-    (a rotated bundle of the same size and mtime is a new one) and built from the bytes
-    read; the system store is reused for a minute, so a reload after
-    ``update-ca-certificates`` sees it soon."""
+    (a bundle rotated in place is a new one) and built from the bytes read; the system
+    store by where its files stand.  The key is part of the pool's key, so a reload after
+    a rotation makes new pools with the new trust (the old ones finish their streams)."""
     if ca_file is None:
-        key: tuple[str | None, object] = (None, int(time.monotonic() // 60))
+        key: tuple[str | None, object] = (None, _system_store())
         data = None
     else:
         with open(ca_file, "rb") as f:
@@ -67,7 +83,20 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
         if data is not None and not ctx.get_ca_certs():
             raise ssl.SSLError(f"no certificate found in {ca_file}")
         _CONTEXTS[key] = ctx
-    return ctx
+    return key, ctx
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    return _tls_keyed(ca_file)[1]
+
+
+def _tls_for(upstream: Upstream) -> tuple[object, ssl.SSLContext | bool]:
+    """What the pool's connections trust, and a key that changes when that does."""
+    if upstream.url.scheme != "https":
+        return None, True
+    if not upstream.tls.verify:
+        return False, False
+    return _tls_keyed(upstream.tls.ca_file)
 
 
 class _NoCookies(aiohttp.DummyCookieJar):
@@ -99,17 +128,8 @@ class _Connector(aiohttp.TCPConnector):
 class Pool:
     """Connections to one upstream, with in-flight accounting and breaker state."""
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, ssl_ctx: ssl.SSLContext | bool) -> None:
         self.upstream = upstream
-        self.key = upstream.pool_key
-        tls = upstream.tls
-        ssl_ctx: ssl.SSLContext | bool
-        if upstream.url.scheme != "https":
-            ssl_ctx = True
-        elif not tls.verify:
-            ssl_ctx = False
-        else:
-            ssl_ctx = tls_context(tls.ca_file)
         self.connector = _Connector(
             limit=upstream.max_connections, limit_per_host=0,
             keepalive_timeout=upstream.keepalive or 0.001, ssl=ssl_ctx, ttl_dns_cache=60)
@@ -231,20 +251,24 @@ class PoolRegistry:
         wanted: dict[tuple[object, ...], Pool] = {}
         by_name: dict[str, Pool] = {}
         made: list[Pool] = []
+        keys: list[tuple[Upstream, tuple[object, ...]]] = []
         try:
             for up in upstreams:  # first build every new pool: one that fails changes nothing
-                if up.pool_key not in self._pools and up.pool_key not in wanted:
-                    made.append(Pool(up))
-                    wanted[up.pool_key] = made[-1]
+                trust, ctx = _tls_for(up)
+                key = (*up.pool_key, trust)
+                keys.append((up, key))
+                if key not in self._pools and key not in wanted:
+                    made.append(Pool(up, ctx))
+                    wanted[key] = made[-1]
         except BaseException:
             for pool in made:
                 _close_later(pool)
             raise
-        for up in upstreams:
-            pool = wanted.get(up.pool_key) or self._pools[up.pool_key]
+        for up, key in keys:
+            pool = wanted.get(key) or self._pools[key]
             if pool not in made:
                 pool.upstream = up  # same connections; key, headers, breaker limits may differ
-            wanted[up.pool_key] = pool
+            wanted[key] = pool
             by_name[up.name] = pool
         for key, pool in self._pools.items():
             if key not in wanted:

@@ -185,6 +185,51 @@ routes:
         await runner.cleanup()
 
 
+async def test_a_ca_bundle_rotated_in_place_is_trusted_after_reload(make_relayd, tmp_path):
+    """The pool was kept across the reload because its key named the bundle's path only:
+    its context still held the old CA, and every request after the upstream's new
+    certificate failed the handshake until a restart."""
+    from aiohttp import web
+
+    one, two = make_cert(tmp_path / "one", "upstream-one", 11), make_cert(tmp_path / "two", "upstream-two", 12)
+    bundle = tmp_path / "bundle.pem"
+    shutil.copyfile(one[0], bundle)
+
+    async def answer(req: web.Request) -> web.StreamResponse:
+        return web.json_response({"ok": True})
+
+    async def serve(pair: tuple[Path, Path], port: int) -> web.AppRunner:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(*pair)
+        runner = web.AppRunner(web.Application(), access_log=None)
+        runner.app.router.add_route("*", "/{tail:.*}", answer)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        return runner
+
+    up, port = free_port(), free_port()
+    runner = await serve(one, up)
+    r = make_relayd(f"""listen: 127.0.0.1:{port}
+upstreams:
+  u: {{url: "https://127.0.0.1:{up}", provider: openai, api_key: k, tls: {{ca_file: {bundle}}}}}
+routes:
+  - {{path: /u, upstream: u}}
+""")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{port}/u/v1/models") as resp:
+                assert resp.status == 200, await resp.text()
+            await runner.cleanup()
+            runner = await serve(two, up)  # the upstream's certificate now comes from the new CA
+            shutil.copyfile(two[0], bundle)
+            r.signal(signal.SIGHUP)
+            assert wait_for(lambda: reloads(r, "reload ok") == 1)
+            async with s.get(f"http://127.0.0.1:{port}/u/v1/models") as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_restarted_worker_serves_the_pair_its_siblings_serve(make_relayd, fake, tmp_path):
     """A worker restarted after a crash read the files again: a half-written renewal on
     disk (no reload yet) made it crash at start, over and over, and a finished one made it

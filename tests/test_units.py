@@ -36,7 +36,7 @@ def test_upstream_url_join(base, rest, query, want):
 async def test_no_hidden_client_timeouts():
     up = cfg.parse('upstreams: {a: {url: "http://127.0.0.1:1", provider: openai, keepalive: 7, max_connections: 3}}\n'
                    'routes: [{path: /a, upstream: a}]', "t.yaml", {}).upstreams["a"]
-    pool = Pool(up)
+    pool = Pool(up, True)  # (plain http: no TLS context)
     try:
         t = pool.session.timeout
         assert t.total is None and t.sock_read is None and t.connect is None
@@ -327,7 +327,7 @@ async def test_a_waiter_dropped_by_release_in_the_same_turn_is_no_error() -> Non
     another request's release: the waiter gets its own exception, not a ValueError."""
     up = cfg.parse('upstreams: {a: {url: "http://127.0.0.1:1", provider: openai, max_connections: 1}}\n'
                    'routes: [{path: /a, upstream: a}]', "t.yaml", {}).upstreams["a"]
-    pool = Pool(up)
+    pool = Pool(up, True)  # (plain http: no TLS context)
     try:
         assert await pool.take(None) == 0.0
         loop = asyncio.get_running_loop()

@@ -266,7 +266,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     finally:
         if watch is not None:
             watch.stop()
-    if hdrs.has_control_chars(resp.headers) or not _framed(resp):
+    if hdrs.malformed(resp.headers) or not _framed(resp):
         resp.close()
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")
     return resp

@@ -27,6 +27,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-a
 _REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id"}
 _RESPONSE_DROP_LENGTH = HOP_BY_HOP | {"content-length"}
 _CTL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # field-value may hold HTAB and obs-text, no CTLs
+_NOT_TOKEN = re.compile(r"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # a field-name is a token
 
 
 def end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
@@ -61,12 +62,17 @@ def media_type(value: str) -> str:
     return value.partition(";")[0].strip().lower()
 
 
-def has_control_chars(headers: Any) -> bool:
-    """A header value with a control character: a malformed message (RFC 9110 §5.5).
+def malformed(headers: Any) -> bool:
+    """A header a proxy must not pass on (RFC 9110 §5.5, RFC 9112 §5.1): a value with a
+    control character, or a name that is not a token — ``Content-Length : 5`` was framed
+    by aiohttp's lenient parser and went out beside relayd's own framing (nginx: 502).
 
-    ``str.isprintable`` clears nearly every value at C speed; only values it flags (tabs,
-    obs-text, controls) get the exact test.
+    One regex over all names joined, and ``str.isprintable`` over each value, clear a
+    well-formed head at C speed; only values it flags (tabs, obs-text, controls) get the
+    exact test.
     """
+    if _NOT_TOKEN.search("".join(headers.keys())) is not None:
+        return True
     for v in headers.values():
         if not v.isprintable() and _CTL.search(v):
             return True

@@ -123,6 +123,9 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
             continue
+        except (asyncio.CancelledError, ConnectionError):
+            metrics.attempt(up.name, "cancelled")
+            raise
         try:
             resp = await _send(target, request.method, url, headers, body, timeouts)
         except _Failure as f:
@@ -178,6 +181,8 @@ def _refused(out: Forwarded, f: _Failure, provider: providers.Provider,
 async def _slot(target: Target, timeouts: Any, out: Forwarded) -> None:
     up = target.upstream
     wait = up.pool_wait if up.pool_wait is not None else timeouts.first_byte
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     try:
         out.queued += await target.pool.take(wait or None)
     except TimeoutError:
@@ -185,6 +190,9 @@ async def _slot(target: Target, timeouts: Any, out: Forwarded) -> None:
         raise _Failure(End.POOL_TIMEOUT, 503,
                        f"all {up.max_connections} connections to upstream '{up.name}' are busy "
                        f"(waited {fmt(wait)})") from None
+    except BaseException:  # the client left (or the drain ended it) while it waited
+        out.queued += loop.time() - start
+        raise
 
 
 def _body_late(timeouts: Any) -> str:

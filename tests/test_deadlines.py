@@ -18,7 +18,7 @@ import time
 import aiohttp
 
 from fakes import Scenario, fixture, free_port
-from test_operations import get_metrics, wait_metric
+from test_operations import get_metrics, metric, wait_metric
 
 
 def config(port: int, admin: int, fake_url: str, timeouts: str, limits: str = "") -> str:
@@ -234,6 +234,11 @@ routes:
         await fake.has_requests(2)
         waiter = asyncio.ensure_future(stream("refused"))
         assert await wait_metric(admin, "relayd_upstream_waiting", 1, upstream="small") == 1
+        gone = asyncio.ensure_future(stream("gone"))  # its client leaves while it waits
+        assert await wait_metric(admin, "relayd_upstream_waiting", 2, upstream="small") == 2
+        await asyncio.sleep(0.3)
+        gone.cancel()
+        assert await wait_metric(admin, "relayd_upstream_waiting", 1, upstream="small") == 1
         status, err = await waiter
         assert status == 503
         msg = json.loads(err)["error"]
@@ -242,8 +247,12 @@ routes:
         late = asyncio.ensure_future(stream("queued"))  # gets the first slot that frees up
         assert [st for st, _ in await asyncio.gather(*holders)] == [200, 200]
         assert (await late)[0] == 200
-    lines = {l["request_id"]: l for l in r.wait_access(4)}
+    lines = {l["request_id"]: l for l in r.wait_access(5)}
     assert lines["refused"]["end_reason"] == "pool_timeout" and lines["refused"]["queue_ms"] >= 900
+    # the wait of a client that left is its queue_ms too, and its attempt is counted
+    assert lines["gone"]["end_reason"] == "client_gone" and lines["gone"]["queue_ms"] >= 250
+    assert metric(await get_metrics(admin), "relayd_upstream_attempts_total", upstream="small",
+                  outcome="cancelled") == 1
     assert lines["queued"]["queue_ms"] > 0 and lines["hold0"]["queue_ms"] == 0
     assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0
 

@@ -99,6 +99,7 @@ class Metrics:
             gate.counter = self.refused.labels(name)
 
         self._children: dict[tuple[object, ...], Any] = {}
+        self._gauged: set[str] = set()  # upstreams whose pool gauges were last set
         self._ended: dict[tuple[object, ...], tuple[Any, ...]] = {}
         # Counter increments and stream counts wait here and go to prometheus_client in
         # one pass (``flush``): before every scrape (``refresh``: the admin listener, or
@@ -211,7 +212,20 @@ class Metrics:
         the waiting counts go out first."""
         self.flush()
         self.requests_active.set(active)
-        for p in pools:
-            self._child(self.breaker, p.upstream.name).set(1 if p.breaker_open else 0)
-            self._child(self.inflight, p.upstream.name).set(p.inflight)
-            self._child(self.waiting, p.upstream.name).set(p.waiting)
+        inflight: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        for p in pools:  # a retired pool counts with the current one of its name
+            name = p.upstream.name
+            inflight[name] = inflight.get(name, 0) + p.inflight
+            waiting[name] = waiting.get(name, 0) + p.waiting
+            if not p.retired:
+                self._child(self.breaker, name).set(1 if p.breaker_open else 0)
+        # An upstream a reload removed reads 0 once its last request is over (a removed
+        # child would live on in the multiprocess files at its last value).
+        for name in self._gauged - inflight.keys():
+            for g in (self.breaker, self.inflight, self.waiting):
+                self._child(g, name).set(0)
+        self._gauged = set(inflight)
+        for name, n in inflight.items():
+            self._child(self.inflight, name).set(n)
+            self._child(self.waiting, name).set(waiting[name])

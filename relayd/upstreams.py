@@ -2,8 +2,8 @@
 
 A pool is keyed by what decides its connections (url origin, pool size, keepalive, TLS
 and the CA bytes it trusts, proxy).  A reload asks the registry for pools again:
-unchanged upstreams get their warm pool back; pools no longer wanted are retired.  A retired pool closes when no route
-table that uses it is still live — the current table, or an old one a request still
+unchanged upstreams get their warm pool back; pools no longer wanted are retired.  A
+retired pool closes when no route table that uses it is still live — the current table, or an old one a request still
 holds (``routes.RouteTable.enter``/``leave``).  Counting tables rather than attempts
 means a request that is still reading its upload, or whose first failover attempt is
 in flight, can never find its next upstream's pool closed under it.  The passive
@@ -245,6 +245,7 @@ class PoolRegistry:
 
     def __init__(self) -> None:
         self._pools: dict[tuple[object, ...], Pool] = {}
+        self._retired: set[Pool] = set()
 
     def build(self, upstreams: Iterable[Upstream]) -> dict[str, Pool]:
         """Pools for a new config; retire the ones it no longer uses."""
@@ -273,13 +274,17 @@ class PoolRegistry:
         for key, pool in self._pools.items():
             if key not in wanted:
                 pool.retired = True
+                self._retired.add(pool)
                 if pool.tables == 0:
                     _close_later(pool)
         self._pools = wanted
         return by_name
 
     def pools(self) -> list[Pool]:
-        return list(self._pools.values())
+        """The current pools, then the retired ones still open: requests on those are
+        still in flight (the gauges count them)."""
+        self._retired = {p for p in self._retired if not p.closed}
+        return [*self._pools.values(), *self._retired]
 
     async def close(self) -> None:
         await asyncio.gather(*(p.close() for p in self._pools.values()))

@@ -142,24 +142,34 @@ async def test_invalid_reload_keeps_old_config(fake, make_relayd):
 
 
 async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, make_relayd):
-    port = free_port()
-    cfg = basic_config(fake.url, port)
+    port, admin = free_port(), free_port()
+    cfg = basic_config(fake.url, port, admin)
     r = make_relayd(cfg)
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
             await resp.read()
         fake.reset_stats()
-        # a long stream on the openai upstream, whose pool the reload will change
+        # a long stream on the openai upstream, whose pool the reload will change, and one
+        # on the anthropic upstream, which the reload removes
         body = b"".join(f"data: {i}\n\n".encode() for i in range(20)) + b"data: [DONE]\n\n"
         sc = fake.add("retire", Scenario(body=body, chunking="lines", delay=0.05))
         long = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", sc))
-        await fake.has_requests(1)
+        ant = fixture("anthropic-messages.sse")
+        sc2 = fake.add("removed", Scenario(body=ant, chunking="lines", delay=0.04))
+        gone = asyncio.create_task(read_stream(port, "/anthropic/v1/messages", sc2))
+        await fake.has_requests(2)
         r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
                                         'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
-                            .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1"))
+                            .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1")
+                            .replace("  - {path: /anthropic, upstream: anthropic}\n", "")
+                            .replace('  anthropic: {url: "' + fake.url + '", provider: anthropic, api_key: "sk-ant-test-KEY2"}\n', ""))
         lost_before = fake.connections_lost
         r.signal(signal.SIGHUP)
         assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+        # the streams on the retired pools are still in flight, and counted
+        m = await get_metrics(admin)
+        assert metric(m, "relayd_upstream_inflight", upstream="openai") == 1
+        assert metric(m, "relayd_upstream_inflight", upstream="anthropic") == 1
         made = fake.connections_made
         for _ in range(5):
             async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
@@ -168,12 +178,16 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
         assert fake.connections_lost == lost_before  # nothing closed while the stream is live
         got, _ = await long
         assert got == body  # the retired pool was not closed under the live stream
-        # ... and once its last stream ended, the retired pool closed its connection
+        assert (await gone)[0] == ant
+        # ... and once their last stream ended, the retired pools closed their connections
         for _ in range(100):
-            if fake.connections_lost > lost_before:
+            if fake.connections_lost >= lost_before + 2:
                 break
             await asyncio.sleep(0.02)
-        assert fake.connections_lost == lost_before + 1
+        assert fake.connections_lost == lost_before + 2
+        # a removed upstream's gauges read 0 (they stayed at 1 for ever)
+        assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="anthropic") == 0
+        assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="openai") == 0
 
 
 async def test_burst_of_sighups_applies_newest_file(fake, make_relayd):

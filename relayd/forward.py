@@ -37,9 +37,13 @@ _KEEP_ERROR_BODY = 1024 * 1024
 class _Failure(Exception):
     """An attempt that produced no usable response."""
 
-    def __init__(self, reason: End, status: int, message: str, detail: str | None = None) -> None:
+    def __init__(self, reason: End, status: int, message: str, detail: str | None = None,
+                 answered: bool = False) -> None:
         self.reason, self.status, self.message = reason, status, message
         self.detail = detail  # for the operator's log only (a TLS verify reason)
+        # The upstream answered, with something relayd cannot relay: it acted on the
+        # request, so the request is not sent to another upstream (a prompt billed twice).
+        self.answered = answered
 
     @property
     def cause(self) -> str:
@@ -137,6 +141,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
                         attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
+            if f.answered:
+                break
             continue
         except BaseException as exc:  # the client went away while we waited: free the slot all the same
             target.pool.release()
@@ -267,7 +273,8 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
                        f"cannot connect to upstream '{up.name}': {_connect_why(exc)}",
                        _tls_why(exc)) from None
     except aiohttp.ClientResponseError:
-        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'") from None
+        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
+                       answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
@@ -276,7 +283,8 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
             watch.stop()
     if hdrs.malformed(resp.headers) or not _framed(resp):
         resp.close()
-        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'")
+        raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
+                       answered=True)
     return resp
 
 

@@ -561,3 +561,42 @@ routes:
             assert time.monotonic() - started < 2 and len(conns) == 2  # a fresh connection
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+    b'{"answer":"paid"}',
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"2\r\n{}\r\n0\r\n\r\n",
+    b"HTTP/1.1 2000 What\r\n\r\n",
+], ids=["control-char", "gzip-chunked", "bad-status-line"])
+async def test_an_answer_relayd_cannot_relay_is_not_sent_to_the_next_upstream(make_relayd, answer):
+    """The upstream answered (it acted on the prompt): the POST is not sent again to the
+    next upstream of a failover route, as nginx never passes a non-idempotent request on
+    once sent; the client gets relayd's 502, and the breaker is charged."""
+    async def bad(reader, writer, n):
+        writer.write(answer)
+        await writer.drain()
+
+    async def good(reader, writer, n):
+        writer.write(ok(b'{"from":"b"}'))
+        await writer.drain()
+
+    async with RawUpstream(bad) as a, RawUpstream(good) as b:
+        port, admin = free_port(), free_port()
+        make_relayd(f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+upstreams:
+  a: {{url: "{a.url}", provider: openai}}
+  b: {{url: "{b.url}", provider: openai}}
+routes:
+  - {{path: /u, upstream: [a, b]}}
+""")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", data=b'{"prompt":"x"}') as r:
+                assert r.status == 502
+                assert "invalid response from upstream 'a'" in (await r.json())["error"]["message"]
+        assert (a.requests, b.requests) == (1, 0)
+        m = await get_metrics(admin)
+        assert metric(m, "relayd_upstream_attempts_total", upstream="a", outcome="connect_error") == 1

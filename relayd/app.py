@@ -170,7 +170,6 @@ class App:
         pools = self.registry.build(config.upstreams.values())
         self.generation += 1
         table = RouteTable(config, pools, self.generation, ClientTable(config.clients))
-        logs.set_secrets(config.secrets)
         old, self.table = self.table, table
         if old is not None:
             old.supersede()

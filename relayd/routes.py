@@ -3,20 +3,25 @@
 A table is built once per config generation and never changes; a request takes the
 table current when it arrives and keeps it to the end, so a reload can never change
 where a running request goes or which key it uses.  A request holds its table
-(``enter``/``leave``) for its whole life, and a table holds its pools: the pools of a
-generation stay open while anyone can still use them.
+(``enter``/``leave``) for its whole life, and a table holds its pools and its keys'
+place in the log scrub: the pools of a generation stay open while anyone can still use
+them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from . import logs
 from .config import Config, Route, Upstream
 from .upstreams import Pool
 
 if TYPE_CHECKING:
     from .clients import ClientTable
+
+_SECRETS_LINGER = 10.0  # seconds a retired table's keys stay scrubbed
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class RouteTable:
         self.users = 0          # requests holding this table
         self.current = True     # the table new requests get
         self._pools = tuple({id(p): p for p in pools.values()}.values())
+        logs.hold_secrets(self, config.secrets)  # scrubbed from logs while the table lives
         for p in self._pools:
             p.ref()
         # Longest prefix first, so the first hit is the best one.
@@ -66,6 +72,12 @@ class RouteTable:
             self._retire()
 
     def _retire(self) -> None:
+        # Its requests' access lines are written a loop turn or so after they end: the
+        # table's keys stay scrubbed a while longer.
+        try:
+            asyncio.get_running_loop().call_later(_SECRETS_LINGER, logs.release_secrets, self)
+        except RuntimeError:
+            logs.release_secrets(self)
         pools, self._pools = self._pools, ()
         for p in pools:
             p.unref()

@@ -195,7 +195,7 @@ def test_scrub_redacts_configured_keys_wherever_they_are() -> None:
     not, is replaced before the line is rendered; other values pass untouched."""
     from relayd import logs
 
-    logs.set_secrets(["sk-unit-secret-1234"])
+    logs.hold_secrets("unit-test", ["sk-unit-secret-1234"])
     event = {"event": "x", "path": "/v1/sk-unit-secret-1234/y", "n": 3, "none": None,
              "usage": {"note": "key sk-unit-secret-1234", "input": 5},
              "list": ["a", "sk-unit-secret-1234"], "tuple": ("sk-unit-secret-1234",),
@@ -220,7 +220,7 @@ def test_access_lines_are_the_json_structlog_writes(capsys) -> None:
 
     try:
         logs.configure("info")  # both writers now write to the captured stdout
-        logs.set_secrets(["sk-unit-line-secret"])
+        logs.hold_secrets("unit-test-lines", ["sk-unit-line-secret"])
         fields = {"request_id": "r1", "path": "/x/sk-unit-line-secret", "status": 200,
                   "ttfb_ms": 1.5, "injected_error": None, "usage": {"input_tokens": 3}}
         logs.get().info("access", **dict(fields))
@@ -504,4 +504,36 @@ async def test_a_pool_that_cannot_be_built_changes_no_pool() -> None:
     with pytest.raises(OSError):
         reg.build([changed, broken])
     assert reg.pools() == [a] and not a.retired and a.upstream is first.upstreams["a"]
+    await reg.close()
+
+
+async def test_a_retired_tables_keys_leave_the_log_scrub(monkeypatch):
+    """Keys were scrubbed for ever: a service rotating its key file hourly checked every
+    log line against every key it ever had.  A table's keys go once it is retired (and a
+    little later, for its last access lines); a table still in use keeps them."""
+    from relayd import logs, routes
+    from relayd.clients import ClientTable
+    from relayd.upstreams import PoolRegistry
+
+    monkeypatch.setattr(routes, "_SECRETS_LINGER", 0.05)
+    reg = PoolRegistry()
+    tables = []
+    for key in ("sk-rotated-key-ONE", "sk-rotated-key-TWO", "sk-rotated-key-THREE"):
+        c = cfg.parse(f"upstreams: {{a: {{url: 'http://127.0.0.1:1', provider: openai, api_key: {key}}}}}\n"
+                      "routes: [{path: /a, upstream: a}]", "t.yaml", {})
+        tables.append(routes.RouteTable(c, reg.build(c.upstreams.values()), len(tables) + 1,
+                                        ClientTable(c.clients)))
+        if len(tables) > 1:
+            tables[-2].supersede()
+        if len(tables) == 1:
+            tables[0].enter()  # a request still on the first table
+    scrubbed = lambda: logs.scrub(None, "info", {"m": "sk-rotated-key-ONE sk-rotated-key-TWO"})["m"]
+    await asyncio.sleep(0.2)
+    assert scrubbed() == "[redacted] sk-rotated-key-TWO"  # the second table is gone; the first is in use
+    tables[0].leave()
+    assert scrubbed() == "[redacted] sk-rotated-key-TWO"  # its last access line is still to come
+    await asyncio.sleep(0.2)
+    assert scrubbed() == "sk-rotated-key-ONE sk-rotated-key-TWO"
+    assert "sk-rotated-key-THREE" in logs._secrets
+    tables[-1].supersede()
     await reg.close()

@@ -537,3 +537,23 @@ async def test_a_retired_tables_keys_leave_the_log_scrub(monkeypatch):
     assert "sk-rotated-key-THREE" in logs._secrets
     tables[-1].supersede()
     await reg.close()
+
+
+def test_exited_workers_counts_are_kept_in_one_file(tmp_path):
+    """Each exited worker left its counter and histogram files for good, every one read at
+    every scrape (a crash loop: thousands a day).  Their counts are added into one file."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from relayd import metrics
+
+    key = mmap_key("relayd_requests_total", "relayd_requests_total", ["route"], ["/a"], "Requests")
+    for pid, n in ((101, 3.0), (102, 4.0), (103, 5.0)):
+        d = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        d.write_value(key, n, 0.0)
+        d.close()
+        MmapedDict(str(tmp_path / f"gauge_livesum_{pid}.db")).close()
+    for pid in (101, 102):
+        metrics.process_gone(pid, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_103.db", "counter_exited.db",
+                                                          "gauge_livesum_103.db"]
+    assert 'relayd_requests_total{route="/a"} 12.0' in metrics.render_all(str(tmp_path)).decode()

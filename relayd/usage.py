@@ -4,8 +4,8 @@ Providers report usage inside the stream (OpenAI's final usage chunk, Responses'
 ``response.completed``, Anthropic's ``message_start``/``message_delta``, Gemini's
 ``usageMetadata``) or at the end of a JSON body.  relayd never changes the request to
 ask for it and never touches a byte; per released segment it only runs one C-level
-regex search and keeps a reference to segments that mention usage.  The objects are
-decoded once, when the request ends.
+regex search; the first segment that mentions usage is decoded when seen (rather than
+held for the stream's minutes), the last one is kept and decoded when the request ends.
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ class Usage:
 
 
 class UsageMeter:
-    """Remembers the first and last segments that carry a usage object."""
+    """Remembers the usage objects of the first segment that carries one, and the last
+    such segment."""
 
-    __slots__ = ("_first", "_last", "_tail")
+    __slots__ = ("_first", "_start_only", "_last", "_tail")
 
     def __init__(self) -> None:
-        self._first: bytes | None = None
+        # The first mention is decoded at once rather than kept: a stream lasts minutes,
+        # and its first read (Anthropic's message_start) would be held all that time.
+        self._first: list[dict[str, object]] | None = None
+        self._start_only = False
         self._last: bytes | None = None
         # Only JSON bodies fill it; an SSE stream, held for minutes, never needs one.
         self._tail: bytes | bytearray | None = None
@@ -53,7 +57,11 @@ class UsageMeter:
         # "usage":null, which must stay cheap.
         if _MENTION.search(segment) is not None:
             if self._first is None:
-                self._first = segment
+                try:
+                    self._first = _objects(segment)
+                except Exception:  # (this runs inside the stream: never let it end one)
+                    self._first = []
+                self._start_only = b'"message_start"' in segment and b'"message_delta"' not in segment
             else:
                 self._last = segment
 
@@ -73,8 +81,8 @@ class UsageMeter:
     def result(self, partial: bool) -> Usage | None:
         if self._first is None and not self._tail:
             return None
-        found: list[dict[str, object]] = []
-        for buf in (self._first, self._last, self._tail):
+        found: list[dict[str, object]] = list(self._first or ())
+        for buf in (self._last, self._tail):
             if buf:
                 found.extend(_objects(buf))
         if not found:
@@ -99,9 +107,8 @@ class UsageMeter:
         comes in ``message_delta``.  A stream the provider ended with its own error event
         after ``message_start`` ends as the upstream ended it, yet its count is not final.
         (In a JSON string the name would be escaped: text cannot fake either name.)"""
-        first, last = self._first, self._last
-        return (first is not None and b'"message_start"' in first and b'"message_delta"' not in first
-                and (last is None or b'"message_delta"' not in last))
+        last = self._last
+        return self._start_only and (last is None or b'"message_delta"' not in last)
 
 
 def _count(v: object) -> int | None:

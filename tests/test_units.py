@@ -557,3 +557,18 @@ def test_exited_workers_counts_are_kept_in_one_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_103.db", "counter_exited.db",
                                                           "gauge_livesum_103.db"]
     assert 'relayd_requests_total{route="/a"} 12.0' in metrics.render_all(str(tmp_path)).decode()
+
+
+def test_a_streams_first_usage_read_is_not_held_for_the_stream():
+    """The first read that mentions usage (Anthropic's message_start, often with more
+    events in it) was kept for the whole stream: minutes of memory per stream."""
+    import sys
+
+    seg = (b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+           b'{"input_tokens":3,"output_tokens":1}}}\n\n' + b'event: ping\ndata: {"type":"ping"}\n\n' * 50)
+    before = sys.getrefcount(seg)
+    m = UsageMeter()
+    m.observe_events(seg)
+    assert sys.getrefcount(seg) == before
+    m.observe_events(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n')
+    assert m.result(False).as_log() == {"input_tokens": 3, "output_tokens": 9, "partial": False}

@@ -48,7 +48,7 @@ def _proxy(v: str) -> None:
 class Timeouts:
     """Seconds; 0 disables a timeout."""
 
-    connect: float = setting(10.0, Y.duration, "TCP connect to the upstream")
+    connect: float = setting(10.0, Y.duration, "connecting to the upstream (TCP, TLS, a proxy's CONNECT)")
     first_byte: float = setting(300.0, Y.duration, "request sent until response headers")
     idle: float = setting(120.0, Y.duration, "longest silence between upstream body chunks")
     total: float = setting(3600.0, Y.duration, "the whole response body")

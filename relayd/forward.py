@@ -272,6 +272,9 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"cannot connect to upstream '{up.name}': {_connect_why(exc)}",
                        _tls_why(exc)) from None
+    except aiohttp.ClientHttpProxyError as exc:  # (before its base class: the upstream got nothing)
+        raise _Failure(End.CONNECT_ERROR, 502, f"cannot connect to upstream '{up.name}' through its proxy",
+                       f"the proxy answered CONNECT with {exc.status}") from None
     except aiohttp.ClientResponseError:
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
                        answered=True) from None
@@ -307,7 +310,10 @@ def _client_timeout(connect: float) -> aiohttp.ClientTimeout:
     """One (immutable) ClientTimeout per connect value, not one per request."""
     ct = _TIMEOUTS.get(connect)
     if ct is None:
-        ct = _TIMEOUTS[connect] = aiohttp.ClientTimeout(total=None, sock_connect=connect or None)
+        # connect: the whole connection (DNS, TCP, TLS, an egress proxy's CONNECT exchange);
+        # sock_connect: each address tried.
+        ct = _TIMEOUTS[connect] = aiohttp.ClientTimeout(total=None, connect=connect or None,
+                                                        sock_connect=connect or None)
     return ct
 
 

@@ -124,6 +124,10 @@ def test_url_userinfo_never_printed(url):
         errs = errors(text)
         assert errs and not any("hunter2" in e for e in errs), errs
         assert any(f"upstreams.openai.{key}: bad URL" in e for e in errs), errs
+    # the hint for a proxy is not the upstream's (api_key and headers are the upstream's)
+    errs = errors(BASE.replace("    api_key: ${K:-}\n", "    proxy: 'http://u:hunter2@proxy:3128'\n"))
+    assert errs and errs[0].endswith("credentials in the URL are not allowed (relayd does not "
+                                     "authenticate to a proxy)"), errs
 
 
 def test_did_you_mean():

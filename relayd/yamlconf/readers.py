@@ -148,7 +148,8 @@ def parse_url(v: Any, origin_only: bool = False) -> Any:
     if url.explicit_port == 0 or re.split(r"[/?#]", v.partition("://")[2], 1)[0].endswith(":"):
         raise ValueError(f"bad URL {safe}: port must be between 1 and 65535")
     if url.user or url.password or "@" in v:
-        raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed (use api_key or headers)")
+        hint = "relayd does not authenticate to a proxy" if origin_only else "use api_key or headers"
+        raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed ({hint})")
     if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
         raise ValueError(f"bad URL {safe}: must not carry a query or fragment")
     return url

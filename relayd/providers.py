@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from multidict import CIMultiDict
 
@@ -307,17 +307,18 @@ class Provider:
             return value.strip() or None
         if self.key_param:
             for part in query.split("&"):
-                name, eq, v = part.partition("=")
-                if eq and name == self.key_param:
+                _, eq, v = part.partition("=")
+                if eq and _param_name(part) == self.key_param:
                     return unquote(v) or None
         return None
 
     def without_key_param(self, query: str) -> str:
-        """The raw query minus every ``key_param`` parameter; the rest keeps its bytes."""
+        """The raw query minus every ``key_param`` parameter, however its name is encoded
+        (``%6Bey`` reached Google as a second credential); the rest keeps its bytes."""
         if not self.key_param or not query:
             return query
         name = self.key_param
-        return "&".join(p for p in query.split("&") if p.partition("=")[0] != name)
+        return "&".join(p for p in query.split("&") if _param_name(p) != name)
 
     def error_headers(self, request_id: str) -> dict[str, str]:
         """Headers of relayd's own error responses: its name and the request id, where the
@@ -326,6 +327,12 @@ class Provider:
         if self.id_header:
             out[self.id_header] = request_id
         return out
+
+
+def _param_name(param: str) -> str:
+    """A query parameter's name as the upstream will decode it: ``%6Bey`` is ``key``."""
+    name = param.partition("=")[0]
+    return unquote_plus(name) if "%" in name or "+" in name else name
 
 
 _OPENAI_FALLBACK = _ep("unknown", None, _chat_event)

@@ -375,6 +375,9 @@ def test_presented_key_spots_and_query_edit():
     assert gem.presented_key(CIMultiDict({"x-goog-api-key": "h"}), "key=q") == "h"
     assert gem.without_key_param("key=1&alt=sse&keys=2&key=3&x=%2F") == "alt=sse&keys=2&x=%2F"
     assert gem.without_key_param("key=1") == ""
+    # the name as the upstream decodes it: %6Bey (or k%65y) is key
+    assert gem.without_key_param("alt=sse&%6Bey=CLIENT&k%65y=2&%6bey") == "alt=sse"
+    assert gem.presented_key(CIMultiDict(), "%6Bey=k9") == "k9"
 
 
 def test_gate_counts_and_rate_limits(monkeypatch):

@@ -63,17 +63,19 @@ async def run(sup: Supervisor) -> None:
                     and now - slot.started > max(kill, min(START_FACTOR * sup.slowest_start,
                                                            START_CAP * kill))):
                 # stuck before it ever served (no ping is sent to a starting worker)
-                sup.log.error("worker not answering; killing it", worker=slot.wid, pid=slot.pid,
+                pid = slot.pid  # killed before the line: a log write can block
+                sup.kill_pid(pid, signal.SIGKILL)
+                sup.log.error("worker not answering; killing it", worker=slot.wid, pid=pid,
                               starting_s=round(now - slot.started, 1))
-                sup.kill_pid(slot.pid, signal.SIGKILL)
                 continue
             if slot.pid is None or not slot.ready or slot.chan is None:
                 continue
             silent = silence(slot, now)
             if silent > kill:
+                pid = slot.pid
+                sup.kill_pid(pid, signal.SIGKILL)
                 sup.log.error("worker not answering; killing it", worker=slot.wid,
-                              pid=slot.pid, silent_s=round(silent, 1))
-                sup.kill_pid(slot.pid, signal.SIGKILL)
+                              pid=pid, silent_s=round(silent, 1))
             elif silent > SILENT_AFTER and not slot.quiet:
                 slot.quiet = True
                 sup.log.warning("worker not answering", worker=slot.wid, pid=slot.pid,

@@ -206,8 +206,7 @@ class Daemon(Reloads):
         if self._signals > 1:
             self.app.flush_access()
             self.log.warning("second stop signal: exiting now", signal=signal.Signals(sig).name)
-            sys.stdout.flush()
-            os._exit(1)
+            os._exit(1)  # (log lines are flushed as written)
         self.log.info("drain", signal=signal.Signals(sig).name,
                       grace_s=self.app.config.shutdown_grace, active=len(self.app.active))
         self.stopping.set()

@@ -21,7 +21,42 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _secrets: tuple[str, ...] = ()   # every held key, longest first (a key inside another)
 _held: dict[object, frozenset[str]] = {}
 _worker: int | None = None
-_out: Any = sys.stdout  # where structlog writes too: sys.stdout as configure found it
+
+
+class _Sink:
+    """Where every line goes (structlog's lines and the access lines): stdout, whose
+    failures must never be relayd's.
+
+    A line that cannot be written — the reader gone (EPIPE), a full disk (ENOSPC), stdout
+    closed — raised inside whatever logged it: an upstream error became a 500, and a
+    SIGTERM whose first act is a log line never started the drain.  Such lines are
+    dropped and counted, and the count goes out with the first line that gets through
+    again.  (A reader that stops reading a pipe still blocks the write, as it blocks
+    nginx's stderr: the systemd watchdog restarts a relayd that stalls that long.)
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> None:
+        try:
+            if self.dropped:
+                note = _ENCODER.encode(_add_worker(None, "warning", {
+                    "event": "log lines lost", "level": "warning", "lines": self.dropped,
+                    "ts": _STAMP(None, "warning", {})["ts"]}))
+                self.stream.write(note + "\n")
+                self.dropped = 0
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError, AttributeError):  # (ValueError: closed; AttributeError: None)
+            self.dropped += text.count("\n") or 1
+
+    def flush(self) -> None:
+        pass  # write flushed
+
+
+_out = _Sink(sys.stdout)  # where structlog writes too: sys.stdout as configure found it
 
 
 def set_worker(n: int) -> None:
@@ -108,12 +143,11 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
         out.append(_ENCODER.encode(scrub(None, "info", _add_worker(None, "info", fields))))
     out.append("")
     _out.write("\n".join(out))
-    _out.flush()
 
 
 def configure(level: str = "info") -> None:
     global _out
-    _out = sys.stdout
+    _out = _Sink(sys.stdout)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -124,7 +158,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(file=_out),
         cache_logger_on_first_use=False,
     )
     # aiohttp's own loggers must not print tracebacks of client-caused errors as plain text.

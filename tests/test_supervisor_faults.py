@@ -522,3 +522,47 @@ def test_a_loader_bug_on_reload_is_a_failed_reload(fake, make_relayd, tmp_path, 
         assert r.stop() == 0
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("stdout", ["full", "broken-pipe"])
+async def test_a_log_that_cannot_be_written_changes_no_answer_and_no_drain(fake, tmp_path, stdout, workers):
+    """A log line that failed to write raised where it was logged: an upstream error
+    became a 500, and SIGTERM (whose first act is a log line) never started the drain, so
+    only SIGKILL stopped relayd.  Lines are dropped instead (stdout on a full disk, or a
+    pipe whose reader is gone)."""
+    import subprocess
+    import sys as _sys
+
+    from conftest import ROOT, wait_port
+
+    port = free_port()
+    dead = free_port()  # nothing listens here: the upstream's connect is refused
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(basic_config(fake.url, port, extra_upstreams=f'  dead: {{url: "http://127.0.0.1:{dead}", provider: openai}}\n',
+                                extra_routes="  - {path: /dead, upstream: dead}\n"))
+    if stdout == "full":
+        out = open("/dev/full", "wb")
+    else:
+        r_fd, w_fd = os.pipe()
+        os.close(r_fd)
+        out = os.fdopen(w_fd, "wb")
+    proc = subprocess.Popen([_sys.executable, "-m", "relayd", "run", "-c", str(cfg), "--workers", workers],
+                            stdout=out, stderr=subprocess.PIPE, cwd=ROOT)
+    out.close()
+    try:
+        wait_port(port)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(f"http://127.0.0.1:{port}/dead/v1/chat/completions", data=b"{}") as r:
+                    assert r.status == 502, await r.text()
+                sc = fake.add("log-broken", Scenario(body=b'data: {"n":1}\n\ndata: [DONE]\n\n'))
+                async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                                  headers={"x-fake": sc}) as r:
+                    assert r.status == 200 and await r.read() == b'data: {"n":1}\n\ndata: [DONE]\n\n'
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

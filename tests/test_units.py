@@ -572,3 +572,28 @@ def test_a_streams_first_usage_read_is_not_held_for_the_stream():
     assert sys.getrefcount(seg) == before
     m.observe_events(b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n')
     assert m.result(False).as_log() == {"input_tokens": 3, "output_tokens": 9, "partial": False}
+
+
+def test_log_lines_that_cannot_be_written_are_counted_then_reported():
+    import io
+    import json
+
+    from relayd import logs
+
+    class Disk(io.StringIO):
+        full = True
+
+        def write(self, s: str) -> int:
+            if self.full:
+                raise OSError(28, "No space left on device")
+            return super().write(s)
+
+    disk = Disk()
+    sink = logs._Sink(disk)
+    sink.write('{"event":"a"}\n')
+    sink.write('{"event":"b"}\n{"event":"c"}\n')  # (no exception reaches the caller)
+    disk.full = False
+    sink.write('{"event":"d"}\n')
+    lines = [json.loads(l) for l in disk.getvalue().splitlines()]
+    assert [l["event"] for l in lines] == ["log lines lost", "d"] and lines[0]["lines"] == 3
+    logs._Sink(None).write("x\n")  # stdout closed at start: nothing to write to, no error

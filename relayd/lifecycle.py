@@ -154,18 +154,18 @@ class Daemon(Reloads):
             self.log.info("reload dropped: draining", config=self.path)
             return False
         if new is None:
-            self.app.metrics.reloads.labels("failed").inc()
+            self.app.metrics.reloaded("failed")
             notify(f"READY=1\nSTATUS=reload failed; {self.app.status_line()}")
             return False
         try:
             self.apply(new)
         except Exception as exc:  # noqa: BLE001 - valid on paper, not buildable: keep serving
-            self.app.metrics.reloads.labels("failed").inc()
+            self.app.metrics.reloaded("failed")
             self.log.exception("reload failed", config=self.path, errors=[f"{type(exc).__name__}: {exc}"],
                                hint="the running config stays")
             notify(f"READY=1\nSTATUS=reload failed; {self.app.status_line()}")
             return False
-        self.app.metrics.reloads.labels("ok").inc()
+        self.app.metrics.reloaded("ok")
         self.log.info("reload ok", config=self.path, generation=self.app.generation,
                       routes=len(new.routes), upstreams=len(new.upstreams))
         log_warnings(self.log, new)

@@ -31,11 +31,63 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _DURATION = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+_FIRST_SIZE = 1 << 16  # a new file's size (prometheus_client's own first size, 64 KiB)
+
+
+class _Reserved(MmapedDict):
+    """prometheus_client's file of values, with its space reserved before it is used.
+
+    It grows its files by ``truncate`` (sparse) and writes through ``mmap``: on a full
+    filesystem (the host's /tmp, under ``PrivateTmp``) the first write to a page with no
+    space behind it is a SIGBUS, which killed a worker at its next new series, its
+    replacements, and then the main process.  ``posix_fallocate`` first makes it an
+    ``OSError`` where the file grows; the series is then not counted (``_child``).
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            with open(filename, "a+b") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, _FIRST_SIZE)
+                    except OSError:
+                        os.remove(filename)  # an empty file would break every scrape
+                        raise
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        n = len(key.encode("utf-8"))
+        need = self._used + 4 + n + (8 - (n + 4) % 8) + 16  # the entry prometheus_client packs
+        capacity = self._capacity
+        while need > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+class _Uncounted:
+    """Stands in for a series whose file could not grow: not counted, tried again later."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+_UNCOUNTED = _Uncounted()
+
+
 def use_multiprocess(directory: str) -> None:
     """From now on, metrics created in this process and its children live in files under
     ``directory`` (prometheus_client reads the variable at import; it is set too late for
     that, so its value class is switched here, before any metric exists)."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.MmapedDict = _Reserved  # type: ignore[attr-defined, misc]
     values.ValueClass = values.MultiProcessValue()
 
 
@@ -50,12 +102,15 @@ def process_gone(pid: int, directory: str) -> None:
             found = list(MmapedDict.read_all_values_from_file(dead))
         except FileNotFoundError:
             continue
-        into = MmapedDict(os.path.join(directory, f"{kind}_exited.db"))
         try:
-            for key, value, timestamp, _ in found:
-                into.write_value(key, into.read_value(key)[0] + value, timestamp)
-        finally:
-            into.close()
+            into = _Reserved(os.path.join(directory, f"{kind}_exited.db"))
+            try:
+                for key, value, timestamp, _ in found:
+                    into.write_value(key, into.read_value(key)[0] + value, timestamp)
+            finally:
+                into.close()
+        except OSError:
+            continue  # no space to add them: the worker's own file stays, still counted
         os.remove(dead)
 
 
@@ -135,8 +190,15 @@ class Metrics:
         key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = metric.labels(*labels)
+            try:
+                child = metric.labels(*labels)
+            except OSError:  # its file could not grow (_Reserved): tried again next time
+                return _UNCOUNTED
+            self._children[key] = child
         return child
+
+    def reloaded(self, result: str) -> None:
+        self._child(self.reloads, result).inc()
 
     def _count(self, child: Any, amount: float = 1) -> None:
         pending = self._pending
@@ -179,7 +241,9 @@ class Metrics:
         key = (ex.route, ex.upstream, ex.status, client, ex.end, ex.ttfb is not None)
         b = self._ended.get(key)
         if b is None:
-            b = self._ended[key] = self._ended_children(ex)
+            b = self._ended_children(ex)
+            if _UNCOUNTED not in b:
+                self._ended[key] = b
         requests, end, ttfb, duration, bytes_in, bytes_out = b
         count = self._count
         count(requests)

@@ -335,7 +335,7 @@ class Supervisor(lifecycle.Reloads):
                 slot.waiting += stalled
         if new is None:
             tls.keep(self.config.tls, pem)
-            self.metrics.reloads.labels("failed").inc()
+            self.metrics.reloaded("failed")
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
         old = self.config
@@ -357,7 +357,7 @@ class Supervisor(lifecycle.Reloads):
             for slot in self.slots:
                 if slot.wid in stuck and slot.pid is not None:
                     self.kill_pid(slot.pid, signal.SIGTERM)
-            self.metrics.reloads.labels("failed").inc()
+            self.metrics.reloaded("failed")
             self.log.error("reload failed", config=self.path, generation=gen,
                            errors=[f"worker {w}: {why}" for w, why in sorted(failed.items())],
                            hint="every worker is back on the previous config",
@@ -365,7 +365,7 @@ class Supervisor(lifecycle.Reloads):
             lifecycle.notify(f"READY=1\nSTATUS=reload failed; {self.status_line()}")
             return False
         behind = [s.wid for s in self._live() if s.ready and s.generation < gen]  # hung, > 30 s
-        self.metrics.reloads.labels("ok").inc()
+        self.metrics.reloaded("ok")
         self.metrics.generation.set(gen)
         (self.log.warning if behind else self.log.info)(
             "reload incomplete" if behind else "reload ok", config=self.path, generation=gen,

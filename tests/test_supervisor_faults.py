@@ -566,3 +566,46 @@ async def test_a_log_that_cannot_be_written_changes_no_answer_and_no_drain(fake,
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+async def test_a_full_filesystem_under_the_metrics_files_costs_counts_not_processes(fake, make_relayd, tmp_path):
+    """prometheus_client grows its mmap'ed files sparsely: on a full filesystem the next
+    new series was a SIGBUS in the worker, in each replacement, then in the main process.
+    Now the new series goes uncounted and every process stays up."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        port, admin = free_port(), free_port()
+        r = make_relayd(basic_config(fake.url, port, admin, top=TWO), env={"TMPDIR": str(mnt)})
+        workers = set(ready_line(r)["worker_pids"])
+        with open(mnt / "filler", "wb") as f:  # the rest of the filesystem, taken
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        async with aiohttp.ClientSession() as s:
+            for status in range(400, 460):  # a new series per status, in both workers
+                sc = fake.add(f"st{status}", Scenario(body=b"{}", status=status, content_type="application/json"))
+                for _ in range(2):
+                    async with s.post(f"http://127.0.0.1:{port}/local/x", headers={"x-fake": sc}) as resp:
+                        assert resp.status == status
+        m = await get_metrics(admin)  # the main process still answers
+        assert metric(m, "relayd_requests_total", route="/local", status="400") >= 0
+        assert children(r.proc.pid) == workers and r.proc.poll() is None
+        os.remove(mnt / "filler")
+        for pid in workers:  # a worker that exits now: its counts are added in, or kept
+            os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: len(children(r.proc.pid) - workers) == 2, 15)
+        assert r.proc.poll() is None
+    finally:
+        try:
+            r.stop()
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -14,6 +14,7 @@ library text (they can hold a host name, a key echoed by a broken upstream, a pa
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 from dataclasses import dataclass
@@ -38,12 +39,15 @@ class _Failure(Exception):
     """An attempt that produced no usable response."""
 
     def __init__(self, reason: End, status: int, message: str, detail: str | None = None,
-                 answered: bool = False) -> None:
+                 answered: bool = False, local: bool = False) -> None:
         self.reason, self.status, self.message = reason, status, message
         self.detail = detail  # for the operator's log only (a TLS verify reason)
         # The upstream answered, with something relayd cannot relay: it acted on the
         # request, so the request is not sent to another upstream (a prompt billed twice).
         self.answered = answered
+        # relayd itself could not connect (out of file descriptors): not the upstream's
+        # failure (no breaker charge), and the next upstream would fail the same way.
+        self.local = local
 
     @property
     def cause(self) -> str:
@@ -136,6 +140,12 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             target.pool.release()
             if f.reason in (End.BODY_TIMEOUT, End.BODY_INVALID):
                 raise  # the client's fault, not the upstream's: no breaker, no failover
+            if f.local:
+                metrics.attempt(up.name, "local_error")
+                log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
+                            attempt=out.attempts, reason="local_error", cause=f.cause)
+                last_failure = f
+                break
             target.pool.record(False)
             metrics.attempt(up.name, f.reason)
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
@@ -269,6 +279,9 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.FIRST_BYTE_TIMEOUT, 504,
                        f"upstream '{up.name}' sent no response headers within {fmt(timeouts.first_byte)}") from None
     except aiohttp.ClientConnectorError as exc:
+        if getattr(exc.os_error, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            raise _Failure(End.CONNECT_ERROR, 503, "relayd cannot open a connection now (out of file "
+                           "descriptors); try again", f"{exc.os_error.strerror}", local=True) from None
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"cannot connect to upstream '{up.name}': {_connect_why(exc)}",
                        _tls_why(exc)) from None

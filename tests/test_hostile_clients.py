@@ -327,40 +327,55 @@ def test_bind_error_names_the_admin_listener(make_relayd, fake) -> None:
                    for l in r.logs())
 
 
+class _LowFds:
+    """`relayd run` with 64 file descriptors, and its log lines."""
+
+    def __init__(self, tmp_path: Path, fake: Any, args: tuple[str, ...] = ()) -> None:
+        self.port, self.admin = free_port(), free_port()
+        cfg = tmp_path / "fd.yaml"
+        cfg.write_text(basic_config(fake.url, self.port, self.admin))
+        self.log = tmp_path / "fd.log"
+
+        def low_fds() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", str(cfg), *args],
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         preexec_fn=low_fds)
+        end = time.monotonic() + 15
+        while not any(l.get("event") == "ready" for l in self.lines()):
+            assert time.monotonic() < end and self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for l in self.log.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(l))
+            except ValueError:
+                pass
+        return out
+
+    def exhaust(self, held: list[socket.socket]) -> None:
+        for _ in range(80):  # more than relayd's 64 fds
+            held.append(socket.create_connection(("127.0.0.1", self.port), 2))
+        end = time.monotonic() + 10
+        while not any(l.get("event", "").startswith("out of file descriptors") for l in self.lines()):
+            assert time.monotonic() < end, self.log.read_text()[-2000:]
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
-    port, admin = free_port(), free_port()
-    cfg = tmp_path / "fd.yaml"
-    cfg.write_text(basic_config(fake.url, port, admin))
-    log = tmp_path / "fd.log"
-
-    def low_fds() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "relayd", "run", "-c", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                preexec_fn=low_fds)
+    r = _LowFds(tmp_path, fake)
+    port, admin, lines = r.port, r.admin, r.lines
     held: list[socket.socket] = []
     try:
-        def lines() -> list[dict[str, Any]]:
-            out = []
-            for l in log.read_text(errors="replace").splitlines():
-                try:
-                    out.append(json.loads(l))
-                except ValueError:
-                    pass
-            return out
-
-        end = time.monotonic() + 15
-        while not any(l.get("event") == "ready" for l in lines()):
-            assert time.monotonic() < end and proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        for _ in range(80):  # more than relayd's 64 fds
-            held.append(socket.create_connection(("127.0.0.1", port), 2))
-        end = time.monotonic() + 10
-        while not any(l.get("event", "").startswith("out of file descriptors") for l in lines()):
-            assert time.monotonic() < end, log.read_text()[-2000:]
-            time.sleep(0.05)
+        r.exhaust(held)
         warn = next(l for l in lines() if l.get("event", "").startswith("out of file descriptors"))
         # asyncio counts failed accepts; uvloop (libuv) closes the excess connections itself
         # and relayd sees the fd table full instead (server.FdWatch)
@@ -390,8 +405,30 @@ def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
     finally:
         for s in held:
             s.close()
-        proc.terminate()
-        proc.wait(10)
+        r.stop()
+
+
+def test_out_of_fds_for_an_upstream_connection_is_relayds_failure_not_the_upstreams(tmp_path, fake) -> None:
+    """EMFILE on the upstream's connect was logged as the upstream's "network error",
+    counted as its connect_error, charged to its breaker and failed over to the next
+    upstream (which fails the same way).  It is a 503 that says what ran out."""
+    r = _LowFds(tmp_path, fake, ("--workers", "1"))
+    held: list[socket.socket] = []
+    try:
+        a = socket.create_connection(("127.0.0.1", r.port), 2)  # opened while fds remain
+        held.append(a)
+        r.exhaust(held)
+        a.settimeout(5)
+        a.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        got = a.recv(4096)
+        assert got.startswith(b"HTTP/1.1 503"), got
+        assert b"out of file descriptors" in got
+        failed = [l for l in r.lines() if l.get("event") == "upstream attempt failed"]
+        assert failed and failed[-1]["reason"] == "local_error", failed
+    finally:
+        for s in held:
+            s.close()
+        r.stop()
 
 
 def test_a_body_parsed_after_a_full_request_queue_is_never_read_as_requests(shared) -> None:

@@ -124,6 +124,15 @@ class _Connector(aiohttp.TCPConnector):
             conns.rotate(1)  # aiohttp pops from the left: the newest comes first
         return await super()._get(key, traces)
 
+    def _update_proxy_auth_header_and_build_proxy_req(self, req: Any) -> Any:
+        """The egress proxy's CONNECT request carried aiohttp's own User-Agent, Accept and
+        Accept-Encoding (the library and its version, to the operator's proxy): relayd adds
+        no header of its own anywhere."""
+        proxy_req = super()._update_proxy_auth_header_and_build_proxy_req(req)
+        for name in _SKIP_AUTO:
+            proxy_req.headers.popall(name, None)
+        return proxy_req
+
 
 class Pool:
     """Connections to one upstream, with in-flight accounting and breaker state."""

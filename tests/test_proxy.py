@@ -122,6 +122,9 @@ routes:
                     assert await r.read() == b'data: {"n":0}\n\ndata: {"n":1}\n\ndata: {"n":2}\n\ndata: [DONE]\n\n'
             assert proxy.connects and proxy.connects[0].startswith(b"CONNECT 127.0.0.1:%d HTTP/1.1" % up)
             assert not any(b"sk-proxy-KEY" in c for c in proxy.connects)  # the key stays inside the tunnel
+            # and relayd adds no header of its own (aiohttp's User-Agent named the library)
+            names = {l.split(b":")[0].lower() for l in proxy.connects[0].split(b"\r\n")[1:] if l}
+            assert names == {b"host"}, proxy.connects[0]
     finally:
         await runner.cleanup()
 

@@ -17,12 +17,12 @@ from typing import Any, cast
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 
-from . import logs, providers
+from . import logs, metrics, providers
 from .clients import ClientTable, Forwardable
 from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 from .routes import Match, RouteTable, resolve, under
 from .stream import Stream
 from .upstreams import PoolRegistry
@@ -135,7 +135,7 @@ LINES_BACKLOG = 1024  # queued access lines beyond which they are all written at
 class App:
     def __init__(self, config: Config) -> None:
         self.log = logs.get()
-        self.metrics = Metrics()
+        self.metrics = metrics.make()
         self.registry = PoolRegistry()
         self.replay = ReplayBudget()
         self.active: set[Exchange] = set()

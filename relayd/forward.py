@@ -288,7 +288,11 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     except aiohttp.ClientHttpProxyError as exc:  # (before its base class: the upstream got nothing)
         raise _Failure(End.CONNECT_ERROR, 502, f"cannot connect to upstream '{up.name}' through its proxy",
                        f"the proxy answered CONNECT with {exc.status}") from None
-    except aiohttp.ClientResponseError:
+    except aiohttp.ClientResponseError as exc:
+        if exc.request_info.method == "CONNECT":  # (relayd never forwards a CONNECT of a client's)
+            # the egress proxy's answer to relayd's CONNECT was not HTTP: the upstream got nothing
+            raise _Failure(End.CONNECT_ERROR, 502, f"cannot connect to upstream '{up.name}' through its proxy",
+                           "the proxy's answer to CONNECT was not HTTP") from None
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
                        answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:

@@ -31,29 +31,45 @@ class _Sink:
     closed — raised inside whatever logged it: an upstream error became a 500, and a
     SIGTERM whose first act is a log line never started the drain.  Such lines are
     dropped and counted, and the count goes out with the first line that gets through
-    again.  (A reader that stops reading a pipe still blocks the write, as it blocks
-    nginx's stderr: the systemd watchdog restarts a relayd that stalls that long.)
+    again.  Lines go to the descriptor in one ``write`` each batch, unbuffered, so a failed
+    write leaves nothing behind to come out later.  (A reader that stops reading a pipe
+    still blocks the write, as it blocks nginx's stderr: the systemd watchdog restarts a
+    relayd that stalls that long.)
     """
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.dropped = 0
+        try:
+            stream.flush()  # what was printed before goes first
+            self.fd: int | None = stream.fileno()
+        except (OSError, ValueError, AttributeError):  # (a test's capture, or no stdout)
+            self.fd = None
 
     def write(self, text: str) -> None:
+        lost = self.dropped
         try:
-            if self.dropped:
+            if lost:
                 note = _ENCODER.encode(_add_worker(None, "warning", {
-                    "event": "log lines lost", "level": "warning", "lines": self.dropped,
+                    "event": "log lines lost", "level": "warning", "lines": lost,
                     "ts": _STAMP(None, "warning", {})["ts"]}))
-                self.stream.write(note + "\n")
-                self.dropped = 0
+                text = note + "\n" + text
+            self._put(text)
+            self.dropped -= lost
+        except (OSError, ValueError, AttributeError):  # (ValueError: closed; AttributeError: None)
+            self.dropped += text.count("\n") - (1 if lost else 0) or 1
+
+    def _put(self, text: str) -> None:
+        if self.fd is None:
             self.stream.write(text)
             self.stream.flush()
-        except (OSError, ValueError, AttributeError):  # (ValueError: closed; AttributeError: None)
-            self.dropped += text.count("\n") or 1
+            return
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        while data:
+            data = data[os.write(self.fd, data):]
 
     def flush(self) -> None:
-        pass  # write flushed
+        pass  # each write is done when it returns
 
 
 _out = _Sink(sys.stdout)  # where structlog writes too: sys.stdout as configure found it

@@ -94,24 +94,66 @@ def use_multiprocess(directory: str) -> None:
 def process_gone(pid: int, directory: str) -> None:
     """A worker exited: its live gauges stop counting; its counters and histograms stay in
     the sums, added into one file for all exited workers.  Kept per process, a worker
-    crash-looping every 10 s left 8,640 files a day, every one read at every scrape."""
+    crash-looping every 10 s left 8,640 files a day, every one read at every scrape.
+
+    The sum is written to a new file that replaces the old one in one rename, so a merge
+    that fails part-way (no space) adds nothing twice: the worker's own file then stays,
+    still counted.  A file that cannot be read (a worker killed while making it) is
+    removed: it would break every scrape.  Runs in the SIGCHLD path: it never raises.
+    """
     multiprocess.mark_process_dead(pid, directory)
     for kind in ("counter", "histogram"):
         dead = os.path.join(directory, f"{kind}_{pid}.db")
+        merged = os.path.join(directory, f"{kind}_exited.db")
+        scratch = merged[:-3] + ".merging"  # not *.db: the collector never reads it
         try:
             found = list(MmapedDict.read_all_values_from_file(dead))
         except FileNotFoundError:
             continue
+        except Exception:
+            _remove(dead)
+            continue
         try:
-            into = _Reserved(os.path.join(directory, f"{kind}_exited.db"))
+            sums: dict[str, tuple[float, float]] = {}
+            if os.path.exists(merged):
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(merged):
+                    sums[key] = (value, timestamp)
+            for key, value, timestamp, _ in found:
+                sums[key] = (sums.get(key, (0.0, 0.0))[0] + value, timestamp)
+            _remove(scratch)
+            out = _Reserved(scratch)
             try:
-                for key, value, timestamp, _ in found:
-                    into.write_value(key, into.read_value(key)[0] + value, timestamp)
+                for key, (value, timestamp) in sums.items():
+                    out.write_value(key, value, timestamp)
             finally:
-                into.close()
-        except OSError:
-            continue  # no space to add them: the worker's own file stays, still counted
-        os.remove(dead)
+                out.close()
+            os.replace(scratch, merged)
+        except Exception:
+            _remove(scratch)
+            continue  # the worker's own file stays, still counted
+        _remove(dead)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def make() -> "Metrics":
+    """This process's metrics.  With workers their values live in the shared files; when
+    those cannot be made (no space under the metrics directory) the process keeps its
+    values to itself rather than fail to start: its counts are missing from ``/metrics``
+    (a warning says so), its requests are served."""
+    try:
+        return Metrics()
+    except OSError as exc:
+        values.ValueClass = values.MutexValue
+        from . import logs  # (logs imports nothing of relayd's)
+        logs.get().warning("metrics not shared: this process's counts are missing from /metrics",
+                           error=exc.strerror or str(exc))
+        return Metrics()
 
 
 def render_all(directory: str) -> bytes:

@@ -40,7 +40,6 @@ from aiohttp import web
 
 from . import heartbeat, lifecycle, listeners, logs, mainadmin, metrics, tls, workers
 from .config import Config, ConfigError
-from .metrics import Metrics
 from .server import log_warnings
 
 RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 10.0, 5.0
@@ -90,7 +89,7 @@ class Supervisor(lifecycle.Reloads):
         self._signals = 0
         self.dir = tempfile.mkdtemp(prefix="relayd-metrics-")
         metrics.use_multiprocess(self.dir)
-        self.metrics = Metrics()
+        self.metrics = metrics.make()
         self.metrics.generation.set(1)
 
     def run(self) -> int:

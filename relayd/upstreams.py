@@ -262,9 +262,11 @@ class PoolRegistry:
         by_name: dict[str, Pool] = {}
         made: list[Pool] = []
         keys: list[tuple[Upstream, tuple[object, ...]]] = []
+        trusts: dict[tuple[object, ...], tuple[object, ssl.SSLContext | bool]] = {}
         try:
             for up in upstreams:  # first build every new pool: one that fails changes nothing
-                trust, ctx = _tls_for(up)
+                how = (up.url.scheme, up.tls.verify, up.tls.ca_file)  # a bundle read once per build
+                trust, ctx = trusts.get(how) or trusts.setdefault(how, _tls_for(up))
                 key = (*up.pool_key, trust)
                 keys.append((up, key))
                 if key not in self._pools and key not in wanted:

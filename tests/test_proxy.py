@@ -18,7 +18,8 @@ from test_tls import make_cert, pytestmark  # noqa: F401  (needs the openssl CLI
 
 
 class Proxy:
-    """CONNECT host:port → 200 and a byte tunnel, or `refuse` (a status), or `stall`."""
+    """CONNECT host:port → 200 and a byte tunnel, or a refusal (the status given as the
+    mode), or an answer that is not HTTP (`garbage`), or none (`stall`)."""
 
     def __init__(self, mode: str = "tunnel") -> None:
         self.mode = mode
@@ -50,6 +51,10 @@ class Proxy:
             self.connects.append(head)
             if self.mode == "stall":
                 await asyncio.sleep(30)
+                return
+            if self.mode == "garbage":
+                writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+                await writer.drain()
                 return
             if self.mode != "tunnel":
                 writer.write(b"HTTP/1.1 %s Refused\r\nProxy-Authenticate: Basic realm=x\r\n"
@@ -129,7 +134,7 @@ routes:
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("mode", ["407", "403", "502", "stall"])
+@pytest.mark.parametrize("mode", ["407", "403", "502", "garbage", "stall"])
 async def test_a_proxy_that_refuses_or_stalls_connect_fails_over(make_relayd, tmp_path, mode):
     """A refused CONNECT was taken for the upstream's own answer (no failover: "the
     upstream acted"); the upstream never got the request.  A CONNECT left unanswered held
@@ -161,7 +166,9 @@ routes:
                     assert body["type"] == "error"  # the provider's format, not the proxy's answer
             failed = [l for l in r.logs() if l.get("event") == "upstream attempt failed"]
             assert failed and all(l["upstream"] == "via" for l in failed)
-            if mode != "stall":
+            if mode == "garbage":
+                assert "the proxy's answer to CONNECT was not HTTP" in failed[0]["cause"], failed
+            elif mode != "stall":
                 assert f"the proxy answered CONNECT with {mode}" in failed[0]["cause"], failed
             m = await get_metrics(admin)
             assert metric(m, "relayd_upstream_attempts_total", upstream="direct", outcome="ok") == 1

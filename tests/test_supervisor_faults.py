@@ -599,6 +599,19 @@ async def test_a_full_filesystem_under_the_metrics_files_costs_counts_not_proces
         m = await get_metrics(admin)  # the main process still answers
         assert metric(m, "relayd_requests_total", route="/local", status="400") >= 0
         assert children(r.proc.pid) == workers and r.proc.poll() is None
+        # a worker that starts while the filesystem is full serves, its counts unshared
+        victim = next(iter(workers))
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: sum(l.get("event") == "worker serving" for l in r.logs()) >= 3, 15), \
+            [l.get("event") for l in r.logs()][-20:]
+        assert any(l.get("event", "").startswith("metrics not shared") for l in r.logs())
+        workers = children(r.proc.pid)
+        assert len(workers) == 2 and victim not in workers
+        async with aiohttp.ClientSession() as s:
+            for _ in range(10):
+                async with s.get(f"http://127.0.0.1:{port}/local/echo") as resp:
+                    assert resp.status == 200
+        assert sum(l.get("event") == "worker exited unexpectedly; restarting" for l in r.logs()) == 1
         os.remove(mnt / "filler")
         for pid in workers:  # a worker that exits now: its counts are added in, or kept
             os.kill(pid, signal.SIGKILL)

@@ -597,3 +597,34 @@ def test_log_lines_that_cannot_be_written_are_counted_then_reported():
     lines = [json.loads(l) for l in disk.getvalue().splitlines()]
     assert [l["event"] for l in lines] == ["log lines lost", "d"] and lines[0]["lines"] == 3
     logs._Sink(None).write("x\n")  # stdout closed at start: nothing to write to, no error
+
+
+def test_a_merge_that_fails_counts_nothing_twice_and_never_raises(tmp_path, monkeypatch):
+    """Review 40: keys added one by one into the merged file before a failure stayed
+    there while the worker's own file stayed too (counted twice); an unreadable file
+    escaped the SIGCHLD handler and its worker was never restarted."""
+    import errno
+    import os
+
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from relayd import metrics
+
+    key = mmap_key("relayd_requests_total", "relayd_requests_total", ["route"], ["/a"], "Requests")
+    for pid, n in ((201, 3.0), (202, 4.0)):
+        d = MmapedDict(str(tmp_path / f"counter_{pid}.db"))
+        d.write_value(key, n, 0.0)
+        d.close()
+    metrics.process_gone(201, str(tmp_path))  # merged: counter_exited.db holds 3
+
+    def no_space(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    metrics.process_gone(202, str(tmp_path))  # cannot merge: its own file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_202.db", "counter_exited.db"]
+    assert 'relayd_requests_total{route="/a"} 7.0' in metrics.render_all(str(tmp_path)).decode()
+    (tmp_path / "counter_203.db").write_bytes(b"")  # a worker killed while making its file
+    metrics.process_gone(203, str(tmp_path))
+    assert not (tmp_path / "counter_203.db").exists()
+    assert 'relayd_requests_total{route="/a"} 7.0' in metrics.render_all(str(tmp_path)).decode()

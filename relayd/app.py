@@ -30,6 +30,13 @@ from .upstreams import PoolRegistry
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def _preflight(request: web.BaseRequest) -> bool:
+    """A CORS preflight: browsers send it without credentials (the Fetch standard), so it
+    cannot carry a client key; it costs nothing upstream, whose answer decides."""
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
 def request_id(given: str | None) -> str:
     """The client's X-Request-Id when it is safe to echo and log, else a fresh one."""
     if given and _REQUEST_ID.fullmatch(given):
@@ -244,7 +251,7 @@ class App:
             ex.route = match.route.path
             outgoing = request
             clients = table.clients
-            if clients.active:
+            if clients.active and not _preflight(request):
                 provider = _provider(match)
                 client, refused = clients.check(provider, request.headers, raw.partition("?")[2],
                                                 match.route.path)

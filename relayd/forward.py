@@ -294,7 +294,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
             raise _Failure(End.CONNECT_ERROR, 502, f"cannot connect to upstream '{up.name}' through its proxy",
                            "the proxy's answer to CONNECT was not HTTP") from None
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
-                       answered=True) from None
+                       str(exc.message)[:200] or None, answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None

@@ -365,14 +365,17 @@ def _short(exc: BaseException | None) -> str:
 
 class Request(web.BaseRequest):
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
-        # aiohttp has set Server to its own name when none was given.  relayd's own
-        # responses (web.Response) say relayd; a relayed one (Stream's StreamResponse)
-        # keeps the upstream's value or carries none.
-        if response.headers.get("Server") == SERVER_SOFTWARE:
-            if isinstance(response, web.Response):
+        # relayd's own responses (web.Response) say relayd where aiohttp put its own name;
+        # a relayed one (stream._Out) keeps the upstream's Server or carries none.
+        if isinstance(response, web.Response):
+            if response.headers.get("Server") == SERVER_SOFTWARE:
                 response.headers["Server"] = SERVER
-            else:
-                del response.headers["Server"]
+            origin = self.headers.get("Origin")
+            if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+                # A browser reads no answer without it: relayd's own errors would reach
+                # browser code (and the SDKs in it) as opaque network failures.
+                response.headers["Access-Control-Allow-Origin"] = "*"
+                response.headers["Access-Control-Expose-Headers"] = "x-request-id, request-id"
 
 
 class ClientServer(web.Server):

@@ -46,7 +46,10 @@ def notify(message: str) -> bool:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # Non-blocking: a notify socket nobody reads (its queue full) must not stop the
+        # event loop; a status systemd is not reading is dropped.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                           | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
             s.sendall(message.encode())
         return True
@@ -74,6 +77,9 @@ class Reloads:
         while self._reload_pending and not self.stopping.is_set():
             self._reload_pending = False
             await self.reload()
+        if self._reload_pending:  # a SIGHUP during the drain: said, not silently dropped
+            self._reload_pending = False
+            logs.get().info("reload dropped: draining")
 
 
 class Daemon(Reloads):
@@ -274,8 +280,15 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
         return None
     if new.listen != old.listen or new.admin_listen != old.admin_listen:
         log.warning("listen address changes need a restart; keeping the old listeners",
-                    listen=str(old.listen), wanted=str(new.listen))
+                    listen=str(old.listen), wanted=str(new.listen),
+                    admin_listen=str(old.admin_listen), wanted_admin=str(new.admin_listen))
         new = replace(new, listen=old.listen, admin_listen=old.admin_listen)
+    if (new.tls is None) != (old.tls is None):
+        # A new listener is a restart's job.  The config keeps the running side, so a
+        # worker restarted later serves what its siblings serve (it served the file's).
+        log.warning("turning tls on or off needs a restart; keeping the listener as it is",
+                    tls="on" if old.tls is not None else "off")
+        new = replace(new, tls=old.tls)
     if new.workers != old.workers:
         log.warning("workers changes need a restart; keeping the running workers",
                     workers=old.workers or "auto", wanted=new.workers or "auto")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import ssl
 
-from . import logs
 from .config import Config, ConfigError, ListenerTLS, Problem
 
 Pem = tuple[bytes, bytes]  # the certificate chain and the key, as read
@@ -96,12 +95,8 @@ class ListenerCert:
         """Load the new pair into the live context.  Raises ConfigError (the reload
         fails, the old certificate keeps serving) if it does not load.  Turning TLS on
         or off needs a new listener, so it waits for a restart, like ``listen``."""
-        if (self.context is None) != (new.tls is None):
-            logs.get().warning("turning tls on or off needs a restart; keeping the listener as it is",
-                               tls="on" if self.context is not None else "off")
-            return
         if self.context is None or new.tls is None:
-            return
+            return  # (on or off stays as it started: ``lifecycle.load_for_reload``)
         # Bytes that passed ``check`` (here, or in the main process for this reload): a
         # scratch load has already shown they serve, so only the live context loads them.
         pem = kept(new.tls) or check(new.tls, file)

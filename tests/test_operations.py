@@ -233,6 +233,7 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd
     t0 = time.monotonic()
     r.signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
+    r.signal(signal.SIGHUP)  # a reload during the drain is dropped, and said so
     # new connections are refused and /readyz says draining (admin stays up during drain)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 1).close()
@@ -255,6 +256,8 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd
     assert a[0] == "error" and json.loads(a[1])["error"]["type"] == "overloaded_error"
     lines = r.logs()
     assert any(l.get("event") == "drain" for l in lines) and lines[-1]["event"] == "exit"
+    assert any(l.get("event") == "reload dropped: draining" for l in lines)
+    assert not any(l.get("event") == "reload ok" for l in lines)
     assert {"shutdown"} <= {l["end_reason"] for l in lines if l.get("event") == "access"}
 
 
@@ -313,6 +316,30 @@ def test_sd_notify_sequence(fake, make_relayd, tmp_path):
     recv_until(lambda m: "STOPPING=1" in m)
     assert r.proc.wait(10) == 0
     sock.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_notify_socket_nobody_reads_never_stops_relayd(fake, make_relayd, tmp_path, workers):
+    """Review 41: sd_notify's send blocked once the socket's queue was full (10 datagrams
+    here): the event loop stopped (no requests, no admin, SIGTERM not acted on)."""
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)  # and never read
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin), env={"NOTIFY_SOCKET": sock_path},
+                    args=["--workers", workers])
+    try:
+        for i in range(15):  # each reload sends RELOADING=1 and READY=1
+            r.signal(signal.SIGHUP)
+            assert wait_for(lambda: sum(l.get("event") == "reload ok" for l in r.logs()) >= i + 1, 10)
+        assert await route_status(port, "/local/echo") == 200
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{admin}/healthz") as resp:
+                assert resp.status == 200
+        r.signal(signal.SIGTERM)
+        assert r.proc.wait(10) == 0
+    finally:
+        sock.close()
 
 
 def test_sd_notify_abstract_socket(fake, make_relayd):

@@ -297,3 +297,28 @@ def test_only_the_main_process_reads_the_certificate_on_reload(make_relayd, fake
     assert wait_for(lambda: reloads(r, "reload ok") == 1)
     assert {served_cn(port, trust(two[0]))[0] for _ in range(8)} == {"relayd-two"}
     assert set(reads.read_text().split()) == {str(r.proc.pid)}
+
+
+async def test_tls_turned_on_by_a_reload_waits_for_a_restart_in_every_worker(make_relayd, fake, tmp_path):
+    """Review 41: the running workers kept their plain listener, but a worker restarted
+    after the reload built its listener from the file's config and spoke TLS: about half
+    of new connections failed."""
+    import os
+    from test_workers import children, ready_line
+    pair = make_cert(tmp_path / "c", "relayd-on", 3)
+    port = free_port()
+    cfg = basic_config(fake.url, port, top="workers: 2")
+    r = make_relayd(cfg)
+    victim = ready_line(r)["worker_pids"][0]
+    r.config.write_text(cfg.replace("workers: 2", f"workers: 2\ntls: {{cert: '{pair[0]}', key: '{pair[1]}'}}"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload ok") == 1)
+    assert any(l.get("event") == "turning tls on or off needs a restart; keeping the listener as it is"
+               for l in r.logs())
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: sum(l.get("event") == "worker serving" for l in r.logs()) >= 3, 15)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(16):  # new connections, spread over both workers
+            async with s.get(f"http://127.0.0.1:{port}/local/echo", headers={"Connection": "close"}) as resp:
+                assert resp.status == 200
+    assert victim not in children(r.proc.pid)

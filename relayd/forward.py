@@ -221,6 +221,11 @@ def error_response(provider: providers.Provider, status: int, message: str, code
                         content_type="application/json", headers=provider.error_headers(request_id))
 
 
+class _Kept(hdrs.UpstreamAnswer, web.Response):
+    """A failover route's kept upstream error: relayed as the upstream sent it (no
+    ``Server`` or CORS header of relayd's)."""
+
+
 async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) -> web.Response | None:
     """A retryable error answer, kept to relay as is should every other upstream fail.
 
@@ -234,8 +239,8 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) ->
                 body += chunk
                 if len(body) > _KEEP_ERROR_BODY:
                     return None
-        return web.Response(status=resp.status, reason=resp.reason, body=bytes(body),
-                            headers=hdrs.for_client(resp.headers, request_id, drop_length=True))
+        return _Kept(status=resp.status, reason=resp.reason, body=bytes(body),
+                     headers=hdrs.for_client(resp.headers, request_id, drop_length=True))
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
     finally:
@@ -294,7 +299,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
             raise _Failure(End.CONNECT_ERROR, 502, f"cannot connect to upstream '{up.name}' through its proxy",
                            "the proxy's answer to CONNECT was not HTTP") from None
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
-                       str(exc.message)[:200] or None, answered=True) from None
+                       hdrs.short_reason(exc.message) or None, answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None

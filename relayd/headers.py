@@ -79,6 +79,27 @@ def malformed(headers: Any) -> bool:
     return False
 
 
+class UpstreamAnswer:
+    """For a client response that relays an upstream's answer (``stream._Out``, the kept
+    error of a failover route): aiohttp adds its own ``Server`` where none is set, and a
+    proxy adds none; the upstream's own ``Server`` stays, whatever it says.  relayd's own
+    answers are the other responses (``server.Request._prepare_hook``)."""
+
+    _headers: Any
+
+    async def _prepare_headers(self) -> None:
+        upstream_server = "Server" in self._headers
+        await super()._prepare_headers()  # type: ignore[misc]
+        if not upstream_server:
+            self._headers.popall("Server", None)
+
+
+def short_reason(message: object) -> str:
+    """aiohttp's parser messages quote the offending bytes (a header line, a cookie):
+    only the reason before them is logged or shown."""
+    return str(message).split(":", 1)[0].split("\n", 1)[0][:120]
+
+
 _c_serialize = http_writer._serialize_headers
 
 

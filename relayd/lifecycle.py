@@ -45,16 +45,23 @@ def notify(message: str) -> bool:
         return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    try:
-        # Non-blocking: a notify socket nobody reads (its queue full) must not stop the
-        # event loop; a status systemd is not reading is dropped.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                           | socket.SOCK_NONBLOCK) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-        return True
-    except OSError:
-        return False
+    # Non-blocking: a notify socket nobody reads (its queue full) must not stop the event
+    # loop.  A state change (READY, RELOADING, STOPPING: systemd waits for them) is tried
+    # for up to 50 ms more; a status or watchdog ping is dropped.
+    tries = 6 if "READY=1" in message or "RELOADING=1" in message or "STOPPING=1" in message else 1
+    for i in range(tries):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                               | socket.SOCK_NONBLOCK) as s:
+                s.connect(addr)
+                s.sendall(message.encode())
+            return True
+        except BlockingIOError:
+            if i + 1 < tries:
+                time.sleep(0.01)
+        except OSError:
+            return False
+    return False
 
 
 class Reloads:

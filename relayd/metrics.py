@@ -149,11 +149,15 @@ def make() -> "Metrics":
     try:
         return Metrics()
     except OSError as exc:
-        values.ValueClass = values.MutexValue
         from . import logs  # (logs imports nothing of relayd's)
         logs.get().warning("metrics not shared: this process's counts are missing from /metrics",
                            error=exc.strerror or str(exc))
+    shared = values.ValueClass
+    values.ValueClass = values.MutexValue  # for this object's series only: the workers
+    try:                                   # forked later, and its own new series, try the files
         return Metrics()
+    finally:
+        values.ValueClass = shared
 
 
 def render_all(directory: str) -> bytes:

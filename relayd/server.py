@@ -40,6 +40,7 @@ from aiohttp.http_parser import HttpRequestParser
 
 from . import lean
 from .allow import GATES
+from .headers import UpstreamAnswer, short_reason
 from .tls import ListenerCert
 
 SERVER = "relayd"
@@ -359,15 +360,14 @@ def _short(exc: BaseException | None) -> str:
     """aiohttp's parser messages quote the offending bytes; keep only the reason."""
     if exc is None:
         return "bad request"
-    text = getattr(exc, "message", "") or type(exc).__name__
-    return str(text).split(":", 1)[0].split("\n", 1)[0][:120] or "bad request"
+    return short_reason(getattr(exc, "message", "") or type(exc).__name__) or "bad request"
 
 
 class Request(web.BaseRequest):
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         # relayd's own responses (web.Response) say relayd where aiohttp put its own name;
-        # a relayed one (stream._Out) keeps the upstream's Server or carries none.
-        if isinstance(response, web.Response):
+        # an upstream's answer (headers.UpstreamAnswer) keeps its Server or carries none.
+        if isinstance(response, web.Response) and not isinstance(response, UpstreamAnswer):
             if response.headers.get("Server") == SERVER_SOFTWARE:
                 response.headers["Server"] = SERVER
             origin = self.headers.get("Origin")

@@ -38,7 +38,7 @@ from . import lean, providers
 from .clock import StreamClock
 from .exchange import End
 from .forward import fmt
-from .headers import for_client, media_type
+from .headers import UpstreamAnswer, for_client, media_type
 from .sse import BoundaryTracker
 from .usage import Unmetered, Usage, UsageMeter
 
@@ -67,7 +67,7 @@ class _Pushed(aiohttp.StreamReader):
     begin_http_chunk_receiving = end_http_chunk_receiving = gc.isenabled  # type: ignore[assignment]
 
 
-class _Out(web.StreamResponse):
+class _Out(UpstreamAnswer, web.StreamResponse):
     """The client response: its head waits for the first body bytes and leaves with them.
 
     aiohttp's ``StreamResponse`` sends the head at ``prepare`` in a write of its own, so an
@@ -79,10 +79,7 @@ class _Out(web.StreamResponse):
     _send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
-        upstream_server = "Server" in self._headers
         await super()._prepare_headers()
-        if not upstream_server:  # aiohttp's own name: a proxy adds none (an upstream's stays)
-            self._headers.popall("Server", None)
         assert self._req is not None
         if (self._req.version < _HTTP11 and "Content-Length" not in self._headers
                 and not self._must_be_empty_body):

@@ -15,20 +15,21 @@ _PREFLIGHT = {**_ORIGIN, "Access-Control-Request-Method": "POST",
               "Access-Control-Request-Headers": "x-api-key, anthropic-version, content-type"}
 
 
-async def test_a_preflight_needs_no_client_key_and_gets_the_upstreams_answer(fake, make_relayd):
-    """Browsers send preflights without credentials: with `clients:` every one got 401,
-    and no browser could ever send its key."""
+async def test_a_preflight_needs_no_client_key(fake, make_relayd):
+    """Browsers send preflights without credentials: with `clients:` every one got 401, and
+    no browser could ever send its key.  relayd, the gate, answers it itself: forwarded, an
+    unauthenticated request (body and all) reached the upstream on the operator's key."""
     port = free_port()
     make_relayd(basic_config(fake.url, port, top='clients:\n  web: {key: "client-key-0123456789abcdef"}'))
-    sc = fake.add("preflight", Scenario(status=204, content_type="text/plain", headers={
-        "Access-Control-Allow-Origin": "https://app.example", "Access-Control-Allow-Methods": "POST",
-        "Access-Control-Allow-Headers": "x-api-key, anthropic-version, content-type"}))
+    fake.reset_stats()
     async with aiohttp.ClientSession() as s:
-        async with s.options(f"http://127.0.0.1:{port}/anthropic/v1/messages",
-                             headers={**_PREFLIGHT, "x-fake": sc}) as r:
+        async with s.options(f"http://127.0.0.1:{port}/anthropic/v1/messages", headers=_PREFLIGHT,
+                             data=b'{"model":"m","messages":[]}') as r:
             assert r.status == 204
             assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
             assert r.headers["Access-Control-Allow-Methods"] == "POST"
+            assert r.headers["Access-Control-Allow-Headers"] == "x-api-key, anthropic-version, content-type"
+        assert fake.requests == []  # the upstream never saw it
         # the request itself still needs the key (and its 401 is readable by the page)
         async with s.post(f"http://127.0.0.1:{port}/anthropic/v1/messages", headers=_ORIGIN, data=b"{}") as r:
             assert r.status == 401
@@ -36,6 +37,19 @@ async def test_a_preflight_needs_no_client_key_and_gets_the_upstreams_answer(fak
         # an OPTIONS that is not a preflight is an ordinary request
         async with s.options(f"http://127.0.0.1:{port}/anthropic/v1/messages") as r:
             assert r.status == 401
+
+
+async def test_without_client_keys_a_preflight_gets_the_upstreams_answer(fake, make_relayd):
+    port = free_port()
+    make_relayd(basic_config(fake.url, port))
+    sc = fake.add("preflight", Scenario(status=204, content_type="text/plain", headers={
+        "Access-Control-Allow-Origin": "https://app.example", "Access-Control-Allow-Methods": "POST"}))
+    async with aiohttp.ClientSession() as s:
+        async with s.options(f"http://127.0.0.1:{port}/anthropic/v1/messages",
+                             headers={**_PREFLIGHT, "x-fake": sc}) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert r.headers["Access-Control-Allow-Methods"] == "POST"
 
 
 async def test_relayds_own_errors_are_readable_by_browser_code(fake, make_relayd):
@@ -81,3 +95,20 @@ async def test_an_upstream_server_header_is_kept_whatever_it_says(fake, make_rel
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/openai/v1/x", headers={"x-fake": sc}) as r:
             assert r.headers.get("Server") == SERVER_SOFTWARE
+
+
+async def test_a_kept_upstream_error_gets_no_cors_or_server_header_of_relayds(fake, make_relayd):
+    """A failover route relays the last upstream error as it came: relayd's CORS and
+    Server headers (meant for its own errors) went onto it, and overwrote the upstream's
+    Access-Control-Expose-Headers."""
+    port, dead = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, extra_upstreams=f'  dead: {{url: "http://127.0.0.1:{dead}", provider: openai}}\n',
+                             extra_routes="  - {path: /two, upstream: [generic, dead]}\n"))
+    sc = fake.add("busy", Scenario(status=429, body=b'{"error":"busy"}', content_type="application/json",
+                                   headers={"Access-Control-Expose-Headers": "retry-after", "Retry-After": "1"}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/two/x", headers={**_ORIGIN, "x-fake": sc}, data=b"{}") as r:
+            assert r.status == 429 and await r.read() == b'{"error":"busy"}'
+            assert r.headers["Access-Control-Expose-Headers"] == "retry-after"
+            assert "Access-Control-Allow-Origin" not in r.headers
+            assert r.headers.get("Server") != "relayd"

@@ -17,7 +17,7 @@ Modules, in that order:
                  URL joining; one per generation (with its ``clients``), held by each
                  request that uses it
 - ``clients``    client keys: where each provider's SDK sends a key, constant-time check,
-                 401/403, the key removed before forwarding
+                 401/403, the key removed before forwarding; CORS preflights answered
 - ``upstreams``  per-upstream aiohttp pools, kept across reloads; passive circuit breaker
 - ``upstream_conn``  the protocol of one pooled connection: closed when it speaks out of
                  turn, an answer junk follows still relayed, each read of a streamed body
@@ -52,7 +52,9 @@ Modules, in that order:
 - ``tls``        the listener's certificate, re-read on reload
 - ``cli``        ``relayd run | check | --version``
 - ``demo``       a fake provider for ``make demo``
-- ``logs``, ``metrics``  structlog JSON lines, Prometheus metrics
+- ``logs``, ``metrics``  structlog JSON lines (a line that cannot be written is dropped
+                 and counted), Prometheus metrics (with workers: shared files, space
+                 reserved before use, exited workers' counts added into one)
 
 A reload builds a new ``RouteTable`` and swaps ``App.table``; a request keeps the table
 it started with (and that table's pools stay open for it), so nothing in flight changes

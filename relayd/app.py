@@ -18,7 +18,7 @@ from typing import Any, cast
 from aiohttp import HttpVersion10, HttpVersion11, web
 
 from . import logs, metrics, providers
-from .clients import ClientTable, Forwardable
+from .clients import ClientTable, Forwardable, preflight, preflight_answer
 from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
@@ -28,27 +28,6 @@ from .stream import Stream
 from .upstreams import PoolRegistry
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def _preflight(request: web.BaseRequest) -> bool:
-    """A CORS preflight: browsers send it without credentials (the Fetch standard), so it
-    cannot carry a client key."""
-    return (request.method == "OPTIONS" and "Origin" in request.headers
-            and "Access-Control-Request-Method" in request.headers)
-
-
-def _preflight_answer(request: web.BaseRequest, request_id: str) -> web.Response:
-    """With client keys relayd is the gate, so it answers a preflight itself: forwarded,
-    a request nobody authenticated went upstream on the operator's key (with any body, a
-    slot of the pool held, the breaker charged by the upstream's answer).  CORS grants no
-    access (each real request still needs its key): the page may send what it asked."""
-    h = request.headers
-    out = {"Access-Control-Allow-Origin": h["Origin"], "Vary": "Origin",
-           "Access-Control-Allow-Methods": h["Access-Control-Request-Method"],
-           "Access-Control-Max-Age": "600", "X-Request-Id": request_id}
-    if "Access-Control-Request-Headers" in h:
-        out["Access-Control-Allow-Headers"] = h["Access-Control-Request-Headers"]
-    return web.Response(status=204, headers=out)
 
 
 def request_id(given: str | None) -> str:
@@ -265,9 +244,9 @@ class App:
             ex.route = match.route.path
             outgoing = request
             clients = table.clients
-            if clients.active and _preflight(request):
+            if clients.active and preflight(request):
                 ex.status = 204
-                return _preflight_answer(request, ex.request_id)
+                return preflight_answer(request, ex.request_id)
             if clients.active:
                 provider = _provider(match)
                 client, refused = clients.check(provider, request.headers, raw.partition("?")[2],

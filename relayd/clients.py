@@ -124,3 +124,24 @@ class Forwardable:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
+
+
+def preflight(request: web.BaseRequest) -> bool:
+    """A CORS preflight: browsers send it without credentials (the Fetch standard), so it
+    cannot carry a client key."""
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
+def preflight_answer(request: web.BaseRequest, request_id: str) -> web.Response:
+    """With client keys relayd is the gate, so it answers a preflight itself: forwarded,
+    a request nobody authenticated went upstream on the operator's key (with any body, a
+    slot of the pool held, the breaker charged by the upstream's answer).  CORS grants no
+    access (each real request still needs its key): the page may send what it asked."""
+    h = request.headers
+    out = {"Access-Control-Allow-Origin": h["Origin"], "Vary": "Origin",
+           "Access-Control-Allow-Methods": h["Access-Control-Request-Method"],
+           "Access-Control-Max-Age": "600", "X-Request-Id": request_id}
+    if "Access-Control-Request-Headers" in h:
+        out["Access-Control-Allow-Headers"] = h["Access-Control-Request-Headers"]
+    return web.Response(status=204, headers=out)

@@ -4,10 +4,10 @@ A pool is keyed by what decides its connections (url origin, pool size, keepaliv
 and the CA bytes it trusts, proxy).  A reload asks the registry for pools again:
 unchanged upstreams get their warm pool back; pools no longer wanted are retired.  A
 retired pool closes when no route table that uses it is still live — the current table,
-or an old one a request still holds (``routes.RouteTable.enter``/``leave``).  Counting tables rather than attempts
-means a request that is still reading its upload, or whose first failover attempt is
-in flight, can never find its next upstream's pool closed under it.  The passive
-circuit breaker lives on the pool, so it survives reloads with it.
+or an old one a request still holds (``routes.RouteTable.enter``/``leave``).  Counting
+tables rather than attempts means a request that is still reading its upload, or whose
+first failover attempt is in flight, can never find its next upstream's pool closed
+under it.  The passive circuit breaker lives on the pool, so it survives reloads with it.
 """
 
 from __future__ import annotations

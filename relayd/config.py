@@ -356,18 +356,25 @@ def _loopback(listen: Listen) -> bool:
 _SHORT_KEY = 16  # client keys shorter than this get a warning
 
 
+def listen_warnings(listen: Listen, admin: Listen | None, clients: Any, upstreams: Any) -> list[str]:
+    """What the listeners expose.  Also asked again when a reload keeps the running
+    listeners: the file's addresses are then not the ones that serve."""
+    out = []
+    if admin is not None and not admin.overlaps(listen) and not _loopback(admin):
+        out.append(f"admin_listen {admin} is not a loopback address: /metrics and "
+                   f"/readyz are reachable from the network (restrict with admin_allow)")
+    if not _loopback(listen) and not clients and any(u.api_key for u in upstreams):
+        out.append(f"listen {listen} is not a loopback address, upstreams have API keys and there "
+                   f"is no clients: section: anyone who can reach {listen} spends your keys")
+    return out
+
+
 def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
-    listen, admin, warnings = v["listen"], v["admin_listen"], []
-    if admin is not None:
-        if admin.overlaps(listen):
-            w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
-                                                              f"give the admin endpoints their own port")
-        elif not _loopback(admin):
-            warnings.append(f"admin_listen {admin} is not a loopback address: /metrics and "
-                            f"/readyz are reachable from the network (restrict with admin_allow)")
-    if not _loopback(listen) and not v["clients"] and any(u.api_key for u in v["upstreams"].values()):
-        warnings.append(f"listen {listen} is not a loopback address, upstreams have API keys and there "
-                        f"is no clients: section: anyone who can reach {listen} spends your keys")
+    listen, admin = v["listen"], v["admin_listen"]
+    if admin is not None and admin.overlaps(listen):
+        w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
+                                                          f"give the admin endpoints their own port")
+    warnings = listen_warnings(listen, admin, v["clients"], v["upstreams"].values())
     routes = {r.path for r in v["routes"]}
     owners: dict[bytes, str] = {}
     for c in v["clients"]:

@@ -140,18 +140,14 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             target.pool.release()
             if f.reason in (End.BODY_TIMEOUT, End.BODY_INVALID):
                 raise  # the client's fault, not the upstream's: no breaker, no failover
-            if f.local:
-                metrics.attempt(up.name, "local_error")
-                log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                            attempt=out.attempts, reason="local_error", cause=f.cause)
-                last_failure = f
-                break
-            target.pool.record(False)
-            metrics.attempt(up.name, f.reason)
+            if not f.local:  # (relayd's own shortage is not the upstream's failure)
+                target.pool.record(False)
+            reason = "local_error" if f.local else f.reason
+            metrics.attempt(up.name, reason)
             log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f.reason, cause=f.cause)
+                        attempt=out.attempts, reason=reason, cause=f.cause)
             last_failure = f
-            if f.answered:
+            if f.local or f.answered:
                 break
             continue
         except BaseException as exc:  # the client went away while we waited: free the slot all the same

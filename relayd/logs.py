@@ -93,15 +93,18 @@ def hold_secrets(owner: object, values: Iterable[str | None]) -> None:
     Keys are listed per table, not forever: a service that rotates its key file hourly
     and reloads would otherwise check every line against every key it ever had (8,760
     after a year: 1.3 ms per access line)."""
-    global _secrets
     _held[owner] = frozenset(v for v in values if v and len(v) >= 4)
-    _secrets = tuple(sorted(frozenset().union(*_held.values()), key=len, reverse=True))
+    _list_secrets()
 
 
 def release_secrets(owner: object) -> None:
-    global _secrets
     if _held.pop(owner, None) is not None:
-        _secrets = tuple(sorted(frozenset().union(*_held.values()), key=len, reverse=True))
+        _list_secrets()
+
+
+def _list_secrets() -> None:
+    global _secrets
+    _secrets = tuple(sorted(frozenset().union(*_held.values()), key=len, reverse=True))
 
 
 def _clean(value: Any) -> Any:

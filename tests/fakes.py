@@ -46,6 +46,20 @@ def free_port() -> int:
     raise RuntimeError("no fresh free port in 100 tries")
 
 
+async def splice(a_r: asyncio.StreamReader, a_w: asyncio.StreamWriter,
+                 b_r: asyncio.StreamReader, b_w: asyncio.StreamWriter) -> None:
+    """Copy bytes both ways between two connections (a test proxy's tunnel) until both end."""
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    await asyncio.gather(pipe(a_r, b_w), pipe(b_r, a_w), return_exceptions=True)
+
+
 def split(body: bytes, mode: str, seed: int = 0, max_size: int = 7) -> list[bytes]:
     """Cut a body into the reads a proxy would see."""
     if mode == "whole":

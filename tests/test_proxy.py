@@ -4,7 +4,6 @@ tunnels CONNECT to a local TLS upstream, or refuses it, or never answers it."""
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from fakes import free_port
+from fakes import free_port, splice
 from test_operations import get_metrics, metric
-from test_tls import make_cert, pytestmark  # noqa: F401  (needs the openssl CLI)
+from test_tls import https_site, make_cert, pytestmark  # noqa: F401  (needs the openssl CLI)
 
 
 class Proxy:
@@ -64,16 +63,7 @@ class Proxy:
             host, _, port = head.split(b" ")[1].decode().rpartition(":")
             up_r, up_w = await asyncio.open_connection("127.0.0.1", int(port))
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                try:
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                finally:
-                    dst.close()
-
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+            await splice(reader, writer, up_r, up_w)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -83,8 +73,6 @@ class Proxy:
 
 async def _tls_upstream(tmp_path: Path) -> tuple[web.AppRunner, int, Path]:
     cert, key = make_cert(tmp_path / "up", "upstream", 21)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
 
     async def answer(req: web.Request) -> web.StreamResponse:
         await req.read()
@@ -97,13 +85,8 @@ async def _tls_upstream(tmp_path: Path) -> tuple[web.AppRunner, int, Path]:
             return r
         return web.json_response({"path": req.path, "auth": req.headers.get("Authorization")})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-    return runner, port, cert
+    return await https_site((cert, key), port, answer), port, cert
 
 
 async def test_https_upstream_through_a_connect_tunnel(make_relayd, tmp_path):

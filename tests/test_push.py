@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from fakes import free_port
+from fakes import free_port, splice
 from test_upstream_hygiene import RawUpstream, config
 
 
@@ -216,15 +216,7 @@ async def test_proxied_upstream_takes_aiohttp_path_and_reaches_the_upstream(make
             target = URL(head.split(b" ", 2)[1].decode())
             up_r, up_w = await asyncio.open_connection(target.host, target.port)
             up_w.write(head)
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                try:
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                finally:
-                    dst.close()
-            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+            await splice(reader, writer, up_r, up_w)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -38,6 +39,18 @@ def trust(*certs: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     ctx.load_verify_locations(cadata="".join(c.read_text() for c in certs))
     return ctx
+
+
+async def https_site(pair: tuple[Path, Path], port: int, answer: Any) -> Any:
+    """An aiohttp upstream on 127.0.0.1:port serving `pair`, every path answered by `answer`."""
+    from aiohttp import web
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*pair)
+    runner = web.AppRunner(web.Application(), access_log=None)
+    runner.app.router.add_route("*", "/{tail:.*}", answer)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    return runner
 
 
 def served_cn(port: int, ctx: ssl.SSLContext) -> tuple[str, str | None]:
@@ -137,8 +150,6 @@ async def test_https_upstream_verified_against_ca_file_refused_without_it(make_r
     from aiohttp import web
 
     cert, key = make_cert(tmp_path / "up", "upstream", 7)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
 
     async def answer(req: web.Request) -> web.StreamResponse:
         body = await req.read()
@@ -149,12 +160,8 @@ async def test_https_upstream_verified_against_ca_file_refused_without_it(make_r
             return r
         return web.json_response({"got": len(body), "host": req.headers["Host"]})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     up = free_port()
-    await web.TCPSite(runner, "127.0.0.1", up, ssl_context=ctx).start()
+    runner = await https_site((cert, key), up, answer)
     port = free_port()
     try:
         relayd = make_relayd(f"""listen: 127.0.0.1:{port}
@@ -198,17 +205,8 @@ async def test_a_ca_bundle_rotated_in_place_is_trusted_after_reload(make_relayd,
     async def answer(req: web.Request) -> web.StreamResponse:
         return web.json_response({"ok": True})
 
-    async def serve(pair: tuple[Path, Path], port: int) -> web.AppRunner:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(*pair)
-        runner = web.AppRunner(web.Application(), access_log=None)
-        runner.app.router.add_route("*", "/{tail:.*}", answer)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-        return runner
-
     up, port = free_port(), free_port()
-    runner = await serve(one, up)
+    runner = await https_site(one, up, answer)
     r = make_relayd(f"""listen: 127.0.0.1:{port}
 upstreams:
   u: {{url: "https://127.0.0.1:{up}", provider: openai, api_key: k, tls: {{ca_file: {bundle}}}}}
@@ -220,7 +218,7 @@ routes:
             async with s.get(f"http://127.0.0.1:{port}/u/v1/models") as resp:
                 assert resp.status == 200, await resp.text()
             await runner.cleanup()
-            runner = await serve(two, up)  # the upstream's certificate now comes from the new CA
+            runner = await https_site(two, up, answer)  # a certificate from the new CA
             shutil.copyfile(two[0], bundle)
             r.signal(signal.SIGHUP)
             assert wait_for(lambda: reloads(r, "reload ok") == 1)

@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from aiohttp import http_writer
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
@@ -83,15 +84,24 @@ class UpstreamAnswer:
     """For a client response that relays an upstream's answer (``stream._Out``, the kept
     error of a failover route): aiohttp adds its own ``Server`` where none is set, and a
     proxy adds none; the upstream's own ``Server`` stays, whatever it says.  relayd's own
-    answers are the other responses (``server.Request._prepare_hook``)."""
+    answers are the other responses (``server.Request._prepare_hook``).
+
+    To an HTTP/1.0 client a body of unknown length ends with the connection (HTTP/1.0 has
+    no chunks): aiohttp omits the length yet kept a keep-alive connection open, so the
+    client's body never ended and its next answer landed inside it."""
 
     _headers: Any
+    _req: Any
+    _must_be_empty_body: bool | None
 
     async def _prepare_headers(self) -> None:
         upstream_server = "Server" in self._headers
         await super()._prepare_headers()  # type: ignore[misc]
         if not upstream_server:
             self._headers.popall("Server", None)
+        if (self._req.version < HttpVersion11 and "Content-Length" not in self._headers
+                and not self._must_be_empty_body):
+            self.force_close()  # type: ignore[attr-defined]
 
 
 def short_reason(message: object) -> str:

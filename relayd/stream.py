@@ -32,7 +32,6 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http import HttpVersion11 as _HTTP11
 
 from . import lean, providers
 from .clock import StreamClock
@@ -77,16 +76,6 @@ class _Out(UpstreamAnswer, web.StreamResponse):
     """
 
     _send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        assert self._req is not None
-        if (self._req.version < _HTTP11 and "Content-Length" not in self._headers
-                and not self._must_be_empty_body):
-            # HTTP/1.0 has no chunks: the body ends where the connection does.  aiohttp
-            # omits the header yet kept a keep-alive connection open, so the client's
-            # body never ended and its next answer landed inside it.
-            self.force_close()
 
 
 class _UntypedOut(_Out):

@@ -421,10 +421,11 @@ class Stream:
 
     def _beat(self) -> None:
         """The clock's heartbeat: only while reading, so never into a full client buffer,
-        and only at a block boundary, never inside a held event."""
+        only at a block boundary, never inside a held event, and never after the
+        provider's last word (a client may stop reading there: ``[DONE]``)."""
         tracker = self.tracker
         if (self._result is None and not self._blocked and tracker is not None
-                and tracker.at_boundary):
+                and tracker.at_boundary and not self.ended):
             self.heartbeats += 1
             tracker.interject()
             self._send([HEARTBEAT])

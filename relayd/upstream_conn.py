@@ -155,6 +155,10 @@ class Guarded(ResponseHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         payload = self._payload
+        if exc is not None:
+            # A body that ends with the connection (no length, HTTP/1.0 style) ends on
+            # aiohttp's ``feed_eof`` below, reset or not: a reset is a failure, said first.
+            self._fail_body(payload, exc)
         super().connection_lost(exc)
         self._fail_body(payload, exc)
         if self.sink is not None:

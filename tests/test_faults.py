@@ -34,6 +34,8 @@ def relay(tmp_path_factory, fake):
     text += """  - {path: /total/openai, upstream: openai, timeouts: {total: 1s, idle: 30s}}
   - {path: /total/anthropic, upstream: anthropic, timeouts: {total: 1s, idle: 30s}}
   - {path: /total/gemini, upstream: gemini, timeouts: {total: 1s, idle: 30s}}
+  - {path: /beat/local, upstream: generic, heartbeat: 100ms}
+  - {path: /beat/openai, upstream: openai, heartbeat: 100ms}
 """
     r = Relayd(tmp_path_factory.mktemp("faults"), text)
     r.port = port  # type: ignore[attr-defined]
@@ -208,6 +210,29 @@ async def test_generic_route_treats_clean_end_as_natural(relay, fake):
     async with aiohttp.ClientSession() as s:
         async with s.post(f"http://127.0.0.1:{relay.port}/local/v1/chat/completions", headers={"x-fake": sc}) as r:
             assert await r.read() == body[:cut]
+
+
+@pytest.mark.parametrize("route", ["/beat/local", "/beat/openai"])
+@pytest.mark.parametrize("fault", ["reset", "stall"])
+async def test_nothing_is_added_after_done(relay, fake, route, fault):
+    """After ``data: [DONE]`` the provider has said its last word, on a generic route (vLLM,
+    llama.cpp) as on OpenAI's: a reset or a stall before the body's end adds no
+    heartbeat and no error event, and the stream is logged done."""
+    body = fixture("openai-chat-usage.sse")
+    assert body.endswith(b"data: [DONE]\n\n")
+    sc = fake.add(f"done-{fault}", Scenario(body=body, fault=fault, fault_at=len(body)))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}{route}/v1/chat/completions",
+                          headers={"x-fake": sc}) as r:
+            got = b""
+            try:
+                async for part in r.content.iter_any():  # (the stall ends at idle: 400 ms)
+                    got += part
+            except aiohttp.ClientPayloadError:
+                pass
+    assert got == body
+    line = relay.wait_access(1, lambda a: a["path"].startswith(route) and a["request_id"] == r.headers["x-request-id"])[-1]
+    assert line["end_reason"] == "done" and line["heartbeats"] == 0
 
 
 async def test_non_sse_failure_closes_connection(relay, fake):

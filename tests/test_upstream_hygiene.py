@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 from typing import Awaitable, Callable
 
@@ -600,3 +601,54 @@ routes:
         assert (a.requests, b.requests) == (1, 0)
         m = await get_metrics(admin)
         assert metric(m, "relayd_upstream_attempts_total", upstream="a", outcome="connect_error") == 1
+
+
+def _reset_now(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed server's kernel would."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("provider", ["generic", "openai"])
+async def test_a_reset_on_a_body_that_ends_with_the_connection_is_a_failure(make_relayd, provider):
+    """A body without length (HTTP/1.0 style: it ends when the connection does) cut by a
+    reset: aiohttp's parser takes the end of the connection for the end of the body, reset
+    or not.  A reset is a failure — one upstream_reset event, not a clean end (generic)
+    or an "ended without its marker" (openai)."""
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + EV1 + EV1)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        _reset_now(writer)
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url, provider=provider), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={"stream": True}) as resp:
+                body = await resp.read()
+        assert body.startswith(EV1 + EV1) and body.count(b"\n\n") == 3, body
+        assert json.loads(body[2 * len(EV1):].split(b"data: ", 1)[1])["error"]["code"] == "upstream_reset"
+        assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"
+
+
+async def test_a_reset_ndjson_body_without_length_is_not_relayed_as_complete(make_relayd):
+    """The same reset on a body relayd cannot add an event to (Ollama's NDJSON): the client
+    connection ends without the final chunk, so the client sees a cut body."""
+    lines = b'{"message":{"content":"a"},"done":false}\n' * 3
+
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n" + lines)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        _reset_now(writer)
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url, provider="generic"), args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/api/chat", json={}) as resp:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.read()
+        assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"

@@ -152,6 +152,10 @@ class _Parser:
             end = data.find(b"\r\n", 0, 8192)
             self.first_line = bytes(data[:end if end >= 0 else 8192])
             self.conn.head_started()
+        elif in_body:
+            # A head that fails after this body's end, in this read, is not the request
+            # whose body this is: its error must not be logged under that request's line.
+            self.first_line = b""
         self._segment = None
         try:
             result = self._real.feed_data(data)
@@ -160,6 +164,13 @@ class _Parser:
                 self._fail_body(self._body, exc)
             return self._recover(bytes(data), exc, clean)
         messages = result[0]
+        if messages and messages[-1][0].upgrade and not result[1]:
+            # llhttp stops after a request asking for an upgrade aiohttp does not take
+            # (h2c: ``curl --http2`` on http://), and aiohttp drops the rest of the read: a
+            # request pipelined behind it would wait unanswered until client_keepalive.
+            # The connection closes after the answer instead, which tells a client to
+            # send again what it did not get an answer to (RFC 9112 §9.3.2).
+            self.conn._close = True
         if messages:
             # The parser pauses when the requests queued and not yet handled reach its cap:
             # it may have stopped short of the end of this read.  (One below the cap: the

@@ -238,6 +238,31 @@ def test_valid_then_malformed_in_one_segment_both_answered(shared) -> None:
     assert any(l["request_id"] == "first-one" for l in lines)
 
 
+def test_a_bad_head_after_an_unread_body_is_not_logged_as_that_request(shared) -> None:
+    """relayd answered a request without reading its body; a malformed head that follows
+    the body in the same read gets its own 400, not the first request's method and path
+    (nor its route's error format and metrics)."""
+    n = len(shared.access())
+    got = responses(exchange(shared.port, b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",
+                             then=b"helloTOTALLY BOGUS\r\n\r\n"))
+    assert [g[0] for g in got] == [404, 400]
+    lines = shared.wait_access(n + 2)[n:]
+    assert [(l["status"], l["path"]) for l in lines][0] == (404, "/nowhere")
+    assert lines[1]["status"] == 400 and lines[1]["path"] != "/nowhere", lines[1]
+
+
+def test_a_request_pipelined_behind_an_h2c_upgrade_is_not_left_hanging(shared) -> None:
+    """``Upgrade: h2c`` (what curl --http2 sends on http://) makes aiohttp drop the rest of
+    the read: the upgrade request is answered and the connection closes at once, so the
+    client sends the second request again, instead of waiting for client_keepalive."""
+    start = time.monotonic()
+    data = exchange(shared.port, b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+                    b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\n\r\n", timeout=8)
+    assert time.monotonic() - start < 4
+    assert [g[0] for g in responses(data)][:1] == [200]
+
+
 # -- Server header
 
 

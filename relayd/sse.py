@@ -122,6 +122,8 @@ class BoundaryTracker:
                         start = 0
                     else:
                         start = 3
+                else:
+                    start = 0  # held back as a would-be BOM, never scanned
             end = self._scan(held, start)
             if end > 0:
                 out = bytes(held[:end])

@@ -359,7 +359,8 @@ class Stream:
                     if ends is not None and not self.ended and ends(out):
                         self.ended = True
                     meter.observe_events(out)
-                    self.last_block = out
+                    if b"data:" in out:  # (not a gateway's comment keep-alive: the error
+                        self.last_block = out  # event continues the last event's numbers)
                     if self.crlf is None:
                         self.crlf = b"\r" in out
                     outs.append(out)

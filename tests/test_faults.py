@@ -125,6 +125,24 @@ async def test_fault_matrix(relay, fake, kind, fault, chunking):
         assert seqs == list(range(len(seqs)))
 
 
+@pytest.mark.parametrize("keepalive", [b": keep-alive\n\n", b"event: keepalive\n\n"])
+async def test_responses_error_continues_the_numbering_after_a_keepalive(relay, fake, keepalive):
+    """A gateway's keep-alive (a comment, an event without data) between the last numbered
+    event and a reset: the error event still continues the stream's sequence_number."""
+    body = fixture("openai-responses.sse")
+    cut = block_ends(body)[4]
+    sc = fake.add(f"seq-{len(keepalive)}", Scenario(body=body[:cut] + keepalive, fault="reset",
+                                                    fault_at=cut + len(keepalive),
+                                                    chunking="lines", delay=0.005))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/openai/v1/responses",
+                          headers={"x-fake": sc}, json={}) as r:
+            got = await r.read()
+    assert got.startswith(body[:cut] + keepalive)
+    seqs = [json.loads(d)["sequence_number"] for _, d in sse_events(got) if d]
+    assert len(seqs) > 3 and seqs == list(range(len(seqs)))
+
+
 def sdk_target(relay, kind: str, fault: str, api_path: str, fake) -> tuple[str, str]:
     """(base URL for an SDK, scenario name) for one fault on one provider's route."""
     sc, _, _, route = scenario_for(kind, fault, "random")

@@ -195,3 +195,14 @@ def test_a_tiny_cap_loses_alignment_only_while_an_event_outgrows_it(body, cuts, 
         if t.at_boundary:
             assert pos == 0 or pos in ends or data[pos - 1] == 0x0D
     assert data[:pos] + t.tail == data
+
+
+@pytest.mark.parametrize("reads", [[b"\xef", b"\ndata: x"], [b"\xef\xbb", b"\r\ndata: x"],
+                                   [b"\xef", b"\rdata: x"]])
+def test_bytes_held_as_a_would_be_bom_are_scanned_when_it_is_not_one(reads):
+    """A stream that begins like a BOM (0xEF) and is not one: the held bytes start a line,
+    so a line end in the next read ends that line — it is no blank line, and nothing is
+    released there (as when the same bytes come in one read)."""
+    t, whole = BoundaryTracker(), BoundaryTracker()
+    assert b"".join(t.feed(r) for r in reads) == whole.feed(b"".join(reads)) == b""
+    assert t.blocks == whole.blocks == 0 and t.tail == b"".join(reads)

@@ -347,13 +347,15 @@ class App:
         parse), with its own access line: the request line is all relayd knows of it."""
         parts = first_line.decode("latin-1").split(" ")
         method, target = (parts[0][:16], parts[1]) if len(parts) == 3 else ("-", "-")
-        path = target.partition("?")[0]
+        if "://" in target[:16]:  # absolute form: the path only (no host, no userinfo)
+            target = "/" + target.partition("://")[2].partition("/")[2]
+        path = target.partition("?")[0].partition("#")[0]
         ex = Exchange(request_id(None), method, path, request.remote)
         table = self.table
         assert table is not None
         match = table.match(path) if path.startswith("/") else None
-        code = {431: "request_header_too_large", 505: "http_version_not_supported"}.get(
-            status, "invalid_request")
+        code = {431: "request_header_too_large", 505: "http_version_not_supported",
+                500: "internal_error"}.get(status, "invalid_request")
         resp = self._refuse(ex, match, status, why, code)
         ex.end = End.DONE if status < 500 else End.ERROR
         self.metrics.finished(ex)

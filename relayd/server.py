@@ -38,7 +38,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
-from . import lean
+from . import lean, logs
 from .allow import GATES
 from .headers import UpstreamAnswer, short_reason
 from .tls import ListenerCert
@@ -348,6 +348,10 @@ class Connection(web.RequestHandler):
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """A JSON error (not aiohttp's plain text) with an access line, then close."""
+        if status == 500 and exc is not None:
+            # A relayd bug that escaped the handler: said before anything else, even when
+            # the answer has begun and all that is left is to drop the connection.
+            self.log_exception("handle_error", exc_info=exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         first = self._parser.first_line if isinstance(self._parser, _Parser) else b""
@@ -360,11 +364,17 @@ class Connection(web.RequestHandler):
             why = f"malformed request: {_short(exc)}"
         else:
             why = "internal error" if status == 500 else "timed out"
-            if exc is not None:
-                self.logger.error("request failed outside the handler", exc_info=exc)
         resp = self._reject(request, status, why, first)
         resp.force_close()
         return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's error lines (a relayd bug it caught: ``Unhandled exception``) go to
+        relayd's log; aiohttp's own loggers are silenced, their tracebacks being mostly
+        client noise."""
+        exc = kw.get("exc_info")
+        logs.get().error("request failed outside the handler", where=str(args[0]) if args else None,
+                         exc_info=exc if isinstance(exc, BaseException) else True)
 
 
 def _short(exc: BaseException | None) -> str:

@@ -671,3 +671,55 @@ async def test_an_http2_preface_gets_a_505_that_says_so(tmp_path, fake) -> None:
     assert [g[0] for g in got] == [505], data[:300]
     error = json.loads(got[0][2])["error"]
     assert error["code"] == "http_version_not_supported" and "HTTP/2 is not supported" in error["message"]
+
+
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_relayd_bug_outside_the_handler_is_logged(tmp_path, fake, capsys, started) -> None:
+    """A bug that escapes the request handler (aiohttp catches it) is an error line with
+    its traceback — aiohttp's own loggers are silenced — and, before the answer began, a
+    JSON 500 that says internal_error; after, the connection is dropped."""
+    from relayd import logs
+    path = tmp_path / "bug.yaml"
+    path.write_text(basic_config(fake.url, free_port()))
+    app = App(config_mod.load(str(path)))
+
+    async def broken(request: Any) -> Any:
+        if started:
+            resp = aiohttp.web.StreamResponse()
+            await resp.prepare(request)
+            await resp.write(b"partial")
+        raise KeyError("injected")
+
+    logs.configure("info")
+    server = ClientServer(broken, lambda: app.config, app.reject)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    try:
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /openai/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = await read_all(reader, 5)
+        writer.close()
+    finally:
+        listener.close()
+        await server.shutdown(0.1)
+        await app.registry.close()
+    if started:
+        assert b"partial" in got and got.endswith(b"<EOF>")
+    else:
+        (status, _, body), = responses(got)
+        assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    bug = [l for l in lines if l["event"] == "request failed outside the handler"]
+    assert bug and bug[0]["level"] == "error" and "KeyError" in bug[0]["exception"]
+
+
+def test_a_malformed_absolute_form_request_logs_its_path_only(shared) -> None:
+    """The access line of a request that failed to parse names its path, never the
+    authority (userinfo can be credentials) or the query of an absolute-form target."""
+    n = len(shared.access())
+    (status, _, _), = responses(exchange(
+        shared.port, b"GET http://user:pw-SECRET@host/openai/v1/x?key=k-SECRET HTTP/1.1\r\nBad Header\r\n\r\n"))
+    assert status == 400
+    line = shared.wait_access(n + 1)[-1]
+    assert line["path"] == "/openai/v1/x" and line["route"] == "/openai"
+    assert "SECRET" not in json.dumps(line)

@@ -367,8 +367,9 @@ class App:
     def _forwarded(ex: Exchange, fw: Forwarded) -> None:
         ex.attempts, ex.upstream, ex.status, ex.end = fw.attempts, fw.upstream, fw.status, fw.reason
         ex.queued = fw.queued
-        if fw.resp is not None:
+        if fw.resp is not None or fw.relayed:
             ex.ttfb = ex.duration
+        ex.bytes_out = fw.relayed
 
     def _access(self, ex: Exchange) -> None:
         """Queue the request's access line; a few are written per loop turn.

@@ -66,6 +66,7 @@ class Forwarded:
     error: web.Response | None = None
     reason: End = End.DONE
     status: int = 0
+    relayed: int = 0  # body bytes of a kept upstream answer sent instead (``error``)
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
@@ -105,6 +106,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             raise _Failure(End.BODY_INVALID, 400, str(exc)) from None
 
     kept_error: web.Response | None = None
+    kept_from: str | None = None  # the upstream that sent it
     last_failure: _Failure | None = None
     candidates = _order(match.targets)
     for i, target in enumerate(candidates):
@@ -162,7 +164,9 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f"status_{resp.status}",
                         cause=f"upstream answered {resp.status}")
             try:
-                kept_error = await _keep(resp, request_id, timeouts) or kept_error
+                kept = await _keep(resp, request_id, timeouts)
+                if kept is not None:
+                    kept_error, kept_from = kept, up.name
             finally:
                 target.pool.release()
             last_failure = None
@@ -175,6 +179,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
     if kept_error is not None and last_failure is not None:
         # Every upstream failed; the last real provider answer says more than relayd can.
         out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
+        # The access line names the upstream whose answer the client got, and its bytes.
+        out.upstream, out.relayed = kept_from, len(kept_error.body or b"")
         return out
     _refused(out, last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
              provider, request_id)

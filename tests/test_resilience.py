@@ -178,6 +178,12 @@ async def test_all_failed_relays_last_upstream_error(relay, fake):
             # the only answer came from the first upstream: relay it as is
             assert r.status == 429
             assert await r.read() == fixture("errors/openai-429-rate-limit.json")
+            rid = r.headers["x-request-id"]
+    # its access line names the upstream that answered, and the bytes the client got
+    line = relay.wait_access(1, where=lambda l: l["request_id"] == rid)[-1]
+    assert line["upstream"] == "r429" and line["status"] == 429 and line["attempts"] == 2
+    assert line["bytes_out"] == len(fixture("errors/openai-429-rate-limit.json"))
+    assert line["ttfb_ms"] is not None
 
 
 async def test_no_retry_for_bodies_over_8mib(relay, fake):

@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import lean, providers
+from . import lean, logs, providers
 from .clock import StreamClock
 from .exchange import End
 from .forward import fmt
@@ -309,26 +309,33 @@ class Stream:
         if self._result is not None:
             pending.clear()
             return
-        outs = []
-        if pending:
-            clock = self._clock
-            assert clock is not None
-            clock.last = clock.loop.time()
-            self._feed(pending, outs)
+        try:
+            outs = []
+            if pending:
+                clock = self._clock
+                assert clock is not None
+                clock.last = clock.loop.time()
+                self._feed(pending, outs)
+                pending.clear()
+            content = self.resp.content
+            if content._eof or content._exception is not None:  # (is_eof(), exception())
+                tail = self._end()
+                if tail:
+                    outs.append(tail)
+            # A chunked body that ended here ends in the same write as its last bytes: the
+            # client's SDK waits for the final chunk, which would otherwise wait for this
+            # request's handler to run again (behind every other stream ending with it).
+            last = self._result is End.DONE and self._chunked
+            if outs or last:
+                self.bytes_out += self._send(outs, last)  # the upstream's: heartbeats do not count
+                if last and self._result is End.DONE:  # (not if the client turned out gone)
+                    self._writer._eof = True  # aiohttp's write_eof: nothing left to write
+        except Exception:
+            # A relayd bug here runs in the upstream connection's callback, not in the
+            # handler: the stream would wait for ``idle`` and blame the upstream's silence.
             pending.clear()
-        content = self.resp.content
-        if content._eof or content._exception is not None:  # (aiohttp's is_eof(), exception())
-            tail = self._end()
-            if tail:
-                outs.append(tail)
-        # A chunked body that ended here ends in the same write as its last bytes: the
-        # client's SDK waits for the final chunk, which would otherwise wait for this
-        # request's handler to run again (behind every other stream ending with it).
-        last = self._result is End.DONE and self._chunked
-        if outs or last:
-            self.bytes_out += self._send(outs, last)  # the upstream's bytes: heartbeats do not count
-            if last and self._result is End.DONE:  # (not if the client turned out gone)
-                self._writer._eof = True  # aiohttp's write_eof: nothing left to write
+            self._result = End.ERROR
+            logs.get().error("internal error", request_id=self.request_id, exc_info=True)
         if self._result is not None or self._blocked:
             self._wake()
 

@@ -723,3 +723,34 @@ def test_a_malformed_absolute_form_request_logs_its_path_only(shared) -> None:
     line = shared.wait_access(n + 1)[-1]
     assert line["path"] == "/openai/v1/x" and line["route"] == "/openai"
     assert "SECRET" not in json.dumps(line)
+
+
+async def test_a_relayd_bug_in_the_push_path_ends_the_stream_at_once(tmp_path, fake, capsys, monkeypatch) -> None:
+    """A bug in the per-event path runs in the upstream connection's callback: the stream
+    ends at once with relayd's own error (logged with its traceback), not at ``idle`` as
+    the upstream's silence."""
+    from relayd import logs, stream
+    from fakes import fixture
+    body = fixture("openai-chat-usage.sse")
+    sc = fake.add("push-bug", Scenario(body=body, chunking="lines", delay=0.01))
+    real, calls = stream.Stream._feed, []
+
+    def feed(self: Any, pieces: Any, outs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        real(self, pieces, outs)
+
+    monkeypatch.setattr(stream.Stream, "_feed", feed)
+    logs.configure("info")
+    async with inproc(tmp_path, fake.url) as port:
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                              headers={"x-fake": sc}, json={}) as r:
+                got = await r.read()
+    assert time.monotonic() - start < 3
+    error = json.loads(got.rstrip().rsplit(b"\n\n", 1)[-1].split(b"data: ", 1)[1])["error"]
+    assert error["code"] == "error" and "internal error" in error["message"]
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert any(l["event"] == "internal error" and "RuntimeError" in l["exception"] for l in lines)

@@ -180,7 +180,11 @@ class Stream:
                 # A client that reads nothing would hold a flushing close open: abort.
                 transport = self.request.transport
                 if transport is not None:
-                    transport.abort() if self.stalled else transport.close()
+                    if self.stalled:  # what relayd still held never reaches the client
+                        self.bytes_out = max(0, self.bytes_out - transport.get_write_buffer_size())
+                        transport.abort()
+                    else:
+                        transport.close()
             ok = reason == End.DONE
             return reason
         except ConnectionError:

@@ -92,6 +92,21 @@ async def test_client_that_stops_reading_is_ended_by_the_send_timeout(fake, make
         w.close()
 
 
+async def test_bytes_out_of_an_aborted_stream_counts_only_what_left_relayd(fake, make_relayd):
+    """A client ended by ``send``: the bytes relayd still held are dropped with the
+    connection, so they are not in ``bytes_out`` (nor in relayd_bytes_total)."""
+    r, port, admin, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60",
+                                  20_000)
+    reader, writer = await stalled_reader(port, "/one/v1/chat/completions", sc)
+    line = r.wait_access(1, where=lambda l: l["end_reason"] == "send_timeout", timeout=10)[-1]
+    reader._transport.resume_reading()  # type: ignore[attr-defined]
+    got = 0
+    while chunk := await asyncio.wait_for(reader.read(65536), 10):
+        got += len(chunk)  # (with its chunk framing: more than the body bytes)
+    writer.close()
+    assert 0 < line["bytes_out"] <= got, (line["bytes_out"], got)
+
+
 async def test_stalled_readers_hold_bounded_memory(fake, make_relayd):
     """Per stalled reader relayd holds its socket buffers and about one read, not megabytes."""
     r, port, _, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 60, send: 60s, total: 120",

@@ -91,6 +91,7 @@ class AdminRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]]) -> None:
         app.middlewares.append(_still_admitted)
+        app.on_response_prepare.append(_server_name)
         super().__init__(app, access_log=None, handle_signals=False)
         self._allow = allow
 
@@ -131,6 +132,23 @@ class AdminConnection(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._refused:
             super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """As on the client listener: a short JSON error, never aiohttp's plain text
+        that quotes the request's bytes back, nor its name and version."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        why = "malformed request" if status == 400 else "internal error" if status == 500 else "error"
+        resp = web.json_response({"error": {"message": why, "status": status}}, status=status,
+                                 headers={"Server": "relayd"})
+        resp.force_close()
+        return resp
+
+
+async def _server_name(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "relayd"  # (not aiohttp's name and version)
 
 
 @web.middleware

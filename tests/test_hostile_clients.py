@@ -754,3 +754,16 @@ async def test_a_relayd_bug_in_the_push_path_ends_the_stream_at_once(tmp_path, f
     assert error["code"] == "error" and "internal error" in error["message"]
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert any(l["event"] == "internal error" and "RuntimeError" in l["exception"] for l in lines)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_admin_listener_answers_garbage_like_the_client_listener(make_relayd, fake, workers) -> None:
+    """A malformed head on the admin listener: a short JSON 400 with ``Server: relayd``, not
+    aiohttp's plain text quoting the request's bytes back with its name and version."""
+    port, admin = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, admin), args=["--workers", workers])
+    (status, headers, body), = responses(exchange(admin, b"GET /metrics HTTP/1.1\r\nBad <script>Header\r\n\r\n"))
+    assert status == 400 and headers["server"] == "relayd"
+    assert headers["content-type"].startswith("application/json") and b"script" not in body
+    (status, headers, _), = responses(exchange(admin, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert status == 404 and headers["server"] == "relayd"

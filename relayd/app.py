@@ -169,7 +169,7 @@ class App:
         """Build the table for a new config and make it current (one reference swap)."""
         pools = self.registry.build(config.upstreams.values())
         self.generation += 1
-        table = RouteTable(config, pools, self.generation, ClientTable(config.clients))
+        table = RouteTable(config, pools, self.generation, ClientTable(config.clients, config.client_keys))
         old, self.table = self.table, table
         if old is not None:
             old.supersede()

@@ -45,8 +45,10 @@ class Refusal:
 class ClientTable:
     """The configured clients of one generation, indexed by the sha256 of their key."""
 
-    def __init__(self, clients: tuple[Client, ...]) -> None:
-        self.active = bool(clients)
+    def __init__(self, clients: tuple[Client, ...], required: bool = False) -> None:
+        # ``required``: the config has a clients: section, even an empty one (then every
+        # request is refused: revoking the last client must not open relayd to everyone).
+        self.active = required or bool(clients)
         self._by_digest: dict[bytes, Client] = {c.key_sha256: c for c in clients}
         self._routes: dict[str, frozenset[str] | None] = {
             c.name: None if c.routes is None else frozenset(c.routes) for c in clients}

@@ -332,6 +332,9 @@ class Config:
     upstreams: Mapping[str, Upstream] = setting(REQUIRED, _upstreams, "name: {url, provider, ...}")
     routes: tuple[Route, ...] = setting(REQUIRED, _routes, "list of {path, upstream, ...}")
     clients: tuple[Client, ...] = setting((), _clients, "name: {key | key_file | ..., routes}")
+    # A ``clients:`` section, even an empty one, means client keys are required: revoking
+    # the last client must refuse everyone, not turn the check off (nginx's empty htpasswd).
+    client_keys: bool = False
     secrets: frozenset[str] = field(default=frozenset(), repr=False)  # for log scrubbing
     warnings: tuple[str, ...] = ()
 
@@ -356,9 +359,10 @@ def _loopback(listen: Listen) -> bool:
 _SHORT_KEY = 16  # client keys shorter than this get a warning
 
 
-def listen_warnings(listen: Listen, admin: Listen | None, clients: Any, upstreams: Any) -> list[str]:
-    """What the listeners expose.  Also asked again when a reload keeps the running
-    listeners: the file's addresses are then not the ones that serve."""
+def listen_warnings(listen: Listen, admin: Listen | None, clients: bool, upstreams: Any) -> list[str]:
+    """What the listeners expose (``clients``: are client keys required).  Also asked again
+    when a reload keeps the running listeners: the file's addresses are then not the ones
+    that serve."""
     out = []
     if admin is not None and not admin.overlaps(listen) and not _loopback(admin):
         out.append(f"admin_listen {admin} is not a loopback address: /metrics and "
@@ -374,7 +378,11 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
     if admin is not None and admin.overlaps(listen):
         w.error(items["admin_listen"][1], "admin_listen", f"{admin} overlaps listen ({listen}): "
                                                           f"give the admin endpoints their own port")
-    warnings = listen_warnings(listen, admin, v["clients"], v["upstreams"].values())
+    v["client_keys"] = keys_on = "clients" in items
+    warnings = listen_warnings(listen, admin, keys_on, v["upstreams"].values())
+    if keys_on and not v["clients"]:
+        warnings.append("clients: lists no client: every request is refused (401) until one is "
+                        "added; remove the section to serve without client keys")
     routes = {r.path for r in v["routes"]}
     owners: dict[bytes, str] = {}
     for c in v["clients"]:

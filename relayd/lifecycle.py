@@ -289,12 +289,12 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
         log.warning("listen address changes need a restart; keeping the old listeners",
                     listen=str(old.listen), wanted=str(new.listen),
                     admin_listen=str(old.admin_listen), wanted_admin=str(new.admin_listen))
-        unapplied = config_mod.listen_warnings(new.listen, new.admin_listen, new.clients,
+        unapplied = config_mod.listen_warnings(new.listen, new.admin_listen, new.client_keys,
                                                new.upstreams.values())
         new = replace(new, listen=old.listen, admin_listen=old.admin_listen)
         # the warnings of the listeners that serve, not of the file's addresses
         new = replace(new, warnings=tuple(config_mod.listen_warnings(
-            new.listen, new.admin_listen, new.clients, new.upstreams.values()))
+            new.listen, new.admin_listen, new.client_keys, new.upstreams.values()))
             + tuple(w for w in new.warnings if w not in unapplied))
     if (new.tls is None) != (old.tls is None):
         # A new listener is a restart's job.  The config keeps the running side, so a

@@ -274,6 +274,32 @@ clients:
     assert await status("rk-dave-0004") == 200
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_revoking_the_last_client_refuses_everyone(make_relayd, fake, workers):
+    """README: to revoke a key, remove its entry and reload.  Removing the last one leaves
+    an empty clients: section, which refuses every request (as an empty htpasswd file
+    does nginx), with a warning; it must not turn the key check off."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=f'clients:\n  alice: {{key: "{ALICE}"}}\n'),
+                    args=["--workers", workers])
+    sc = fake.add("cl-last", Scenario(body=b'{"ok":true}', content_type="application/json"))
+
+    async def status(key: str | None) -> int:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions", json={},
+                              headers={"x-fake": sc, **({"Authorization": f"Bearer {key}"} if key else {})}) as resp:
+                return resp.status
+
+    assert await status(ALICE) == 200 and await status(None) == 401
+    fake.reset_stats()
+    r.config.write_text(basic_config(fake.url, port, top="clients:\n  # alice: revoked\n"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+    assert wait_for(lambda: any("lists no client" in (l.get("warning") or "") for l in r.logs()))
+    assert [await status(k) for k in (ALICE, None, "anything")] == [401, 401, 401]
+    assert not fake.requests  # nothing reached the upstream on the operator's key
+
+
 async def test_api_key_file_reread_on_reload(make_relayd, fake, tmp_path):
     port = free_port()
     keyfile = tmp_path / "openai.key"

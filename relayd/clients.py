@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Client
-from .providers import CLIENT_CREDENTIALS, Provider
+from .providers import CLIENT_CREDENTIALS, Provider, drop_params
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,7 @@ def _without_value(query: str, key: str | None) -> str:
     relayd's key, not the upstream's business."""
     if not key or not query:
         return query
-    parts = query.split("&")
-    kept = [p for p in parts if unquote(p.partition("=")[2]) != key]
-    return query if len(kept) == len(parts) else "&".join(kept)
+    return drop_params(query, lambda p: unquote(p.partition("=")[2]) == key)
 
 
 class Forwardable:

@@ -404,6 +404,13 @@ def test_presented_key_spots_and_query_edit():
     # the name as the upstream decodes it: %6Bey (or k%65y) is key
     assert gem.without_key_param("alt=sse&%6Bey=CLIENT&k%65y=2&%6bey") == "alt=sse"
     assert gem.presented_key(CIMultiDict(), "%6Bey=k9") == "k9"
+    # ";" separates too (some servers split on it): the credential is gone either way
+    assert gem.without_key_param("alt=sse;key=K&x=1") == "alt=sse&x=1"
+    assert gem.without_key_param("key=K;alt=sse") == "alt=sse"
+    from relayd.clients import _without_value
+    assert _without_value("k=rk-1;x=1", "rk-1") == "x=1"
+    assert _without_value("a=1;b=2&k=rk-1", "rk-1") == "a=1;b=2"
+    assert _without_value("a=1;b=2", "rk-1") == "a=1;b=2"
 
 
 def test_gate_counts_and_rate_limits(monkeypatch):

@@ -32,6 +32,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from . import lean, logs, providers
 from .clock import StreamClock
@@ -39,9 +40,11 @@ from .exchange import End
 from .forward import fmt
 from .headers import UpstreamAnswer, for_client, media_type
 from .sse import BoundaryTracker
+from .upstream_http import Response
 from .usage import Unmetered, Usage, UsageMeter
 
 HEARTBEAT = b": keep-alive\n\n"
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _WRITELINES = 16384  # from this size a chunk is sent with its framing by writev, not copied
 
 
@@ -116,6 +119,10 @@ class Stream:
         out = _Out if "Content-Type" in resp.headers else _UntypedOut
         self.out = out(status=resp.status, reason=resp.reason,
                        headers=for_client(resp.headers, request_id, sse))
+        if type(resp) is Response:  # (aiohttp's own ClientResponse keeps its head)
+            # Copied for the client: a held stream does not keep the upstream's head too
+            # (a provider's is 20-odd headers, rate limits and cookies, about 1.5 KB).
+            resp.headers = _NO_HEADERS
         self.committed = False
         # A compressed SSE body cannot be split into events: it is piped, never added to.
         # Nor is an answer without a body (HEAD, 204, 304): an error event after it would
@@ -170,6 +177,8 @@ class Stream:
         try:
             writer = await self.out.prepare(self.request)
             self.committed = True
+            # The head is serialized in the writer now; its headers are not read again.
+            self.out._headers = CIMultiDict()
             reason = await self._copy(writer)
             if reason is End.CLIENT_GONE:
                 return reason

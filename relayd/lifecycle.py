@@ -37,6 +37,8 @@ from .listeners import ListenError, bind
 from .allow import AdminRunner
 from .server import ClientServer, FdShortage, FdWatch, log_warnings
 
+_TLS_SHUTDOWN = 3.0  # seconds a closing TLS client connection waits for close_notify
+
 
 def notify(message: str) -> bool:
     """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET (path or @abstract)."""
@@ -149,11 +151,16 @@ class Daemon(Reloads):
         # client_header covers the handshake too (asyncio's default is 60 s); the value at
         # start holds until a restart
         handshake = self.app.config.limits.client_header if tls is not None else None
+        # A TLS connection relayd closes (a late head, an idle keep-alive) sends close_notify
+        # and waits for the client's: 3 s at most, as nginx (asyncio's default, 30 s, kept a
+        # silent client's descriptor that much longer than the deadline that ended it).
+        shutdown = {"ssl_shutdown_timeout": _TLS_SHUTDOWN} if tls is not None else {}
         try:
             for sock in socks:
                 self.listeners.append(await loop.create_server(
                     self.server, sock=sock, backlog=1024, ssl=tls,
-                    ssl_handshake_timeout=handshake if handshake and handshake > 0 else None))
+                    ssl_handshake_timeout=handshake if handshake and handshake > 0 else None,
+                    **shutdown))
         except OSError as exc:
             raise ListenError("listen", self.app.config.listen, exc) from None
 

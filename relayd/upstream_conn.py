@@ -267,21 +267,22 @@ class Guarded(ResponseHandler):
                                         and transport.get_write_buffer_size() > 0)
 
     def close(self) -> None:
-        """A transport closed with bytes still unsent waits for the upstream to take them:
+        """Closed means gone now: the connection is aborted, never closed gracefully.
+
+        A transport closed with bytes still unsent waits for the upstream to take them:
         forever, if it stopped reading, with its descriptor and buffers (and the upstream
-        may yet receive a whole request from a client long gone).  Such a connection is
-        aborted; one with nothing left to send closes as usual."""
+        may yet receive a whole request from a client long gone); such a close is a reset.
+        And a TLS transport's graceful close sends close_notify and then waits up to 30 s
+        for the upstream's, reading on: a provider whose client left went on generating
+        (and billing) a stream nobody read.  An abort closes the socket at once, as
+        nginx's upstream close does without waiting for the peer."""
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size():
             _reset(transport)
-            self.abort()
-        else:
-            super().close()
+        self.abort()
 
     @staticmethod
     def _shut(transport: Any) -> None:
         if transport.get_write_buffer_size():
             _reset(transport)
-            transport.abort()
-        else:
-            transport.close()
+        transport.abort()

@@ -79,9 +79,17 @@ def _tls_keyed(ca_file: str | None) -> tuple[tuple[str | None, object], ssl.SSLC
     if ctx is None:
         if len(_CONTEXTS) >= 64:  # bundles renewed many times over: start afresh
             _CONTEXTS.clear()
-        ctx = ssl.create_default_context(cadata=data.decode("latin-1") if data is not None else None)
-        if data is not None and not ctx.get_ca_certs():
-            raise ssl.SSLError(f"no certificate found in {ca_file}")
+        if data is None:
+            ctx = ssl.create_default_context()
+        else:
+            # The bundle's CAs only: create_default_context(cadata=...) takes an empty
+            # bundle (a file truncated by a deploy) for none given and trusts the whole
+            # system store instead.
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if data.strip():
+                ctx.load_verify_locations(cadata=data.decode("latin-1"))
+            if not ctx.get_ca_certs():
+                raise ssl.SSLError(f"no certificate found in {ca_file}")
         _CONTEXTS[key] = ctx
     return key, ctx
 

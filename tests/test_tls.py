@@ -8,13 +8,15 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from conftest import basic_config
+from conftest import ROOT, basic_config
 from fakes import Scenario, free_port
 from relayd import config as config_mod
 from relayd.config import ConfigError
@@ -320,3 +322,99 @@ async def test_tls_turned_on_by_a_reload_waits_for_a_restart_in_every_worker(mak
             async with s.get(f"http://127.0.0.1:{port}/local/echo", headers={"Connection": "close"}) as resp:
                 assert resp.status == 200
     assert victim not in children(r.proc.pid)
+
+
+async def test_a_client_leaving_closes_an_https_upstream_at_once(make_relayd, tmp_path):
+    """Cancellation reaches a TLS upstream as it does a plain one: the connection is
+    aborted, not closed gracefully (close_notify, then up to 30 s waiting for the
+    upstream's while reading on) — a provider that does not answer close_notify went on
+    generating for nobody.  The upstream here is such a server: blocking writes, one
+    event per 50 ms, until a write fails."""
+    import threading
+
+    cert, key = make_cert(tmp_path / "up", "upstream", 11)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    gone: list[float] = []
+
+    def serve() -> None:
+        raw, _ = listener.accept()
+        with ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                for i in range(400):
+                    event = b'data: {"n":%d}\n\n' % i
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                    time.sleep(0.05)
+            except (OSError, ssl.SSLError):
+                gone.append(time.monotonic())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = free_port()
+    try:
+        make_relayd(f"""listen: 127.0.0.1:{port}
+upstreams:
+  u: {{url: "https://127.0.0.1:{listener.getsockname()[1]}", provider: openai, api_key: k, tls: {{ca_file: {cert}}}}}
+routes:
+  - {{path: /u, upstream: u}}
+""")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={}) as r:
+                assert (await r.content.readuntil(b"\n\n")).startswith(b"data:")
+                left = time.monotonic()
+        for _ in range(100):  # the upstream notices at its next writes (50 ms apart)
+            if gone:
+                break
+            await asyncio.sleep(0.05)
+        assert gone and gone[0] - left < 2, gone
+    finally:
+        listener.close()
+        thread.join(25)
+
+
+def test_an_empty_ca_file_is_an_error_not_the_system_store(tmp_path):
+    """An empty bundle (a file truncated by a deploy) made the context load the system
+    CAs: trust widened from one private CA to every public one, and check said ok."""
+    empty = tmp_path / "empty.pem"
+    empty.write_text("\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""listen: 127.0.0.1:{free_port()}
+upstreams:
+  u: {{url: "https://127.0.0.1:9", provider: openai, api_key: k, tls: {{ca_file: {empty}}}}}
+routes:
+  - {{path: /u, upstream: u}}
+""")
+    out = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", str(cfg)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and f"{cfg}:3: upstreams.u.tls.ca_file: not a PEM certificate bundle" in out.stderr, out
+    assert "no certificate" in out.stderr
+
+
+def test_a_silent_tls_client_is_let_go_soon_after_its_deadline(make_relayd, fake, tmp_path):
+    """A TLS client relayd closes (here: no request head within client_header) gets
+    close_notify; relayd then waits for the client's own at most 3 s, as nginx, not
+    asyncio's 30 s with the descriptor held."""
+    live = make_cert(tmp_path / "live", "relayd-one", 1)
+    port = free_port()
+    make_relayd(basic_config(fake.url, port, top=f"tls: {{cert: '{live[0]}', key: '{live[1]}'}}\n"
+                                                 "limits: {client_header: 1s}"))
+    raw = socket.create_connection(("127.0.0.1", port), 5)
+    try:
+        tls = trust(live[0]).wrap_socket(raw, server_hostname="127.0.0.1")  # handshake, then silence
+        start = time.monotonic()
+        raw_fd = socket.socket(fileno=socket.dup(tls.fileno()))  # bytes below TLS: never answer close_notify
+        raw_fd.settimeout(40)
+        while raw_fd.recv(65536):  # close_notify arrives at ~1 s, then the TCP close
+            pass
+        assert time.monotonic() - start < 6
+        raw_fd.close()
+    finally:
+        raw.close()

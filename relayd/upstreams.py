@@ -147,9 +147,13 @@ class Pool:
 
     def __init__(self, upstream: Upstream, ssl_ctx: ssl.SSLContext | bool) -> None:
         self.upstream = upstream
+        # keepalive 0: no connection is ever reused (an expiry of 1 ms still let
+        # back-to-back requests share one).
+        idle: dict[str, Any] = ({"keepalive_timeout": upstream.keepalive} if upstream.keepalive
+                                else {"force_close": True})
         self.connector = _Connector(
-            limit=upstream.max_connections, limit_per_host=0,
-            keepalive_timeout=upstream.keepalive or 0.001, ssl=ssl_ctx, ttl_dns_cache=60)
+            limit=upstream.max_connections, limit_per_host=0, ssl=ssl_ctx, ttl_dns_cache=60,
+            **idle)
         # aiohttp has no public protocol-factory option.  This and the other aiohttp
         # internals relayd relies on (the reader takeover in stream.py, the connector and
         # parser in upstream_http.py) are why setup.cfg pins aiohttp to one minor version.

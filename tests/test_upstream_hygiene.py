@@ -652,3 +652,19 @@ async def test_a_reset_ndjson_body_without_length_is_not_relayed_as_complete(mak
                 with pytest.raises(aiohttp.ClientPayloadError):
                     await resp.read()
         assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"
+
+
+async def test_keepalive_0_never_reuses_a_connection(make_relayd):
+    """keepalive: 0 is no reuse: an expiry of 1 ms still let back-to-back requests share
+    a connection."""
+    async def handler(reader, writer, n):
+        writer.write(ok(b'{"n":%d}' % n))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url).replace("breaker:", "keepalive: 0, breaker:"),
+                    args=["--workers", "1"])
+        got = await repeat(port, "POST", 6)
+        assert [s for s, _ in got] == [200] * 6
+        assert up.connections == 6

@@ -327,9 +327,13 @@ class Supervisor(lifecycle.Reloads):
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         began = time.monotonic()
         pem = tls.kept(self.config.tls)  # (the running pair, should this reload roll back)
-        new = lifecycle.load_for_reload(self.path, self.config, self.log)
+        # Parsed beside the loop, as in one process: the loop goes on pinging the workers
+        # and systemd's watchdog while a large file is read (it shares the GIL, so the
+        # pings may come late: not the workers' silence).
+        new = await asyncio.get_running_loop().run_in_executor(
+            None, lifecycle.load_for_reload, self.path, self.config, self.log)
         stalled = time.monotonic() - began
-        for slot in self.slots:  # no ping went out while this loop parsed: not their silence
+        for slot in self.slots:
             if slot.waiting is not None:
                 slot.waiting += stalled
         if new is None:

@@ -393,3 +393,18 @@ def test_a_client_key_with_outer_whitespace_is_refused(tmp_path):
         assert len(errs) == 1 and errs[0].endswith("clients.a: the key starts or ends with whitespace: "
                                                    "no request can carry it"), errs
     assert parse(BASE + 'clients: {a: {key: "rk inner space 0123456789"}}\n').clients[0].key
+
+
+def test_a_file_of_many_problems_lists_a_hundred_and_counts_the_rest():
+    """A large file of bad lines (a deploy gone wrong) took a minute and GBs to list every
+    problem, with a difflib suggestion each: the first hundred are listed, the rest counted."""
+    import time
+    text = GOOD + "".join(f"bogus{i}: 1\n" for i in range(20000))
+    start = time.monotonic()
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(text, "big.yaml")
+    assert time.monotonic() - start < 5
+    problems = err.value.problems
+    assert len(problems) == yamlconf.walker.MAX_PROBLEMS + 1
+    assert all(p.why.startswith("unknown key") for p in problems[:-1])
+    assert str(problems[-1]) == f"big.yaml: ... and {20000 - yamlconf.walker.MAX_PROBLEMS} more problems"

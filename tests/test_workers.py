@@ -139,6 +139,29 @@ async def test_invalid_reload_is_rejected_once_and_never_reaches_a_worker(fake, 
     assert metric(m, "relayd_config_generation") == 1
 
 
+async def test_a_huge_invalid_reload_does_not_stall_the_main_process(fake, make_relayd):
+    """3 MiB of bad lines: the main process parsed them on its loop (a minute, no
+    watchdog ping, no /healthz) and logged every problem in one 300 MB line.  It parses
+    beside its loop now, and lists a hundred problems."""
+    port, admin = free_port(), free_port()
+    good = basic_config(fake.url, port, admin, top=TWO)
+    r = make_relayd(good)
+    r.config.write_text(good + "".join(f"bogus{i}: 1\n" for i in range(150000)))
+    r.signal(signal.SIGHUP)
+    slowest = 0.0
+    while not any(l.get("event") == "reload failed" for l in r.logs()):
+        start = time.monotonic()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{admin}/healthz") as resp:
+                assert resp.status == 200
+        slowest = max(slowest, time.monotonic() - start)
+        assert slowest < 0.5, slowest
+        await asyncio.sleep(0.05)
+    failed = [l for l in r.logs() if l.get("event") == "reload failed"][0]
+    assert len(failed["errors"]) == 101 and failed["errors"][-1].endswith("more problems")
+    assert await get(port, "/anthropic/echo") == 200
+
+
 async def test_killed_worker_is_restarted_while_the_other_serves(fake, make_relayd):
     port, admin = free_port(), free_port()
     r = make_relayd(basic_config(fake.url, port, admin, top=TWO))

@@ -57,6 +57,10 @@ class Problem:
         return _printable(f"{at} {_cut(self.path, _PATH_MAX) + ': ' if self.path else ''}{_cut(self.why, _WHY_MAX)}")
 
 
+MAX_PROBLEMS = 100  # problems listed; the rest are counted
+_MORE = Problem("", 0, "", "")  # stands in the list for each problem past MAX_PROBLEMS
+
+
 class ConfigError(Exception):
     """Every problem found in one config file."""
 
@@ -153,7 +157,16 @@ class Walker:
         self._token = token
 
     def error(self, node: yaml.Node | None, path: str, why: str) -> None:
+        if self.full():  # counted, not kept
+            self.problems.append(_MORE)
+            return
         self.problems.append(Problem(self.file, node.start_mark.line + 1 if node else 1, path, why))
+
+    def full(self) -> bool:
+        """Enough problems are kept to say what is wrong: a 4 MiB file of bad lines took a
+        minute and 2 GB to list them all (one reload stalled the main process past the
+        watchdog), and their log line was 300 MB."""
+        return len(self.problems) >= MAX_PROBLEMS
 
     def run(self, text: str, walk: Callable[[Walker, yaml.Node], Any]) -> Any:
         """Compose text, walk its root; raise ConfigError with every problem."""
@@ -253,8 +266,11 @@ class Walker:
                     text = text.replace(secret[:n] + "\u2026", "(secret hidden)\u2026")
             return text
         out = [dataclasses.replace(p, path=scrub(p.path), why=scrub(self._held_rx.sub(fill, p.why)))
-               for p in self.problems]
-        return sorted(out, key=lambda p: p.line)
+               for p in self.problems if p is not _MORE]
+        out.sort(key=lambda p: p.line)
+        if len(out) < len(self.problems):
+            out.append(Problem(self.file, 0, "", f"... and {len(self.problems) - len(out)} more problems"))
+        return out
 
     # -- scalars
 
@@ -347,9 +363,9 @@ class Walker:
             if unprintable:
                 self.error(knode, join(path, name), "a key or name must not contain control characters")
             if names is not None and name not in names:
-                if not unprintable:
-                    self.error(knode, join(path, name), f"unknown key{suggest(name, names)} "
-                                                        f"(allowed: {', '.join(names)})")
+                if not unprintable:  # (a suggestion is a difflib search: not past the cap)
+                    self.error(knode, join(path, name), "unknown key" if self.full() else
+                               f"unknown key{suggest(name, names)} (allowed: {', '.join(names)})")
             elif name in out:
                 self.error(knode, join(path, name), "duplicate key")
             else:

@@ -58,7 +58,11 @@ def resolve(args: argparse.Namespace) -> str | None:
         print(f"relayd: two config files given ({args.file} and -c {args.config}); give one",
               file=sys.stderr)
         return None
-    for path, source in ((args.file or args.config, "-c/positional argument"),
+    if "" in (args.file, args.config):  # (an unset variable in a script: not "no file given")
+        print("relayd: the config file path is empty", file=sys.stderr)
+        return None
+    given = args.file if args.file is not None else args.config
+    for path, source in ((given, "-c/positional argument"),
                          (os.environ.get("RELAYD_CONFIG"), "$RELAYD_CONFIG"),
                          (DEFAULT_CONFIG, "default")):
         if path:

@@ -141,6 +141,11 @@ def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], i
     loaded = Y.secret_source(w, items, path, ("api_key", "api_key_file", "api_key_credential"))
     if loaded is not None:
         v["api_key"] = loaded
+    key = v["api_key"]
+    if key and (key != key.strip() or "\t" in key):  # sent as is, a provider refuses it
+        where = next((items[k][1] for k in ("api_key", "api_key_file", "api_key_credential") if k in items), node)
+        w.error(where, Y.join(path, "api_key"), "the key starts or ends with whitespace, or holds a "
+                                                "tab (value not shown)")
     auth, given = providers.get(v["provider"]).auth_header.lower(), items.get("headers", (node, node))[1]
     for k, _ in given.value if v["api_key"] and isinstance(given, yaml.MappingNode) else ():
         if k.value.lower() == auth and dict(v["headers"]).get(k.value):  # set_auth's header, not empty
@@ -351,9 +356,10 @@ def _loopback(listen: Listen) -> bool:
     if listen.host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(listen.host).is_loopback
+        ip = ipaddress.ip_address(listen.host)
     except ValueError:
         return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # (::ffff:127.0.0.1 too)
 
 
 _SHORT_KEY = 16  # client keys shorter than this get a warning

@@ -408,3 +408,43 @@ def test_a_file_of_many_problems_lists_a_hundred_and_counts_the_rest():
     assert len(problems) == yamlconf.walker.MAX_PROBLEMS + 1
     assert all(p.why.startswith("unknown key") for p in problems[:-1])
     assert str(problems[-1]) == f"big.yaml: ... and {20000 - yamlconf.walker.MAX_PROBLEMS} more problems"
+
+
+@pytest.mark.parametrize("host", ["256.1.1.1", "host name", "exa_mple", "127.1", "-bad.example"])
+def test_a_listen_host_that_cannot_be_bound_is_an_error_in_check(host):
+    """check said ok to addresses run then failed to bind (Name or service not known)."""
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(GOOD.replace("127.0.0.1:8080", f"'{host}:8080'"), "c.yaml")
+    assert "c.yaml:1: listen: bad listen host" in str(err.value)
+
+
+def test_an_ipv4_mapped_loopback_listener_is_loopback():
+    c = cfg.parse(GOOD.replace("listen: 127.0.0.1:8080", "listen: '[::ffff:127.0.0.1]:8080'"),
+                  env={"OPENAI_API_KEY": "sk-test-0123456789"})
+    assert not c.warnings
+
+
+def test_a_null_client_routes_is_every_route_not_none():
+    """Null means the default everywhere in the file: for a client's routes, all of them."""
+    c = cfg.parse(GOOD + "clients:\n  a: {key: rk-0123456789abcdef, routes: }\n")
+    assert c.clients[0].routes is None
+
+
+@pytest.mark.parametrize("key", ['"\\tsk-0123456789"', '"sk-0123456789 "', '" sk-0123456789"'])
+def test_an_api_key_with_a_tab_or_surrounding_space_is_an_error(key):
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(GOOD.replace("${OPENAI_API_KEY:-}", key), "c.yaml")
+    text = str(err.value)
+    assert "c.yaml:6: upstreams.openai.api_key: the key starts or ends with whitespace" in text
+    assert "sk-0123456789" not in text
+
+
+def test_check_with_an_empty_config_path_is_an_error(tmp_path):
+    """An empty variable in `relayd check -c "$NEW"` validated $RELAYD_CONFIG instead."""
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    import os
+    import sys
+    out = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", ""], capture_output=True,
+                         text=True, env={**os.environ, "RELAYD_CONFIG": str(good)})
+    assert out.returncode != 0 and "config file path is empty" in out.stderr, out

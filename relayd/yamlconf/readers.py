@@ -109,12 +109,29 @@ def parse_listen(v: Any) -> Listen:
             ipaddress.IPv6Address(host)
     except ValueError:
         raise ValueError(f"bad IPv6 address {show(host)} in {show(v)}") from None
+    if not m.group(1) and not _bindable_name(host):
+        raise ValueError(f"bad listen host {show(host)} in {show(v)} (an IPv4 address such as "
+                         f"127.0.0.1, a host name, or [::1] for IPv6)")
     if port is None or not 1 <= port <= 65535:
         raise ValueError(f"port must be between 1 and 65535, got {'a number too large' if port is None else port}")
     return Listen(host, port)
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _bindable_name(host: str) -> bool:
+    """An IPv4 address, or a host name (RFC 1123) to resolve when binding: ``256.1.1.1``,
+    ``host name`` or ``exa_mple`` passed ``check`` and failed at start."""
+    try:
+        ipaddress.IPv4Address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return (all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+            and len(host) <= 253)
 
 
 def parse_url(v: Any, origin_only: bool = False) -> Any:
@@ -240,7 +257,9 @@ def nested(cls: type, finish: Finish | None = None) -> Reader:
 def listof(item: Reader) -> Reader:
     """A list (a single value counts as a list of one) read into a tuple."""
     def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
-        single = isinstance(node, yaml.ScalarNode) and not is_null(node)
+        if is_null(node):  # (as everywhere: null is the default, not an empty list)
+            return default
+        single = isinstance(node, yaml.ScalarNode)
         entries = [(path, node)] if single else w.sequence(node, path)
         return None if entries is None else tuple(item(w, n, p, None) for p, n in entries)
     return read

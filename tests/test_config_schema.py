@@ -448,3 +448,18 @@ def test_check_with_an_empty_config_path_is_an_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "relayd", "check", "-c", ""], capture_output=True,
                          text=True, env={**os.environ, "RELAYD_CONFIG": str(good)})
     assert out.returncode != 0 and "config file path is empty" in out.stderr, out
+
+
+@pytest.mark.parametrize("url,why", [
+    ("http://h/a/../b", "dot segments"), ("http://h/a b", "spaces"), ("http://h/%zz", "escape")])
+def test_an_upstream_url_path_yarl_would_rewrite_is_an_error(url, why):
+    """/a/../b went upstream as /b, a space as %20, /%zz as /%25zz: another path than written."""
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(GOOD.replace("https://api.openai.com", url), "c.yaml")
+    assert "c.yaml:4: upstreams.openai.url: bad URL" in str(err.value) and why in str(err.value)
+
+
+def test_a_proxy_url_with_a_path_is_an_error():
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.parse(GOOD.replace("provider: openai", "provider: openai\n    proxy: http://p:3128/x"), "c.yaml")
+    assert "a proxy URL has no path" in str(err.value)

@@ -169,6 +169,17 @@ def parse_url(v: Any, origin_only: bool = False) -> Any:
         raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed ({hint})")
     if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
         raise ValueError(f"bad URL {safe}: must not carry a query or fragment")
+    written = re.split(r"[/]", v.partition("://")[2], 1)[1:]  # the path as written
+    if written:
+        path = "/" + written[0]
+        if origin_only and path != "/":
+            raise ValueError(f"bad URL {safe}: a proxy URL has no path")
+        # yarl rewrites these (/a/../b sent /b, a space %20, /%zz /%25zz): the upstream
+        # would get another path than the one written, so they are refused, as in route paths
+        if " " in path or re.search(r"%(?![0-9A-Fa-f]{2})", path) or \
+                any(seg in (".", "..") for seg in path.split("/")):
+            raise ValueError(f"bad URL {safe}: the path must not hold spaces, dot segments or a "
+                             f"'%' that starts no escape")
     return url
 
 

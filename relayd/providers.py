@@ -355,8 +355,10 @@ def _param_name(param: str) -> str:
 
 # An endpoint relayd does not know (and every generic, OpenAI-compatible server: vLLM,
 # llama.cpp, Ollama's /v1): a clean close is a natural end, and so is ``[DONE]``, after
-# which nothing is added to the stream (no heartbeat, no error event).
-_OPENAI_FALLBACK = _ep("unknown", None, _chat_event, data=_DONE)
+# which nothing is added to the stream (no heartbeat, no error event); so is the
+# server's own error (vLLM: ``data: {"object":"error",…}``).
+_OPENAI_FALLBACK = _ep("unknown", None, _chat_event, data=_DONE,
+                       fields=('"object":"error"', '"object": "error"'))  # vLLM's own error event
 PROVIDERS: Mapping[str, Provider] = {
     "openai": Provider("openai", "Authorization", "Bearer ", _openai_body, False, _OPENAI,
                        _OPENAI_FALLBACK),

@@ -253,6 +253,19 @@ async def test_nothing_is_added_after_done(relay, fake, route, fault):
     assert line["end_reason"] == "done" and line["heartbeats"] == 0
 
 
+async def test_a_vllm_error_event_gets_no_second_one(relay, fake):
+    """vLLM's own mid-stream error (``"object":"error"``) is the stream's last word: a
+    reset after it adds no error event of relayd's."""
+    body = (b'data: {"id":"1","object":"chat.completion.chunk","choices":[{"delta":{"content":"a"}}]}\n\n'
+            b'data: {"object":"error","message":"CUDA out of memory","type":"InternalServerError","code":500}\n\n')
+    sc = fake.add("vllm-err", Scenario(body=body, fault="reset", fault_at=len(body)))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/local/v1/chat/completions",
+                          headers={"x-fake": sc}) as r:
+            got = await r.read()
+    assert got == body
+
+
 async def test_non_sse_failure_closes_connection(relay, fake):
     body = b'{"id":"x","choices":[' + b'{"text":"aaaaaaaaaa"},' * 1000 + b'{}]}'
     sc = fake.add("json-reset", Scenario(body=body, content_type="application/json", fault="reset",

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import ssl
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -379,6 +380,27 @@ def listen_warnings(listen: Listen, admin: Listen | None, clients: bool, upstrea
     return out
 
 
+def cert_warnings(path: str, now: float | None = None) -> list[str]:
+    """An expired (or not yet valid) listener certificate loads and serves, and every
+    client that verifies it refuses the connection: said at check, start and reload."""
+    try:
+        cert = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # the first in the file
+        begins, ends = (ssl.cert_time_to_seconds(cert[k]) for k in ("notBefore", "notAfter"))
+    except (AttributeError, KeyError, ValueError, ssl.SSLError, OSError):
+        return []  # (not decodable here: loading it is checked elsewhere)
+    now = time.time() if now is None else now
+    day = time.strftime("%Y-%m-%d", time.gmtime(ends))
+    if ends < now:
+        return [f"tls.cert: the certificate expired on {day}: clients that verify it refuse "
+                f"every connection"]
+    if begins > now:
+        return [f"tls.cert: the certificate is not valid before "
+                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(begins))} UTC"]
+    if ends - now < 14 * 86400:
+        return [f"tls.cert: the certificate expires on {day}; renew it and reload"]
+    return []
+
+
 def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:
     listen, admin = v["listen"], v["admin_listen"]
     if admin is not None and admin.overlaps(listen):
@@ -386,6 +408,8 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
                                                           f"give the admin endpoints their own port")
     v["client_keys"] = keys_on = "clients" in items
     warnings = listen_warnings(listen, admin, keys_on, v["upstreams"].values())
+    if v["tls"] is not None:
+        warnings += cert_warnings(v["tls"].cert)
     if keys_on and not v["clients"]:
         warnings.append("clients: lists no client: every request is refused (401) until one is "
                         "added; remove the section to serve without client keys")

@@ -31,7 +31,7 @@ def make_cert(d: Path, cn: str, serial: int) -> tuple[Path, Path]:
     d.mkdir(parents=True, exist_ok=True)
     cert, key = d / "cert.pem", d / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={cn}",
                     "-set_serial", str(serial), "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     return cert, key
@@ -418,3 +418,18 @@ def test_a_silent_tls_client_is_let_go_soon_after_its_deadline(make_relayd, fake
         raw_fd.close()
     finally:
         raw.close()
+
+
+def test_an_expired_or_expiring_listener_certificate_is_a_config_warning(tmp_path):
+    """It loads and serves, and every client that verifies it refuses the connection: check
+    (and start, and reload) say so."""
+    cert, _ = make_cert(tmp_path / "c", "relayd-one", 3)  # valid for 30 days from now
+    now = time.time()
+    assert config_mod.cert_warnings(str(cert), now) == []
+    assert "expires on" in config_mod.cert_warnings(str(cert), now + 20 * 86400)[0]
+    assert "expired on" in config_mod.cert_warnings(str(cert), now + 40 * 86400)[0]
+    assert "not valid before" in config_mod.cert_warnings(str(cert), now - 86400)[0]
+    c = config_mod.parse(f"listen: 127.0.0.1:{free_port()}\ntls: {{cert: '{cert}', key: '{_}'}}\n"
+                         "upstreams: {u: {url: 'http://127.0.0.1:1', provider: generic}}\n"
+                         "routes: [{path: /u, upstream: u}]\n")
+    assert c.warnings == ()

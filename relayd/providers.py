@@ -271,6 +271,10 @@ class Provider:
     # (auth_header, auth_prefix) only.  key_param: a query parameter used when no header is.
     key_headers: tuple[tuple[str, str], ...] = ()
     key_param: str | None = None
+    # What relayd writes into a silent stream: an SSE comment, or for Google's SDK, which
+    # takes every line not starting with "data: " for JSON (a comment failed the stream),
+    # a blank line — at a block boundary it dispatches nothing for any SSE reader.
+    heartbeat: bytes = b": keep-alive\n\n"
 
     def endpoint(self, upstream_path: str) -> Endpoint:
         for ep in self.endpoints:
@@ -369,7 +373,8 @@ PROVIDERS: Mapping[str, Provider] = {
                           _ep("unknown", None, _anthropic_event), id_header="request-id",
                           key_headers=(("x-api-key", ""), ("Authorization", "Bearer "))),
     "gemini": Provider("gemini", "x-goog-api-key", "", _gemini_body, True, _GEMINI,
-                       _ep("unknown", None, _gemini_event), _tail_is_json_error, key_param="key"),
+                       _ep("unknown", None, _gemini_event), _tail_is_json_error, key_param="key",
+                       heartbeat=b"\r\n"),
     "generic": Provider("generic", "Authorization", "Bearer ", _openai_body, False, (),
                         _OPENAI_FALLBACK),
 }

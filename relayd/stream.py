@@ -43,7 +43,6 @@ from .sse import BoundaryTracker
 from .upstream_http import Response
 from .usage import Unmetered, Usage, UsageMeter
 
-HEARTBEAT = b": keep-alive\n\n"
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _WRITELINES = 16384  # from this size a chunk is sent with its framing by writev, not copied
 
@@ -449,7 +448,7 @@ class Stream:
                 and tracker.at_boundary and not self.ended):
             self.heartbeats += 1
             tracker.interject()
-            self._send([HEARTBEAT])
+            self._send([self.provider.heartbeat])
             self._wake()  # the beat may have filled the client's buffer (or found it gone)
 
     async def _await_client(self, write: Awaitable[None]) -> End | None:

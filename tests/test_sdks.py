@@ -9,7 +9,8 @@ import openai
 import pytest
 from aiohttp_sse_client import client as sse_client
 
-from fakes import Scenario, fixture
+from conftest import basic_config
+from fakes import Scenario, fixture, free_port
 
 
 def _openai(base: str, sc: str) -> openai.OpenAI:
@@ -111,6 +112,24 @@ def test_google_genai_stream_same_as_direct(shared, fake):
     via = run(f"http://127.0.0.1:{shared.port}/gemini/")
     assert via == run(fake.url + "/")
     assert "".join(via)
+
+
+def test_google_genai_stream_survives_heartbeats(make_relayd, fake):
+    """google-genai reads every line that does not start with "data: " as JSON: an SSE
+    comment heartbeat failed the stream (UnknownApiResponseError).  Gemini routes beat
+    with a blank line."""
+    genai = pytest.importorskip("google.genai")
+    from google.genai import types
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("heartbeat: 0", "heartbeat: 200ms"))
+    sc = fake.add("sdk-gemini-beat", Scenario(body=fixture("gemini-stream.sse"), chunking="lines",
+                                              first_delay=0.7, delay=0.05))
+    client = genai.Client(api_key="client-key", http_options=types.HttpOptions(
+        base_url=f"http://127.0.0.1:{port}/gemini/", headers={"x-fake": sc}))
+    got = [c.text or "" for c in client.models.generate_content_stream(model="gemini-2.0-flash",
+                                                                       contents="hi")]
+    assert "".join(got)
+    assert r.wait_access(1)[-1]["heartbeats"] >= 2
 
 
 async def test_aiohttp_sse_client_events(shared, fake):

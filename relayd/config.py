@@ -50,7 +50,8 @@ class Timeouts:
     """Seconds; 0 disables a timeout."""
 
     connect: float = setting(10.0, Y.duration, "connecting to the upstream (TCP, TLS, a proxy's CONNECT)")
-    first_byte: float = setting(300.0, Y.duration, "request sent until response headers")
+    # 600: the official SDKs' own timeout; relayd does not give up before the client would.
+    first_byte: float = setting(600.0, Y.duration, "request sent until response headers")
     idle: float = setting(120.0, Y.duration, "longest silence between upstream body chunks")
     total: float = setting(3600.0, Y.duration, "the whole response body")
     send: float = setting(60.0, Y.duration, "longest stall writing to the client")

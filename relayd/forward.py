@@ -193,6 +193,10 @@ def _refused(out: Forwarded, f: _Failure, provider: providers.Provider,
     out.status, out.reason = f.status, f.reason
     out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
                                f.reason, request_id)
+    if f.answered or f.reason is End.FIRST_BYTE_TIMEOUT:
+        # The upstream had the whole request and acted on it (answered, or thought for
+        # first_byte): the official SDKs would send it again, twice, each time billed.
+        out.error.headers["x-should-retry"] = "false"
     return out.error
 
 

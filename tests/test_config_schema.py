@@ -47,7 +47,7 @@ def test_new_keys_parsed():
               + BASE.replace("    api_key: ${K:-}\n", "    pool_wait: 250ms\n    max_connections: 7\n")
               + "    timeouts: {send: 2}\n")
     assert c.workers == 4 and c.timeouts.send == 5.0 and c.routes[0].timeouts.send == 2.0
-    assert c.routes[0].timeouts.first_byte == 300.0  # other keys still inherited
+    assert c.routes[0].timeouts.first_byte == 600.0  # other keys still inherited
     assert (c.limits.client_header, c.limits.client_keepalive) == (10.0, 60.0)
     assert (c.limits.max_request_headers, c.limits.replay_body, c.limits.replay_memory) == (16384, 1 << 20, 1 << 30)
     assert c.allow == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))

@@ -132,6 +132,22 @@ def test_google_genai_stream_survives_heartbeats(make_relayd, fake):
     assert r.wait_access(1)[-1]["heartbeats"] >= 2
 
 
+def test_sdks_do_not_resend_a_request_the_upstream_thought_about_too_long(make_relayd, fake):
+    """relayd's 504 after first_byte (the upstream had the whole request): the official
+    SDKs retried it twice, each attempt billed; x-should-retry: false stops them."""
+    port = free_port()
+    make_relayd(basic_config(fake.url, port).replace("first_byte: 5", "first_byte: 300ms"))
+    sc = fake.add("sdk-slow-head", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                            header_delay=0.8))
+    fake.reset_stats()
+    client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/openai/v1",
+                           default_headers={"x-fake": sc})
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 504
+    assert len(fake.requests) == 1
+
+
 async def test_aiohttp_sse_client_events(shared, fake):
     body = fixture("openai-chat-usage.sse")
     sc = fake.add("sse-client", Scenario(body=body, chunking="random", seed=5))

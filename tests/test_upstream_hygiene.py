@@ -428,9 +428,10 @@ async def test_answers_relayd_cannot_relay_as_sent_are_a_502(make_relayd, answer
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
         make_relayd(config(port, admin, up.url))
-        status, body, _ = await get(port)
+        status, body, headers = await get(port)
         assert status == 502, (status, body)
         assert "invalid response from upstream" in json.loads(body)["error"]["message"]
+        assert headers["x-should-retry"] == "false"  # the upstream acted: an SDK must not resend
 
 
 async def test_an_answer_without_content_type_gets_none(make_relayd):

@@ -265,8 +265,10 @@ class App:
                 wait = self.turns.take(answer=True)  # the answer's set-up: a turn of its own
                 if wait is not None:
                     await wait
-                st = Stream(request, fw.resp, providers.get(fw.target.upstream.provider),
-                            match.route.timeouts, match.route.heartbeat, ex.request_id)
+                up = fw.target.upstream
+                st = Stream(request, fw.resp, providers.get(up.provider), match.route.timeouts,
+                            match.route.heartbeat, ex.request_id,
+                            (up.base_url, match.route.path.rstrip("/") if match.route.strip_prefix else ""))
                 ex.stopper = st.stop
                 ex.streaming = True
                 self.metrics.stream_started(match.route.path)

@@ -128,6 +128,11 @@ class Upstream:
     breaker: Breaker = setting(Breaker(), Y.nested(Breaker), "passive circuit breaker")
 
     @cached_property
+    def base_url(self) -> str:
+        """scheme://host[:port]/base, no trailing slash: where the route's paths go."""
+        return str(self.url.origin()) + self.url.raw_path.rstrip("/")
+
+    @cached_property
     def origin(self) -> str:
         """scheme://host[:port], computed once: every request joins its path onto it."""
         return str(self.url.origin())

@@ -58,6 +58,26 @@ def for_client(headers: Any, request_id: str, drop_length: bool) -> CIMultiDict[
     return out
 
 
+_MOVED = ("Location", "Content-Location", "X-Goog-Upload-URL")
+
+
+def relocate(headers: CIMultiDict[str], moved: tuple[str, str], request: Any) -> None:
+    """An absolute URL of the upstream's in a header that sends the client somewhere
+    (a redirect, Google's resumable upload URL) points back through relayd, as nginx's
+    ``proxy_redirect default``: followed as is, the client would go to the provider
+    directly — with no key of its own (the upload failed) or with relayd's client key.
+    ``moved``: (the upstream's scheme://host[:port]/base, the route's prefix)."""
+    upstream, route = moved
+    for name in _MOVED:
+        value = headers.get(name)
+        if value is None or not upstream or not value.startswith(upstream):
+            continue
+        rest = value[len(upstream):]
+        if rest and rest[0] not in "/?#":
+            continue  # (another path that only begins the same: /v1beta vs /v1)
+        headers[name] = f"{request.scheme}://{request.host}{route}{rest}"
+
+
 def media_type(value: str) -> str:
     """``Text/Event-Stream; charset=utf-8`` → ``text/event-stream`` (RFC 9110 §8.3.1)."""
     return value.partition(";")[0].strip().lower()

@@ -38,7 +38,7 @@ from . import lean, logs, providers
 from .clock import StreamClock
 from .exchange import End
 from .forward import fmt
-from .headers import UpstreamAnswer, for_client, media_type
+from .headers import UpstreamAnswer, for_client, media_type, relocate
 from .sse import BoundaryTracker
 from .upstream_http import Response
 from .usage import Unmetered, Usage, UsageMeter
@@ -106,7 +106,9 @@ class Stream:
 
     def __init__(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                  provider: providers.Provider, timeouts: Any, heartbeat: float,
-                 request_id: str) -> None:
+                 request_id: str, moved: tuple[str, str] = ("", "")) -> None:
+        """``moved``: (the upstream's URL prefix, the route's path prefix) — URLs of the
+        upstream's in its answer's headers are rewritten to relayd's (``headers.relocate``)."""
         self.request, self.resp, self.provider = request, resp, provider
         self.timeouts, self.heartbeat = timeouts, heartbeat
         self.request_id = request_id
@@ -116,8 +118,9 @@ class Stream:
         self.endpoint = provider.endpoint(resp.url.raw_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
         out = _Out if "Content-Type" in resp.headers else _UntypedOut
-        self.out = out(status=resp.status, reason=resp.reason,
-                       headers=for_client(resp.headers, request_id, sse))
+        headers = for_client(resp.headers, request_id, sse)
+        relocate(headers, moved, request)
+        self.out = out(status=resp.status, reason=resp.reason, headers=headers)
         if type(resp) is Response:  # (aiohttp's own ClientResponse keeps its head)
             # Copied for the client: a held stream does not keep the upstream's head too
             # (a provider's is 20-odd headers, rate limits and cookies, about 1.5 KB).

@@ -160,3 +160,22 @@ async def test_aiohttp_sse_client_events(shared, fake):
             got.append(json.loads(ev.data))
     expected = [json.loads(l[6:]) for l in body.decode().split("\n\n") if l.startswith("data: {")]
     assert got == expected
+
+
+async def test_upstream_urls_in_answer_headers_point_back_through_relayd(shared, fake):
+    """google-genai's files.upload follows the resumable-upload URL in x-goog-upload-url,
+    and clients follow Location: pointing at the provider itself, they bypassed relayd
+    (no key: the upload failed; or relayd's client key sent to the provider).  As nginx's
+    proxy_redirect default, the upstream's URL prefix becomes the route's."""
+    import aiohttp
+    up = fake.url  # the gemini upstream's URL (base path "/")
+    sc = fake.add("moved", Scenario(body=b"{}", content_type="application/json", headers={
+        "X-Goog-Upload-URL": f"{up}/upload/v1beta/files?upload_id=abc&upload_protocol=resumable",
+        "Location": f"{up}/v1beta/files/f1", "Content-Location": "https://elsewhere.example/x"}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{shared.port}/gemini/upload/v1beta/files",
+                          headers={"x-fake": sc}, json={}) as r:
+            here = f"http://127.0.0.1:{shared.port}/gemini"
+            assert r.headers["X-Goog-Upload-URL"] == f"{here}/upload/v1beta/files?upload_id=abc&upload_protocol=resumable"
+            assert r.headers["Location"] == f"{here}/v1beta/files/f1"
+            assert r.headers["Content-Location"] == "https://elsewhere.example/x"  # not the upstream's

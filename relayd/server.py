@@ -42,6 +42,7 @@ from . import lean, logs
 from .allow import GATES
 from .headers import UpstreamAnswer, short_reason
 from .tls import ListenerCert
+from .upstream_http import NO_TIMER
 
 SERVER = "relayd"
 _QUEUE = 32  # aiohttp's MAX_MSG_QUEUE_SIZE: pipelined requests parsed ahead
@@ -282,7 +283,7 @@ class Connection(web.RequestHandler):
             self, loop, size, max_line_size=self.max_line_size,
             max_field_size=self.max_field_size, max_headers=self.max_headers,
             payload_exception=web.RequestPayloadError, auto_decompress=False,
-            max_msg_queue_size=queue), max_head)
+            max_msg_queue_size=queue, timer=NO_TIMER), max_head)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager

@@ -369,8 +369,10 @@ class App:
     def _forwarded(ex: Exchange, fw: Forwarded) -> None:
         ex.attempts, ex.upstream, ex.status, ex.end = fw.attempts, fw.upstream, fw.status, fw.reason
         ex.queued = fw.queued
-        if fw.resp is not None or fw.relayed:
+        if fw.resp is not None:
             ex.ttfb = ex.duration
+        elif fw.error is not None and fw.kept_at is not None:  # a kept upstream answer: its head's time
+            ex.ttfb = fw.kept_at - ex.start
         ex.bytes_out = fw.relayed
 
     def _access(self, ex: Exchange) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -365,7 +366,10 @@ def _loopback(listen: Listen) -> bool:
     try:
         ip = ipaddress.ip_address(listen.host)
     except ValueError:
-        return False
+        try:  # (127.1: a form the resolver takes)
+            ip = ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(listen.host)))
+        except OSError:
+            return False
     return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # (::ffff:127.0.0.1 too)
 
 

@@ -14,6 +14,7 @@ library text (they can hold a host name, a key echoed by a broken upstream, a pa
 from __future__ import annotations
 
 import asyncio
+import time
 import errno
 import socket
 import ssl
@@ -67,6 +68,7 @@ class Forwarded:
     reason: End = End.DONE
     status: int = 0
     relayed: int = 0  # body bytes of a kept upstream answer sent instead (``error``)
+    kept_at: float | None = None  # when that answer's head came (time.monotonic)
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
@@ -107,6 +109,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
 
     kept_error: web.Response | None = None
     kept_from: str | None = None  # the upstream that sent it
+    kept_at: float | None = None  # and when its head came
     last_failure: _Failure | None = None
     candidates = _order(match.targets)
     for i, target in enumerate(candidates):
@@ -164,9 +167,10 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                         attempt=out.attempts, reason=f"status_{resp.status}",
                         cause=f"upstream answered {resp.status}")
             try:
+                answered_at = time.monotonic()
                 kept = await _keep(resp, request_id, timeouts)
                 if kept is not None:
-                    kept_error, kept_from = kept, up.name
+                    kept_error, kept_from, kept_at = kept, up.name, answered_at
             finally:
                 target.pool.release()
             last_failure = None
@@ -180,7 +184,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         # Every upstream failed; the last real provider answer says more than relayd can.
         out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
         # The access line names the upstream whose answer the client got, and its bytes.
-        out.upstream, out.relayed = kept_from, len(kept_error.body or b"")
+        out.upstream, out.relayed, out.kept_at = kept_from, len(kept_error.body or b""), kept_at
         return out
     _refused(out, last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
              provider, request_id)

@@ -350,6 +350,7 @@ class Stream:
             # handler: the stream would wait for ``idle`` and blame the upstream's silence.
             pending.clear()
             self._result = End.ERROR
+            self.ended = False  # (an end marker it had seen was never sent)
             logs.get().error("internal error", request_id=self.request_id, exc_info=True)
         if self._result is not None or self._blocked:
             self._wake()

@@ -410,12 +410,18 @@ def test_a_file_of_many_problems_lists_a_hundred_and_counts_the_rest():
     assert str(problems[-1]) == f"big.yaml: ... and {20000 - yamlconf.walker.MAX_PROBLEMS} more problems"
 
 
-@pytest.mark.parametrize("host", ["256.1.1.1", "host name", "exa_mple", "127.1", "-bad.example"])
+@pytest.mark.parametrize("host", ["256.1.1.1", "host name", "1.2.3.4.5", "a/b"])
 def test_a_listen_host_that_cannot_be_bound_is_an_error_in_check(host):
     """check said ok to addresses run then failed to bind (Name or service not known)."""
     with pytest.raises(cfg.ConfigError) as err:
         cfg.parse(GOOD.replace("127.0.0.1:8080", f"'{host}:8080'"), "c.yaml")
     assert "c.yaml:1: listen: bad listen host" in str(err.value)
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "localhost.", "ip6-localhost", "a_b",
+                                  "127.1", "0.0.0.0", "my-host.example.com"])
+def test_listen_hosts_the_resolver_takes_still_parse(host):
+    assert cfg.parse(GOOD.replace("127.0.0.1:8080", f"'{host}:8080'")).listen.host == host
 
 
 def test_an_ipv4_mapped_loopback_listener_is_loopback():

@@ -767,3 +767,29 @@ def test_the_admin_listener_answers_garbage_like_the_client_listener(make_relayd
     assert headers["content-type"].startswith("application/json") and b"script" not in body
     (status, headers, _), = responses(exchange(admin, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
     assert status == 404 and headers["server"] == "relayd"
+
+
+async def test_a_relayd_bug_on_the_last_event_is_not_a_clean_end(tmp_path, fake, capsys, monkeypatch) -> None:
+    """The bug struck the read holding [DONE], after the end test had seen it: that read
+    never went out, so the stream must end as relayd's error with its event, not as done."""
+    from relayd import logs, usage
+    from fakes import fixture
+    body = fixture("openai-chat-usage.sse")
+    sc = fake.add("push-bug-last", Scenario(body=body, chunking="lines", delay=0.01))
+    real = usage.UsageMeter.observe_events
+
+    def observe(self: Any, segment: bytes) -> None:
+        if b"[DONE]" in segment:
+            raise RuntimeError("injected")
+        real(self, segment)
+
+    monkeypatch.setattr(usage.UsageMeter, "observe_events", observe)
+    logs.configure("info")
+    async with inproc(tmp_path, fake.url) as port:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                              headers={"x-fake": sc}, json={}) as r:
+                got = await r.read()
+    assert b"[DONE]" not in got
+    error = json.loads(got.rstrip().rsplit(b"\n\n", 1)[-1].split(b"data: ", 1)[1])["error"]
+    assert error["code"] == "error"

@@ -183,7 +183,7 @@ async def test_all_failed_relays_last_upstream_error(relay, fake):
     line = relay.wait_access(1, where=lambda l: l["request_id"] == rid)[-1]
     assert line["upstream"] == "r429" and line["status"] == 429 and line["attempts"] == 2
     assert line["bytes_out"] == len(fixture("errors/openai-429-rate-limit.json"))
-    assert line["ttfb_ms"] is not None
+    assert line["ttfb_ms"] is not None and line["ttfb_ms"] <= line["duration_ms"]
 
 
 async def test_no_retry_for_bodies_over_8mib(relay, fake):

@@ -307,7 +307,7 @@ async def test_a_heartbeat_that_fills_the_client_buffer_wakes_the_handler() -> N
             transport = up_tr
         st = stream.Stream.__new__(stream.Stream)
         st.tracker, st._result, st._blocked, st._chunked = sse.BoundaryTracker(), None, False, False
-        st.ended = False
+        st.ended, st.provider = False, providers.get("openai")
         while tr.get_write_buffer_size() == 0:  # the kernel's buffers full: nobody reads
             tr.write(b"x" * 65536)
         # Just under the mark: the next bytes, the heartbeat's, cross it.

@@ -162,6 +162,25 @@ async def test_a_huge_invalid_reload_does_not_stall_the_main_process(fake, make_
     assert await get(port, "/anthropic/echo") == 200
 
 
+def test_a_stop_during_a_long_reload_parse_exits_at_once(fake, make_relayd):
+    """SIGTERM while the main process parses a large reloaded file: the drain and exit
+    do not wait for the parse (asyncio.run waited for its executor thread), and its
+    result is not logged after "exit"."""
+    port = free_port()
+    good = basic_config(fake.url, port, top=TWO)
+    r = make_relayd(good)
+    r.config.write_text(good + "".join(f"  - {{path: /r{i}, upstream: generic}}\n" for i in range(40000))
+                        + "bogus: 1\n")
+    r.signal(signal.SIGHUP)
+    time.sleep(0.3)
+    start = time.monotonic()
+    r.signal(signal.SIGTERM)
+    r.proc.wait(10)
+    assert time.monotonic() - start < 5
+    events = [l.get("event") for l in r.logs()]
+    assert "exit" in events and "reload failed" not in events[events.index("exit"):]
+
+
 async def test_killed_worker_is_restarted_while_the_other_serves(fake, make_relayd):
     port, admin = free_port(), free_port()
     r = make_relayd(basic_config(fake.url, port, admin, top=TWO))

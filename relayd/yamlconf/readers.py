@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import socket
 import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -118,19 +119,16 @@ def parse_listen(v: Any) -> Listen:
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-
-
 def _bindable_name(host: str) -> bool:
-    """An IPv4 address, or a host name (RFC 1123) to resolve when binding: ``256.1.1.1``,
-    ``host name`` or ``exa_mple`` passed ``check`` and failed at start."""
+    """An IPv4 address in any form the resolver takes (``127.1`` too), or a host name to
+    resolve when binding: ``256.1.1.1`` or ``host name`` passed ``check`` and failed at start."""
     try:
-        ipaddress.IPv4Address(host)
+        socket.inet_aton(host)
         return True
-    except ValueError:
+    except OSError:
         pass
     labels = host.removesuffix(".").split(".")
-    return (all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+    return (_HOST_NAME.fullmatch(host) is not None and not all(label.isdigit() for label in labels)
             and len(host) <= 253)
 
 

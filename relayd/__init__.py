@@ -34,7 +34,8 @@ Modules, in that order:
 - ``sse``        sans-I/O SSE block-boundary tracker (bytes in, boundaries out)
 - ``providers``  one record per provider: auth header, error body, error events, and the
                  endpoint table of natural stream ends; no other module names a provider
-- ``headers``    end-to-end header copying, media types
+- ``headers``    end-to-end header copying, media types; the upstream's URLs in answer
+                 headers (``Location``, Google's upload URL) pointed back through relayd
 - ``exchange``   ``Exchange`` (what one request did) and ``End`` (how it ended)
 - ``usage``      passive token accounting read on the side of the stream
 - ``app``        the handler (the one writer of ``Exchange``), the one swappable table

@@ -14,10 +14,10 @@ library text (they can hold a host name, a key echoed by a broken upstream, a pa
 from __future__ import annotations
 
 import asyncio
-import time
 import errno
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 

@@ -362,7 +362,7 @@ def _param_name(param: str) -> str:
 # which nothing is added to the stream (no heartbeat, no error event); so is the
 # server's own error (vLLM: ``data: {"object":"error",…}``).
 _OPENAI_FALLBACK = _ep("unknown", None, _chat_event, data=_DONE,
-                       fields=('"object":"error"', '"object": "error"'))  # vLLM's own error event
+                       fields=('"object":"error"', '"object": "error"'))
 PROVIDERS: Mapping[str, Provider] = {
     "openai": Provider("openai", "Authorization", "Bearer ", _openai_body, False, _OPENAI,
                        _OPENAI_FALLBACK),

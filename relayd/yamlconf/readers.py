@@ -119,6 +119,8 @@ def parse_listen(v: Any) -> Listen:
 
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+
+
 def _bindable_name(host: str) -> bool:
     """An IPv4 address in any form the resolver takes (``127.1`` too), or a host name to
     resolve when binding: ``256.1.1.1`` or ``host name`` passed ``check`` and failed at start."""
@@ -167,7 +169,7 @@ def parse_url(v: Any, origin_only: bool = False) -> Any:
         raise ValueError(f"bad URL {safe}: credentials in the URL are not allowed ({hint})")
     if url.raw_query_string or url.raw_fragment or "?" in v or "#" in v:
         raise ValueError(f"bad URL {safe}: must not carry a query or fragment")
-    written = re.split(r"[/]", v.partition("://")[2], 1)[1:]  # the path as written
+    written = v.partition("://")[2].split("/", 1)[1:]  # the path as written
     if written:
         path = "/" + written[0]
         if origin_only and path != "/":

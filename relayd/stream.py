@@ -408,6 +408,8 @@ class Stream:
                 tail = tracker.tail
                 if (self.ended or not self.endpoint.natural_end
                         or (tail and self.provider.tail_is_error(tail))):
+                    if tail:  # an unterminated last event the client gets: its usage counts
+                        self.meter.observe_events(tail)
                     return tail
                 self._result = End.UPSTREAM_EOF
         return b""

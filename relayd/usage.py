@@ -23,6 +23,10 @@ _OUTPUT_KEYS = ("completion_tokens", "output_tokens")
 # Anthropic counts cache reads and writes apart from input_tokens; OpenAI's prompt_tokens
 # and Gemini's promptTokenCount include cached tokens.  Added, "input" means one thing.
 _CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+# Input counted apart from the main count and added to it: Anthropic's cache reads and
+# writes; Gemini's tool-use prompt tokens (search grounding, code execution: part of its
+# totalTokenCount, not of promptTokenCount).
+_ADDED = {"input_tokens": _CACHE_KEYS, "promptTokenCount": ("toolUsePromptTokenCount",)}
 _MAX_TOKENS = 10**12  # a count beyond this (or below 0) is the upstream's bug, not usage
 
 
@@ -66,7 +70,7 @@ class UsageMeter:
                 self._last = segment
 
     def observe_body(self, chunk: bytes) -> None:
-        """Called with each chunk of a JSON body; keeps only its last 64 KiB."""
+        """Called with each chunk of a JSON body; keeps only its last 64 to 128 KiB."""
         tail = self._tail
         if tail is None:
             # Most bodies come in one piece: keep it, copy nothing.
@@ -76,7 +80,15 @@ class UsageMeter:
             tail = self._tail = bytearray(tail)
         tail += chunk
         if len(tail) > 2 * _JSON_TAIL:
-            del tail[: len(tail) - _JSON_TAIL]
+            cut = len(tail) - _JSON_TAIL
+            # A usage object about to leave the window is decoded now, whole (vLLM writes
+            # prompt_logprobs, megabytes, after usage); a later one still wins.
+            if _KEY_BYTES.search(tail, 0, cut) is not None:
+                try:
+                    self._first = _objects(tail)
+                except Exception:  # (never let accounting end a response)
+                    pass
+            del tail[:cut]
 
     def result(self, partial: bool) -> Usage | None:
         if self._first is None and not self._tail:
@@ -91,8 +103,8 @@ class UsageMeter:
         for u in found:
             for k in _INPUT_KEYS:
                 v = _count(u.get(k))
-                if v is not None and k == "input_tokens":
-                    v += sum(_count(u.get(c)) or 0 for c in _CACHE_KEYS)
+                if v is not None and k in _ADDED:
+                    v += sum(_count(u.get(c)) or 0 for c in _ADDED[k])
                 if v is not None and (v or inp is None):
                     inp = v
             o = _output(u)
@@ -116,6 +128,8 @@ def _count(v: object) -> int | None:
     Prometheus counter raise and take the whole batch of pending counts with it."""
     if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_TOKENS:
         return v
+    if isinstance(v, float) and v.is_integer() and 0 <= v <= _MAX_TOKENS:
+        return int(v)  # (12.0: some servers' JSON encoders write counts as floats)
     return None
 
 

@@ -253,6 +253,22 @@ async def test_nothing_is_added_after_done(relay, fake, route, fault):
     assert line["end_reason"] == "done" and line["heartbeats"] == 0
 
 
+async def test_usage_in_an_unterminated_last_event_is_counted(relay, fake):
+    """A generic stream whose last event has no blank line: the client gets it (a clean
+    close is its natural end), so its usage counts too."""
+    body = (b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}\n')
+    sc = fake.add("tail-usage", Scenario(body=body))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/local/v1/chat/completions",
+                          headers={"x-fake": sc}) as r:
+            assert await r.read() == body
+            rid = r.headers["x-request-id"]
+    line = relay.wait_access(1, lambda a: a["request_id"] == rid)[-1]
+    assert line["end_reason"] == "done"
+    assert line["usage"] == {"input_tokens": 9, "output_tokens": 2, "partial": False}
+
+
 async def test_a_vllm_error_event_gets_no_second_one(relay, fake):
     """vLLM's own mid-stream error (``"object":"error"``) is the stream's last word: a
     reset after it adds no error event of relayd's."""

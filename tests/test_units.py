@@ -101,6 +101,32 @@ def test_usage_is_found_with_any_spacing_and_counts_anthropics_cache():
     assert m.result(False).input == 50023
 
 
+def test_usage_counts_geminis_tool_use_prompt_and_whole_float_counts():
+    """Gemini counts tool-use prompt tokens (search grounding) apart from promptTokenCount
+    (they are in its totalTokenCount); a count written 12.0 is a count."""
+    m = UsageMeter()
+    m.observe_events(b'data: {"usageMetadata":{"promptTokenCount":50,"toolUsePromptTokenCount":900,'
+                     b'"candidatesTokenCount":10,"totalTokenCount":960}}\r\n\r\n')
+    assert m.result(False).as_log() == {"input_tokens": 950, "output_tokens": 10, "partial": False}
+    m = UsageMeter()
+    m.observe_body(b'{"usage":{"prompt_tokens":12.0,"completion_tokens":7}}')
+    assert (m.result(False).input, m.result(False).output) == (12, 7)
+    m = UsageMeter()
+    m.observe_body(b'{"usage":{"prompt_tokens":12.5,"completion_tokens":7}}')
+    assert m.result(False).input is None
+
+
+def test_usage_before_a_long_json_tail_is_counted():
+    """vLLM writes prompt_logprobs (megabytes) after usage: the usage object left the kept
+    tail of the body before the end."""
+    m = UsageMeter()
+    m.observe_body(b'{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22},"prompt_logprobs":[')
+    for _ in range(200):
+        m.observe_body(b'{"1":{"logprob":-0.1}},' * 400)
+    m.observe_body(b'null]}')
+    assert (m.result(False).input, m.result(False).output) == (11, 22)
+
+
 async def test_tcp_nodelay_on_both_sides():
     """Both the client-facing and the upstream-facing sockets run without Nagle delays."""
     seen: dict[str, int] = {}

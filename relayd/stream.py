@@ -483,6 +483,9 @@ class Stream:
             bytes=self.bytes_out, idle=fmt(t.idle), total=fmt(t.total),
             send=fmt(t.send))
         last = self.last_block
+        after = self.request.query.get("starting_after", "") if not last else ""
+        if after.isdigit():  # a resumed stream cut before its first event: after the cursor
+            last = b'"sequence_number":' + after.encode()
         crlf = self.crlf if self.crlf is not None else self.provider.crlf
         event = self.endpoint.error_event(reason, f"relayd: {message} (request id {self.request_id})",
                                           last, crlf)

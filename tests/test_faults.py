@@ -253,6 +253,18 @@ async def test_nothing_is_added_after_done(relay, fake, route, fault):
     assert line["end_reason"] == "done" and line["heartbeats"] == 0
 
 
+async def test_a_resumed_responses_stream_cut_before_its_first_event_continues_the_cursor(relay, fake):
+    """GET /responses/{id}?stream=true&starting_after=5 cut before any event: the error
+    event's sequence_number is 6, not 0 (a client's resume cursor must not go back)."""
+    sc = fake.add("resume-empty", Scenario(body=b""))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{relay.port}/openai/v1/responses/resp_1?stream=true&starting_after=5",
+                         headers={"x-fake": sc}) as r:
+            got = await r.read()
+    (_, data), = sse_events(got)
+    assert json.loads(data)["sequence_number"] == 6
+
+
 async def test_usage_in_an_unterminated_last_event_is_counted(relay, fake):
     """A generic stream whose last event has no blank line: the client gets it (a clean
     close is its natural end), so its usage counts too."""

@@ -107,12 +107,18 @@ class RequestBody:
                     break
                 self._held += len(chunk)
             self._head = buf  # (not copied: nothing is added to it any more)
+            # One attempt now: what was read is sent, not kept for a replay (holding its
+            # budget until the request ended, it refused failover to uploads that fit).
+            self.budget.give(self._held)
+            self._held = 0
         self.replayable = False
         self.data = self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes]:
-        if self._head:
-            yield self._head
+        head, self._head = self._head, b""
+        if head:
+            yield head
+            del head  # (up to replay_body bytes, sent: not held for the whole response)
         content = self.request.content
         while True:
             self.reading = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from contextvars import ContextVar
 from typing import Any, Callable
 
 import aiohttp
@@ -28,6 +29,9 @@ _SALVAGE_MAX = 2**16  # reads kept while a head trickles in (a first read is kep
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _NO_PARAMS: dict[str, Any] = {}
+# Set by ``upstreams.Pool.send`` around a request with a large body: the connection aiohttp
+# picks for it learns so when the request is sent, whichever client path sends it.
+LARGE_REQUEST: ContextVar[bool] = ContextVar("relayd_large_request", default=False)
 _NO_PUSHED: list[bytes] = []  # (a stream gives its own list before anything is pushed)
 
 
@@ -57,7 +61,7 @@ class Guarded(ResponseHandler):
     # Slots, not entries in aiohttp's instance dict: set per request, in varying order,
     # they made each connection's dict a larger unshared one (about 800 B per held stream).
     __slots__ = ("_awaiting", "_finals", "_heading", "_head_bytes", "_salvaging", "_params",
-                 "sink", "pushed")
+                 "sink", "pushed", "_large")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -72,6 +76,7 @@ class Guarded(ResponseHandler):
         # land in ``pushed`` and ``sink`` runs once after each read and at the connection's end.
         self.sink: Callable[[], None] | None = None
         self.pushed: list[bytes] = _NO_PUSHED
+        self._large = False  # the request sent is a large upload (``LARGE_REQUEST``)
 
     def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
         # A new request: the stream that took the last body over is done with this
@@ -80,6 +85,7 @@ class Guarded(ResponseHandler):
         self.sink = None
         self._awaiting, self._finals, self._heading, self._params = True, 0, True, kwargs
         self._head_bytes = b""
+        self._large = LARGE_REQUEST.get()
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
@@ -244,6 +250,12 @@ class Guarded(ResponseHandler):
             if self._finals > 1:
                 self._poisoned()
                 return
+            if self._large and message.code >= 300:
+                # An upstream refusing a large upload (401, 413, 429) may answer without
+                # reading it: the rest sits in its socket buffers, where no buffer of
+                # relayd's shows it, and a next request on this connection would be read
+                # after it (a 504 at first_byte).  Such a connection is not reused.
+                self._should_close = True
             payload.on_eof(self._ended)
         super().feed_data(data, size)
 

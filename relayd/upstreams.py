@@ -28,7 +28,7 @@ from yarl import URL
 
 from . import upstream_http
 from .config import Upstream
-from .upstream_conn import Guarded
+from .upstream_conn import LARGE_REQUEST, Guarded
 
 # aiohttp would add these on its own; a proxy must send only what the client sent.
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
@@ -142,6 +142,9 @@ class _Connector(aiohttp.TCPConnector):
         return proxy_req
 
 
+_LARGE_BODY = 65536  # a request body an upstream may leave partly unread (``Guarded``)
+
+
 class Pool:
     """Connections to one upstream, with in-flight accounting and breaker state."""
 
@@ -180,12 +183,18 @@ class Pool:
         a streamed body or a proxied upstream takes aiohttp's whole client path.
         """
         up = self.upstream
-        if up.proxy is None and (data is None or type(data) is bytes):
-            if self.sender is None:
-                self.sender = upstream_http.Sender(self.connector, up.url.origin(), _READ_BUFSIZE)
-            return await self.sender.send(method, url, headers, data, timeout)
-        return await self.session.request(method, url, headers=headers, data=data, timeout=timeout,
-                                          allow_redirects=False, proxy=up.proxy, compress=None)
+        large = isinstance(data, (bytes, bytearray)) and len(data) >= _LARGE_BODY
+        token = LARGE_REQUEST.set(large) if large else None
+        try:
+            if up.proxy is None and (data is None or type(data) is bytes):
+                if self.sender is None:
+                    self.sender = upstream_http.Sender(self.connector, up.url.origin(), _READ_BUFSIZE)
+                return await self.sender.send(method, url, headers, data, timeout)
+            return await self.session.request(method, url, headers=headers, data=data, timeout=timeout,
+                                              allow_redirects=False, proxy=up.proxy, compress=None)
+        finally:
+            if token is not None:
+                LARGE_REQUEST.reset(token)
 
     # -- breaker: consecutive failures open it for `cooldown` seconds
 

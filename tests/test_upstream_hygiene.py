@@ -669,3 +669,45 @@ async def test_keepalive_0_never_reuses_a_connection(make_relayd):
         got = await repeat(port, "POST", 6)
         assert [s for s, _ in got] == [200] * 6
         assert up.connections == 6
+
+
+async def test_a_connection_whose_large_body_the_upstream_never_read_is_not_pooled(make_relayd):
+    """The upstream answered 401 after the head and read none of a 1 MB body.  On loopback
+    the whole body had left relayd's buffer for the kernel's, so the connection looked
+    clean, went back to the pool, and the next request queued behind the unread body until
+    first_byte (a 504, and the breaker charged)."""
+    conns = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conns.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if len(conns) == 1:  # the first connection: answer, then never read again
+                    writer.write(ok(b'{"error":"no"}').replace(b"200 OK", b"401 Unauthorized"))
+                    await writer.drain()
+                    await asyncio.sleep(10)
+                    return
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(ok(b'{"ok":true}'))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        port, admin = free_port(), free_port()
+        # A failover route buffers the body, which then goes out in one write.
+        make_relayd(config(port, admin, url, timeouts="connect: 2, first_byte: 3, idle: 5, total: 30",
+                           extra=f'  v: {{url: "{url}", provider: openai}}\n')
+                    + "  - {path: /f, upstream: [u, v]}\n", args=["--workers", "1"])
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{port}/f/v1/x", data=b"x" * 1_000_000) as r:
+                assert r.status == 401
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/x", data=b"{}") as r:
+                assert r.status == 200, await r.text()
+        assert len(conns) == 2
+    finally:
+        server.close()

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import Any, Callable, Coroutine
@@ -81,6 +82,30 @@ class Reloads:
         self._reload_pending = True
         if self._reload_task is None or self._reload_task.done():
             self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def read_config(self, old: Config) -> Config | None:
+        """``load_for_reload`` beside the loop, on a daemon thread of its own: the loop
+        serves (and pings) while a large file is read, and not on the loop's executor,
+        which ``asyncio.run`` waits for at exit — a stop during a long parse lingered until
+        it ended and logged its result after "exit"."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Config | None] = loop.create_future()
+        path, log = self.path, self.log  # type: ignore[attr-defined]
+
+        def run() -> None:
+            try:
+                result = load_for_reload(path, old, log)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                outcome: Callable[[], Any] = lambda: done.done() or done.set_exception(exc)
+            else:
+                outcome = lambda: done.done() or done.set_result(result)  # noqa: E731
+            try:
+                loop.call_soon_threadsafe(outcome)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        threading.Thread(target=run, name="relayd-reload", daemon=True).start()
+        return await done
 
     async def _reload_loop(self) -> None:
         while self._reload_pending and not self.stopping.is_set():
@@ -168,8 +193,7 @@ class Daemon(Reloads):
 
     async def reload(self) -> bool:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        new = await asyncio.get_running_loop().run_in_executor(
-            None, load_for_reload, self.path, self.app.config, self.log)
+        new = await self.read_config(self.app.config)
         if self.stopping.is_set():  # a stop came while the file was read: it wins
             self.log.info("reload dropped: draining", config=self.path)
             return False

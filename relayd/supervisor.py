@@ -33,9 +33,8 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
@@ -70,27 +69,6 @@ def _order(chan: workers.Channel, generation: int, config: Config) -> None:
     """A config for a worker, always with the certificate bytes this process checked for it:
     a worker never reads the files itself."""
     chan.send("config", generation, config, tls.kept(config.tls))
-
-
-async def _beside(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on a daemon thread: nothing waits for it when the process exits."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
-
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            outcome: Callable[[], Any] = lambda: done.done() or done.set_exception(exc)
-        else:
-            outcome = lambda: done.done() or done.set_result(result)  # noqa: E731
-        try:
-            loop.call_soon_threadsafe(outcome)
-        except RuntimeError:
-            pass  # the loop is closed: nobody waits any more
-
-    threading.Thread(target=run, name="relayd-reload", daemon=True).start()
-    return await done
 
 
 class Supervisor(lifecycle.Reloads):
@@ -349,12 +327,9 @@ class Supervisor(lifecycle.Reloads):
         lifecycle.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         began = time.monotonic()
         pem = tls.kept(self.config.tls)  # (the running pair, should this reload roll back)
-        # Parsed beside the loop, as in one process: the loop goes on pinging the workers
-        # and systemd's watchdog while a large file is read (it shares the GIL, so the
-        # pings may come late: not the workers' silence).  On a thread of its own, not
-        # the loop's executor, which asyncio.run waits for at exit: a stop during a long
-        # parse would linger until it ended (and log its result after "exit").
-        new = await _beside(lifecycle.load_for_reload, self.path, self.config, self.log)
+        # The loop goes on pinging the workers and systemd's watchdog while a large file is
+        # read (it shares the GIL, so the pings may come late: not the workers' silence).
+        new = await self.read_config(self.config)
         stalled = time.monotonic() - began
         for slot in self.slots:
             if slot.waiting is not None:

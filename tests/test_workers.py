@@ -162,12 +162,13 @@ async def test_a_huge_invalid_reload_does_not_stall_the_main_process(fake, make_
     assert await get(port, "/anthropic/echo") == 200
 
 
-def test_a_stop_during_a_long_reload_parse_exits_at_once(fake, make_relayd):
+@pytest.mark.parametrize("workers", ["workers: 1", TWO])
+def test_a_stop_during_a_long_reload_parse_exits_at_once(fake, make_relayd, workers):
     """SIGTERM while the main process parses a large reloaded file: the drain and exit
     do not wait for the parse (asyncio.run waited for its executor thread), and its
     result is not logged after "exit"."""
     port = free_port()
-    good = basic_config(fake.url, port, top=TWO)
+    good = basic_config(fake.url, port, top=workers)
     r = make_relayd(good)
     r.config.write_text(good + "".join(f"  - {{path: /r{i}, upstream: generic}}\n" for i in range(40000))
                         + "bogus: 1\n")

@@ -214,6 +214,10 @@ _GEMINI = (
 )
 
 
+# POSTs that answer with a stored object: its usage is not this request's (``generates``).
+_STORED = re.compile(r"(?:[/:]cancel|/chat/completions/[^/]+)$")
+
+
 # --------------------------------------------------------------------------- providers
 
 _GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -282,6 +286,14 @@ class Provider:
             if ep.path.search(upstream_path):
                 return ep
         return self.fallback
+
+    def generates(self, method: str, upstream_path: str) -> bool:
+        """Whether the answer's usage is tokens this request spent.  Generating is a POST
+        (a GET of a stored response shows the usage of a generation counted when it ran),
+        but not every POST generates: a cancel (OpenAI's batches, responses and runs,
+        Gemini's ``:cancel``) or OpenAI's metadata update of a stored chat completion
+        answers with the stored object, whose usage was counted when it was made."""
+        return method == "POST" and _STORED.search(upstream_path) is None
 
     def set_auth(self, headers: CIMultiDict[str], api_key: str | None) -> None:
         """Replace client credentials with the upstream's key; without a key, pass them on."""

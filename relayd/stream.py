@@ -115,7 +115,8 @@ class Stream:
         ctype = media_type(resp.headers.get("Content-Type", ""))
         identity = resp.headers.get("Content-Encoding", "identity").lower() in ("", "identity")
         sse = ctype == "text/event-stream"
-        self.endpoint = provider.endpoint(resp.url.raw_path)
+        upstream_path = resp.url.raw_path
+        self.endpoint = provider.endpoint(upstream_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
         out = _Out if "Content-Type" in resp.headers else _UntypedOut
         headers = for_client(resp.headers, request_id, sse)
@@ -132,9 +133,8 @@ class Stream:
         bodiless = request.method == "HEAD" or resp.status in (204, 304)
         self.tracker = BoundaryTracker() if sse and identity and not bodiless else None
         self._ends = self.endpoint.ends if self.tracker is not None else None
-        # Tokens are spent by generating, and generating is a POST (a GET of a stored
-        # response shows the usage of a generation counted when it ran).
-        self.meter = UsageMeter() if request.method == "POST" else Unmetered()
+        self.meter = (UsageMeter() if provider.generates(request.method, upstream_path)
+                      else Unmetered())
         self.bytes_out = 0
         self.heartbeats = 0
         self.injected: End | None = None

@@ -74,21 +74,28 @@ class UsageMeter:
         tail = self._tail
         if tail is None:
             # Most bodies come in one piece: keep it, copy nothing.
-            self._tail = chunk if len(chunk) <= 2 * _JSON_TAIL else chunk[-_JSON_TAIL:]
+            if len(chunk) <= 2 * _JSON_TAIL:
+                self._tail = chunk
+                return
+            self._dropping(chunk, len(chunk) - _JSON_TAIL)
+            self._tail = chunk[-_JSON_TAIL:]
             return
         if type(tail) is not bytearray:
             tail = self._tail = bytearray(tail)
         tail += chunk
         if len(tail) > 2 * _JSON_TAIL:
             cut = len(tail) - _JSON_TAIL
-            # A usage object about to leave the window is decoded now, whole (vLLM writes
-            # prompt_logprobs, megabytes, after usage); a later one still wins.
-            if _KEY_BYTES.search(tail, 0, cut) is not None:
-                try:
-                    self._first = _objects(tail)
-                except Exception:  # (never let accounting end a response)
-                    pass
+            self._dropping(tail, cut)
             del tail[:cut]
+
+    def _dropping(self, body: bytes | bytearray, cut: int) -> None:
+        """A usage object about to leave the window (before ``cut``) is decoded now, whole
+        (vLLM writes prompt_logprobs, megabytes, after usage); a later one still wins."""
+        if _KEY_BYTES.search(body, 0, cut) is not None:
+            try:
+                self._first = _objects(body)
+            except Exception:  # (never let accounting end a response)
+                pass
 
     def result(self, partial: bool) -> Usage | None:
         if self._first is None and not self._tail:

@@ -357,7 +357,8 @@ async def test_a_client_that_resets_a_paused_upload_is_gone_at_once(make_relayd)
 
 async def test_a_stored_response_fetched_by_get_counts_no_tokens(fake, make_relayd):
     """A GET of a stored response shows the usage of a generation that ran (and was counted)
-    before: counted again, it inflated relayd_tokens_total."""
+    before: counted again, it inflated relayd_tokens_total.  So does a POST that cancels or
+    updates a stored object."""
     sc = fake.add("stored", Scenario(body=b'{"id":"resp_1","object":"response","usage":'
                                           b'{"input_tokens":1000,"output_tokens":500}}',
                                      content_type="application/json"))
@@ -367,8 +368,14 @@ async def test_a_stored_response_fetched_by_get_counts_no_tokens(fake, make_rela
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/one/v1/responses/resp_1", headers={"x-fake": sc}) as resp:
             assert resp.status == 200 and (await resp.json())["usage"]["input_tokens"] == 1000
+        # POSTs that answer with the stored object: a cancel, OpenAI's metadata update.
+        for path in ("/v1/responses/resp_1/cancel", "/v1/batches/batch_1/cancel",
+                     "/v1/chat/completions/chatcmpl_1"):
+            async with s.post(f"http://127.0.0.1:{port}/one{path}", headers={"x-fake": sc}, json={}) as resp:
+                assert resp.status == 200 and (await resp.json())["usage"]["input_tokens"] == 1000
         async with s.post(f"http://127.0.0.1:{port}/one/v1/responses", headers={"x-fake": sc}, json={}) as resp:
             assert resp.status == 200
-    got, posted = r.wait_access(2)
+    got, *cancels, posted = r.wait_access(5)
     assert got["usage"] is None and posted["usage"]["input_tokens"] == 1000
+    assert [line["usage"] for line in cancels] == [None] * 3
     assert await wait_metric(admin, "relayd_tokens_total", 1000, route="/one", kind="input") == 1000

@@ -125,6 +125,14 @@ def test_usage_before_a_long_json_tail_is_counted():
         m.observe_body(b'{"1":{"logprob":-0.1}},' * 400)
     m.observe_body(b'null]}')
     assert (m.result(False).input, m.result(False).output) == (11, 22)
+    # The whole body in one read (how large a read is depends on the socket): the same.
+    body = (b'{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22},"prompt_logprobs":['
+            + b'{"1":{"logprob":-0.1}},' * 20_000 + b'null]}')
+    for pieces in ([body], [body[:300_000], body[300_000:]]):
+        m = UsageMeter()
+        for piece in pieces:
+            m.observe_body(piece)
+        assert (m.result(False).input, m.result(False).output) == (11, 22)
 
 
 async def test_tcp_nodelay_on_both_sides():

@@ -343,7 +343,7 @@ class App:
         return error_response(_provider(match), status, f"{why} (request id {ex.request_id})", code,
                               ex.request_id)
 
-    def reject(self, request: web.BaseRequest, status: int, why: str,
+    def reject(self, peer: str | None, status: int, why: str,
                first_line: bytes) -> web.Response:
         """The answer to a request aiohttp could not parse (or to a head too large to
         parse), with its own access line: the request line is all relayd knows of it."""
@@ -352,14 +352,15 @@ class App:
         if "://" in target[:16]:  # absolute form: the path only (no host, no userinfo)
             target = "/" + target.partition("://")[2].partition("/")[2]
         path = target.partition("?")[0].partition("#")[0]
-        ex = Exchange(request_id(None), method, path, request.remote)
+        ex = Exchange(request_id(None), method, path, peer)
         table = self.table
         assert table is not None
         match = table.match(path) if path.startswith("/") else None
         code = {431: "request_header_too_large", 505: "http_version_not_supported",
                 500: "internal_error"}.get(status, "invalid_request")
         resp = self._refuse(ex, match, status, why, code)
-        ex.end = End.DONE if status < 500 else End.ERROR
+        ex.end = (End.ERROR if status == 500 else  # (a 505 is the client's HTTP/2)
+                  End.HEADER_TIMEOUT if status == 408 else End.DONE)
         self.metrics.finished(ex)
         if table.config.access_log:
             self._access(ex)

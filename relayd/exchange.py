@@ -23,6 +23,7 @@ class End(StrEnum):
     CONNECT_ERROR = "connect_error"            # no response from any upstream (or a broken one)
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"  # no response headers in time
     POOL_TIMEOUT = "pool_timeout"              # no free upstream connection in time
+    HEADER_TIMEOUT = "header_timeout"          # the client began a request head, not in time
     BODY_TIMEOUT = "body_timeout"              # the client did not send its body in time
     BODY_INVALID = "body_invalid"              # the client's body broke its own framing
     UPSTREAM_RESET = "upstream_reset"          # the upstream connection broke mid-body

@@ -144,6 +144,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         except _Failure as f:
             target.pool.release()
             if f.reason in (End.BODY_TIMEOUT, End.BODY_INVALID):
+                metrics.attempt(up.name, "cancelled")
                 raise  # the client's fault, not the upstream's: no breaker, no failover
             if not f.local:  # (relayd's own shortage is not the upstream's failure)
                 target.pool.record(False)

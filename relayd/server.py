@@ -114,8 +114,8 @@ class HeadTooLarge(HttpProcessingError):
 
 
 # Called for requests aiohttp could not parse (and handler failures aiohttp caught):
-# (request, status, short reason, request line if known) → the response to send.
-Reject = Callable[[web.BaseRequest, int, str, bytes], web.StreamResponse]
+# (peer address, status, short reason, request line if known) → the response to send.
+Reject = Callable[[str | None, int, str, bytes], web.StreamResponse]
 
 
 class _Parser:
@@ -187,6 +187,11 @@ class _Parser:
                 if self._head > self._cap:
                     raise HeadTooLarge()
         return result
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of a request head begun and not complete (0 between requests)."""
+        return self._head
 
     def message_consumed(self) -> None:
         """aiohttp took a request from its queue.  While the parser may hold requests back,
@@ -343,6 +348,13 @@ class Connection(web.RequestHandler):
             return
         self._head_since = None
         if not self._request_in_progress and self.transport is not None:
+            parser = self._parser
+            if isinstance(parser, _Parser) and parser.head_bytes:
+                # Part of a head came (slowloris, a stalled client): no answer, as nginx,
+                # but an access line (408, header_timeout) where it logs its 408.
+                peer = self.transport.get_extra_info("peername")
+                self._reject(peer[0] if isinstance(peer, tuple) else None, 408,
+                             "request head timed out", parser.first_line)
             self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
@@ -365,15 +377,19 @@ class Connection(web.RequestHandler):
             why = f"malformed request: {_short(exc)}"
         else:
             why = "internal error" if status == 500 else "timed out"
-        resp = self._reject(request, status, why, first)
+        resp = self._reject(request.remote, status, why, first)
         resp.force_close()
         return resp
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's error lines (a relayd bug it caught: ``Unhandled exception``) go to
         relayd's log; aiohttp's own loggers are silenced, their tracebacks being mostly
-        client noise."""
+        client noise.  One of them is: a broken request body (a bad chunk size) raises
+        again when aiohttp reads the rest of it after relayd's 400 — the client's framing,
+        answered already, and the connection is closed by aiohttp right after."""
         exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            return
         logs.get().error("request failed outside the handler", where=str(args[0]) if args else None,
                          exc_info=exc if isinstance(exc, BaseException) else True)
 

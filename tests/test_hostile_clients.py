@@ -22,6 +22,7 @@ import pytest
 from conftest import ROOT, basic_config
 from fakes import Scenario, free_port
 from relayd import config as config_mod
+from test_operations import get_metrics, metric
 from relayd.app import App
 from relayd.server import ClientServer
 
@@ -167,6 +168,37 @@ async def test_keepalive_idle_close_and_head_deadline_on_keepalive(tmp_path, fak
         assert await read_all(r, 3) == b"<EOF>"
         assert 0.5 < time.monotonic() - t0 < 1.5
         w.close()
+
+
+def test_a_late_head_gets_an_access_line_and_no_answer(fake, make_relayd) -> None:
+    """A head begun and not finished within client_header: no answer (as nginx), but an
+    access line and a count (nginx logs its 408 too), or slowloris leaves no trace.  A
+    connection that sent nothing is closed with no line, as nginx's."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top="limits: {client_header: 1}"),
+                    args=["--workers", "1"])
+    socks = []
+    for head in (b"", b"GET /openai/v1/mod", b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head)
+        socks.append(s)
+    t0 = time.monotonic()
+    for s in socks:
+        s.settimeout(5)
+        assert s.recv(100) == b""  # closed, nothing sent
+        s.close()
+    assert time.monotonic() - t0 < 3
+    time.sleep(0.3)
+    lines = r.wait_access(2)
+    assert len(lines) == 2, lines
+    by_method = {l["method"]: l for l in lines}
+    assert set(by_method) == {"-", "POST"}
+    post = by_method["POST"]
+    assert post["status"] == 408 and post["end_reason"] == "header_timeout"
+    assert post["path"] == "/openai/v1/chat/completions" and post["route"] == "/openai", post
+    assert by_method["-"]["status"] == 408 and by_method["-"]["end_reason"] == "header_timeout"
+    assert urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode().count(
+        'reason="header_timeout"') >= 1
 
 
 # -- head size
@@ -563,7 +595,15 @@ async def test_a_malformed_chunked_body_is_a_json_400_at_once(fake, make_relayd,
     assert json.loads(body)["error"]["message"].startswith("malformed request body")
     line = r.wait_access(1)[-1]
     assert line["status"] == 400 and line["end_reason"] == "body_invalid"
+    time.sleep(0.3)  # (aiohttp's read of the rest of the body, after the answer)
     assert not [l for l in r.logs() if l.get("event") == "upstream attempt failed"]
+    # The client's broken framing, not a relayd bug: no error line, no traceback.
+    assert not [l for l in r.logs() if l.get("level") == "error"], r.logs()
+    # An attempt begun (the body streamed upstream) is counted, as the access line says.
+    assert line["attempts"] == (1 if route == "/openai" else 0)
+    m = await get_metrics(admin)
+    assert metric(m, "relayd_upstream_attempts_total", upstream="openai", outcome="cancelled") \
+        == line["attempts"]
 
 
 # -- methods relayd never forwards
@@ -671,6 +711,16 @@ async def test_an_http2_preface_gets_a_505_that_says_so(tmp_path, fake) -> None:
     assert [g[0] for g in got] == [505], data[:300]
     error = json.loads(got[0][2])["error"]
     assert error["code"] == "http_version_not_supported" and "HTTP/2 is not supported" in error["message"]
+
+
+def test_an_http2_preface_is_not_logged_as_a_relayd_bug(shared) -> None:
+    """``end_reason: error`` means a relayd bug (README): an h2c client or a scanner's
+    preface is the client's protocol, answered 505, not one."""
+    n = len(shared.access())
+    (status, _, _), = responses(closed_after(shared.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+    assert status == 505
+    line = shared.wait_access(n + 1)[-1]
+    assert line["status"] == 505 and line["end_reason"] == "done", line
 
 
 @pytest.mark.parametrize("started", [False, True])

@@ -36,7 +36,7 @@ from .config import Config, ConfigError
 from .exchange import End
 from .listeners import ListenError, bind
 from .allow import AdminRunner
-from .server import ClientServer, FdShortage, FdWatch, log_warnings
+from .server import ClientServer, Connection, FdShortage, FdWatch, log_warnings
 
 _TLS_SHUTDOWN = 3.0  # seconds a closing TLS client connection waits for close_notify
 
@@ -263,7 +263,10 @@ class Daemon(Reloads):
             listener.close()
         assert self.server is not None
         for proto in list(self.server.connections):
-            proto.close()  # idle keep-alive connections close now, busy ones after their response
+            if isinstance(proto, Connection):
+                proto.drain()
+            else:
+                proto.close()
         deadline = time.monotonic() + app.config.shutdown_grace
         while app.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -300,6 +300,16 @@ class Connection(web.RequestHandler):
         super().connection_made(transport)
         self.head_started()
 
+    def drain(self) -> None:
+        """relayd is stopping: an idle keep-alive connection (or one whose next head is
+        still arriving) closes now, as nginx's and Envoy's do; a busy one after its answer.
+        (aiohttp's ``close`` only ends an idle connection's task, leaving its socket open
+        until the drain ended: a request sent on it meanwhile waited and got nothing.)"""
+        if self._request_in_progress or self._messages:
+            self.close()
+        else:
+            self.force_close()
+
     def admitted_under(self, allow: Any) -> bool:
         """Is this connection's peer still allowed under ``allow`` (the request's config)?
 

@@ -265,6 +265,47 @@ async def test_drain_finishes_short_streams_and_ends_long_ones(fake, make_relayd
     assert {"shutdown"} <= {l["end_reason"] for l in lines if l.get("event") == "access"}
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_drain_closes_idle_keepalive_connections_now_and_busy_ones_say_close(fake, make_relayd, workers):
+    """SIGTERM: an idle keep-alive connection is closed at once (nginx, Envoy), not left
+    open until the grace ends, where a request sent on it meanwhile got nothing; an
+    answer that begins during the drain says ``Connection: close``."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 4"),
+                    args=["--workers", str(workers)])
+    keep = fake.add("drain-keep", Scenario(body=b"data: 1\n\n" * 3, fault="stall", fault_at=9))
+    late = fake.add("drain-late", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                           header_delay=1.0))
+    head = b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: %s\r\nContent-Length: 2\r\n\r\n{}"
+    idle = []
+    for _ in range(4):  # (with two workers, likely some on each)
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(head % b"none")
+        s.settimeout(5)
+        got = b""
+        while not got.endswith(b"\r\n0\r\n\r\n"):  # (the answer is chunked)
+            got += s.recv(65536)
+        idle.append(s)
+    busy = socket.create_connection(("127.0.0.1", port))
+    busy.sendall(head % late.encode())
+    fake.reset_stats()
+    held = asyncio.create_task(read_stream(port, "/openai/v1/chat/completions", keep))  # keeps the drain going
+    await fake.has_requests(2)
+    t0 = time.monotonic()
+    r.signal(signal.SIGTERM)
+    for s in idle:
+        assert s.recv(100) == b""  # closed
+        assert time.monotonic() - t0 < 1.5, time.monotonic() - t0
+        s.close()
+    busy.settimeout(5)
+    answer = b""
+    while b'{"ok":true}' not in answer:
+        answer += busy.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close\r\n" in answer, answer
+    busy.close()
+    held.cancel()
+
+
 async def test_second_signal_exits_at_once(fake, make_relayd):
     port = free_port()
     r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 30"))

@@ -10,11 +10,11 @@ import argparse
 import importlib.util
 import inspect
 import os
+import signal
 import sys
 from typing import Any
 
 from . import __version__
-from . import config as config_mod
 
 DEFAULT_CONFIG = "/etc/relayd/relayd.yaml"
 SEARCH_ORDER = f"-c/positional argument, $RELAYD_CONFIG, {DEFAULT_CONFIG}"
@@ -80,6 +80,7 @@ def resolve(args: argparse.Namespace) -> str | None:
 
 
 def check(path: str) -> int:
+    from . import config as config_mod  # (here: ``run`` takes SIGHUP before this import)
     try:
         cfg = config_mod.load(path)
     except config_mod.ConfigError as exc:
@@ -93,12 +94,22 @@ def check(path: str) -> int:
     return 0
 
 
+def _hold_sighup() -> None:
+    """A SIGHUP from now on is remembered, not fatal (``lifecycle.hold_sighup`` takes over
+    once imported; this is set first, before the daemon's imports, a few hundred ms)."""
+    signal.signal(signal.SIGHUP, lambda *_: _early_hups.append(1))
+
+
+_early_hups: list[int] = []
+
+
 def _run(path: str, args: argparse.Namespace) -> int:
     if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         print("relayd: --loop uvloop: uvloop is not installed (pip install uvloop, or use --loop auto)",
               file=sys.stderr)
         return 2
-    from .lifecycle import run
+    from .lifecycle import hold_sighup, run
+    hold_sighup(_early_hups)
     accepted = inspect.signature(run).parameters
     wanted: dict[str, Any] = {"workers": args.workers, "loop": args.loop}
     for name in [k for k, v in wanted.items() if k not in accepted and v not in (None, "auto")]:
@@ -114,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("check", "run"):
             parser.print_help()
             return 2
+        if args.command == "run":
+            _hold_sighup()
         path = resolve(args)
         if path is None:
             return 1

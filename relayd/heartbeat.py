@@ -87,5 +87,5 @@ async def run(sup: Supervisor) -> None:
         if now - told >= every - 0.01:
             told = now
             alive = all(sup.answers(s) for s in sup.slots if s.pid is not None and s.ready)
-            lifecycle.notify(("WATCHDOG=1\n" if usec is not None and alive else "")
+            lifecycle.notify(("WATCHDOG=1\n" if usec is not None and alive and sup.announced else "")
                              + f"STATUS={sup.status_line()}")

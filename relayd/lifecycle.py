@@ -67,6 +67,35 @@ def notify(message: str) -> bool:
     return False
 
 
+_held_hups: list[int] = []  # SIGHUPs taken by ``hold_sighup``'s handler
+
+
+def hold_sighup(earlier: list[int]) -> None:
+    """From the first moment of ``relayd run`` (``earlier``: the ones the command line
+    held before this module was imported): a SIGHUP (a script reloading right after a
+    start) is remembered until the daemon can reload, not fatal — SIGHUP's default action
+    ends the process, and the loop's own handler comes only once listeners are up."""
+    signal.signal(signal.SIGHUP, lambda *_: _held_hups.append(1))
+    _held_hups.extend(earlier)
+
+
+def exit_now(code: int) -> int:
+    """Leave without the interpreter's finalization when a reloaded config is still being
+    parsed: the parser (C, holding the interpreter) would keep a stopped process alive,
+    its port and unit with it, until the parse ended — seconds after "exit"."""
+    if any(t.name == _READER and t.is_alive() for t in threading.enumerate()):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+_READER = "relayd-reload"
+
+
 class Reloads:
     """One reload at a time; a burst of SIGHUPs collapses into "read the file again once
     more", so the newest file always wins (for ``Daemon`` and ``supervisor.Supervisor``)."""
@@ -74,6 +103,25 @@ class Reloads:
     stopping: asyncio.Event
     _reload_pending = False
     _reload_task: asyncio.Task[None] | None = None
+    announced = False  # READY=1 sent for the start: a SIGHUP before it waits for it
+    _hup_early = False
+
+    def on_hup(self) -> None:
+        """SIGHUP.  Before the start is announced it is remembered, not run: a reload
+        racing the start would say READY (and "reload ok") before any worker served."""
+        if self.announced:
+            self.request_reload()
+        else:
+            self._hup_early = True
+
+    def announce(self, message: str) -> None:
+        """READY=1 for the start; then any SIGHUP that came before (since ``hold_sighup``)."""
+        notify(message)
+        self.announced = True
+        if self._hup_early or _held_hups:
+            self._hup_early = False
+            _held_hups.clear()
+            self.request_reload()
 
     async def reload(self) -> bool:
         raise NotImplementedError
@@ -104,7 +152,7 @@ class Reloads:
             except RuntimeError:
                 pass  # the loop is closed: nobody waits any more
 
-        threading.Thread(target=run, name="relayd-reload", daemon=True).start()
+        threading.Thread(target=run, name=_READER, daemon=True).start()
         return await done
 
     async def _reload_loop(self) -> None:
@@ -160,13 +208,13 @@ class Daemon(Reloads):
                 raise ListenError("admin_listen", cfg.admin_listen, exc) from None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         self.log.info("ready", listen=str(cfg.listen),
                       admin_listen=str(cfg.admin_listen) if cfg.admin_listen else None,
                       routes=len(cfg.routes), upstreams=len(cfg.upstreams),
                       generation=self.app.generation, pid=os.getpid())
         log_warnings(self.log, cfg)
-        notify(f"READY=1\nSTATUS={self.app.status_line()}\nMAINPID={os.getpid()}")
+        self.announce(f"READY=1\nSTATUS={self.app.status_line()}\nMAINPID={os.getpid()}")
 
     async def open_listener(self, loop: asyncio.AbstractEventLoop) -> None:
         """The one place the client listener is created: on the sockets the main process
@@ -414,6 +462,6 @@ def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
     logs.get().info("start", config=path, pid=os.getpid(), workers=n,
                     loop=loop_factory(loop).__module__.split(".")[0])
     if n == 1:
-        return run_loop(loop, serve(path, config))
+        return exit_now(run_loop(loop, serve(path, config)))
     from .supervisor import Supervisor
-    return Supervisor(path, config, n, loop).run()
+    return exit_now(Supervisor(path, config, n, loop).run())

@@ -125,10 +125,13 @@ class Supervisor(lifecycle.Reloads):
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGHUP, self.on_hup)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         for slot in self.slots:
             self._spawn(slot)
+        # Pinging and judging from the first fork: a worker stuck in its first start-up is
+        # killed and restarted like a later one (WATCHDOG=1 only once READY is sent).
+        dog = loop.create_task(heartbeat.run(self))
         await self.until(lambda: self.serving or self.stopping.is_set(), None)
         if not self.stopping.is_set():
             cfg = self.config
@@ -138,8 +141,7 @@ class Supervisor(lifecycle.Reloads):
                           generation=self.generation, pid=os.getpid(), workers=len(self.slots),
                           worker_pids=[s.pid for s in self.slots])
             log_warnings(self.log, cfg)
-            lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
-        dog = loop.create_task(heartbeat.run(self))
+            self.announce(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
         lifecycle.tune_gc()
         await self.stopping.wait()
         code = await self._drain()

@@ -622,3 +622,54 @@ async def test_a_full_filesystem_under_the_metrics_files_costs_counts_not_proces
             r.stop()
         finally:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("workers", ["workers: 1", TWO])
+def test_a_sighup_during_the_start_waits_for_ready(fake, make_relayd, workers):
+    """A SIGHUP right after ``relayd run`` (a script reloading after a start) was fatal
+    (SIGHUP's default action) before the loop took it, and with workers a reload racing
+    the start said READY=1 and "reload ok" before any worker served.  It is remembered
+    and carried out once the start is announced."""
+    port = free_port()
+    good = basic_config(fake.url, port, top=workers)
+    r = make_relayd(good, start=False)
+    r.start(wait=False)
+    r.config.write_text(good.replace("shutdown_grace: 5", "shutdown_grace: 4"))
+    # During the imports, the config load, the workers' start (not in the interpreter's
+    # own start-up, some 50 ms, before any Python of relayd's runs).
+    for delay in (0.25, 0.15, 0.15):
+        time.sleep(delay)
+        r.signal(signal.SIGHUP)
+    r.wait_ready()
+    assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()), 10)
+    assert r.proc.poll() is None
+    events = [l.get("event") for l in r.logs()]
+    assert events.index("ready") < events.index("reload ok"), events
+    if workers == TWO:
+        assert events.count("worker serving") >= 2
+        assert max(i for i, e in enumerate(events) if e == "worker serving") < events.index("reload ok")
+
+
+def test_a_worker_stuck_in_its_first_start_is_killed(fake, make_relayd):
+    """The first start-up was not watched (pings began after every worker served): a
+    worker stuck there hung the service's start, unlogged, until systemd's start timeout.
+    It is killed and restarted as a later one is."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, admin, top=TWO), start=False,
+                    env={"WATCHDOG_USEC": "6000000"})  # kill after 3 s
+    r.start(wait=False)
+    end = time.monotonic() + 10
+    while not children(r.proc.pid) and time.monotonic() < end:
+        time.sleep(0.001)
+    victim = min(children(r.proc.pid))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: any(l.get("event") == "worker not answering; killing it"
+                                    and l.get("pid") == victim for l in r.logs()), 10), r.logs()
+        r.wait_ready()
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert victim not in children(r.proc.pid)

@@ -31,6 +31,7 @@ from . import providers
 from .body import ClientWatch, ReplayBudget, RequestBody
 from .exchange import End
 from .routes import Match, Target, upstream_url
+from .upstreams import CONNECTED
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 _KEEP_ERROR_BODY = 1024 * 1024
@@ -279,6 +280,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     up = target.upstream
     ct = _client_timeout(timeouts.connect)
     watch = None if body.complete else ClientWatch(body.request)
+    CONNECTED.set(False)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
             resp = await target.pool.send(method, url, headers, body.data, ct)
@@ -286,6 +288,10 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 504,
                        f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None
     except TimeoutError:
+        if not CONNECTED.get():  # first_byte ended the connect (``connect`` longer, or 0):
+            raise _Failure(End.CONNECT_ERROR, 504,  # the upstream got nothing, a retry is safe
+                           f"timed out connecting to upstream '{up.name}' after "
+                           f"{fmt(timeouts.first_byte)}") from None
         if not body.complete and body.reading:
             raise _Failure(End.BODY_TIMEOUT, 408, _body_late(timeouts)) from None
         if not body.complete:  # relayd had bytes for it: the upstream stopped taking them

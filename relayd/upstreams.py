@@ -20,6 +20,7 @@ import os
 import ssl
 import time
 from http.cookies import BaseCookie, SimpleCookie
+from contextvars import ContextVar
 from typing import Any, Callable, Iterable
 
 import aiohttp
@@ -126,6 +127,11 @@ class _Connector(aiohttp.TCPConnector):
     a few warm connections and the surplus expires after ``keepalive``.
     """
 
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        CONNECTED.set(True)  # (the awaiting task's context: its attempt has a connection)
+        return conn
+
     async def _get(self, key: Any, traces: list[Any]) -> Any:
         conns = self._conns.get(key)
         if conns is not None and len(conns) > 1:
@@ -143,6 +149,9 @@ class _Connector(aiohttp.TCPConnector):
 
 
 _LARGE_BODY = 65536  # a request body an upstream may leave partly unread (``Guarded``)
+# Set by ``_Connector.connect`` when an attempt has its connection (new or pooled): a
+# deadline before that is a connect failure — the upstream got nothing (``forward``).
+CONNECTED: ContextVar[bool] = ContextVar("relayd_connected", default=False)
 
 
 class Pool:

@@ -235,9 +235,12 @@ async def test_first_byte_timeout_is_504(fake, make_relayd):
         assert check(body), body
 
 
-async def test_connect_timeout_is_504(make_relayd):
+@pytest.mark.parametrize("timeouts", ["connect: 300ms", "connect: 10, first_byte: 300ms"])
+async def test_connect_timeout_is_504(make_relayd, timeouts):
     # A listener with a full backlog that never accepts: further SYNs are dropped, so the
-    # connect hangs on loopback exactly as it would towards a dead host.
+    # connect hangs on loopback exactly as it would towards a dead host.  When first_byte
+    # ends the connect, it is a connect failure too: the upstream got nothing, so the SDKs
+    # may retry (no x-should-retry: false), and nobody is told it "sent no headers".
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(0)
@@ -250,7 +253,7 @@ async def test_connect_timeout_is_504(make_relayd):
     port = free_port()
     cfg = f"""
 listen: 127.0.0.1:{port}
-defaults: {{timeouts: {{connect: 300ms}}}}
+defaults: {{timeouts: {{{timeouts}}}}}
 upstreams:
   o: {{url: "http://127.0.0.1:{lsock.getsockname()[1]}", provider: openai}}
 routes:
@@ -258,10 +261,11 @@ routes:
 """
     try:
         make_relayd(cfg)
-        s, _, body = await echo(port, "/o/x")
+        s, h, body = await echo(port, "/o/x")
         assert s == 504, body
         assert body["error"]["code"] == "connect_error"
         assert "timed out connecting" in body["error"]["message"]
+        assert "x-should-retry" not in h
     finally:
         for c in fillers:
             c.close()

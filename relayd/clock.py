@@ -105,6 +105,15 @@ class StreamClock:
             return
         self._arm(self._next())
 
+    def interrupt(self, reason: End) -> None:
+        """End the current wait now, as a deadline would (the drain's ``Stream.stop``
+        reaching a stream that waits for a client that does not read)."""
+        if self.reason is None and self.task is not None:
+            self.stop()
+            self.handle, self.at = None, math.inf
+            self.reason = reason
+            self.task.cancel()
+
     def woke(self) -> End | None:
         """After a CancelledError: our reason, or None when the cancel came from outside."""
         reason, self.reason = self.reason, None

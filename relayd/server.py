@@ -334,6 +334,12 @@ class Connection(web.RequestHandler):
     # progress is late, or re-arms at that head's own deadline (so it is never late).
 
     def head_started(self) -> None:
+        handle = self._keepalive_handle
+        if handle is not None:
+            # A head has begun: client_header governs it now, not the keep-alive idle
+            # time (a head begun a moment before that expired was cut off, as nginx's is not).
+            handle.cancel()
+            self._keepalive_handle = None
         if self._head_since is None and self._head_timeout > 0:
             now = self._head_since = self._head_loop.time()
             if self._head_timer is None:

@@ -26,8 +26,11 @@ the response from its headers to its end (``total``), a client that accepts noth
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import math
+import struct
+import termios
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -88,6 +91,42 @@ class _UntypedOut(_Out):
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         self._headers.popall("Content-Type", None)
+
+
+def flush_deadline(transport: asyncio.Transport | None, send: float) -> None:
+    """``send`` for what is left in the client transport's buffer when the stream's clock
+    has stopped.  The last bytes of an answer (under the buffer's pause mark) wait there
+    for the client; a client that never reads held the connection open with no deadline,
+    a graceful close or a keep-alive expiry waiting to flush them.  nginx's send_timeout
+    covers every write: so does this.  No progress for ``send`` aborts the connection."""
+    if send and transport is not None and transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(send, _flushing, transport, send, _unsent(transport))
+
+
+def _flushing(transport: asyncio.Transport, send: float, before: int) -> None:
+    if not transport.get_write_buffer_size():
+        return  # all in the kernel's hands (the connection's close can complete)
+    left = _unsent(transport)
+    if left >= before:
+        transport.abort()
+    else:  # the client reads: another period
+        asyncio.get_running_loop().call_later(send, _flushing, transport, send, left)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes not yet taken by the client: relayd's buffer and the kernel's send queue (a
+    client reading slowly empties the kernel's first; relayd's moves only after)."""
+    left = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
+        except (OSError, ValueError):
+            pass
+    return left
+
+
+_INT = bytes(4)
 
 
 class Stream:
@@ -168,6 +207,11 @@ class Stream:
         self.resp.close()
         if self._proto is not None:
             self.pump()
+        clock = self._clock
+        if clock is not None and not clock.reading:
+            # Waiting for a client that does not read: nothing the upstream does wakes
+            # that wait (it ended as "client_gone" when the drain's end cancelled it).
+            clock.interrupt(reason)
 
     async def relay(self) -> End:
         """Send the headers (the point of no return), copy the body, say how it ended.
@@ -196,6 +240,8 @@ class Stream:
                         transport.abort()
                     else:
                         transport.close()
+            if not self.stalled:
+                flush_deadline(self.request.transport, self.timeouts.send)
             ok = reason == End.DONE
             return reason
         except ConnectionError:

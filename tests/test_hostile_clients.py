@@ -201,6 +201,23 @@ def test_a_late_head_gets_an_access_line_and_no_answer(fake, make_relayd) -> Non
         'reason="header_timeout"') >= 1
 
 
+async def test_a_head_begun_before_keepalive_ends_gets_client_header(tmp_path, fake) -> None:
+    """client_keepalive is the idle time between requests; once a next head has begun,
+    client_header runs from its first byte (nginx): the keep-alive expiry cut it off."""
+    async with inproc(tmp_path, fake.url, client_header=3.0, client_keepalive=1.0) as port:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        req = b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\n\r\n"
+        w.write(req)
+        assert (await r.readuntil(b'"chunked": false}')).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.6)
+        for b in req:  # the next head begins at 0.6 s and takes 1.5 s, past keep-alive's 1 s
+            w.write(bytes([b]))
+            await asyncio.sleep(1.5 / len(req))
+        got = await read_all(r, 3)
+        assert responses(got[:-5] if got.endswith(b"<EOF>") else got)[0][0] == 200, got[:200]
+        w.close()
+
+
 # -- head size
 
 

@@ -306,6 +306,27 @@ async def test_drain_closes_idle_keepalive_connections_now_and_busy_ones_say_clo
     held.cancel()
 
 
+def test_drain_ends_a_stream_whose_client_does_not_read_as_shutdown(fake, make_relayd):
+    """A stream waiting for a client that reads nothing when the grace ends: nothing the
+    upstream does wakes that wait, and the drain's final cancel logged it ``client_gone``
+    — the client had not gone; relayd ended it."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 1")
+                    .replace("total: 60", "total: 60, send: 30"), args=["--workers", "1"])
+    flood = fake.add("drain-flood", Scenario(body=b"data: " + b"x" * 4000 + b"\n\n", repeat=20000))
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(("127.0.0.1", port))
+    c.sendall(b"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: %s\r\n"
+              b"Content-Length: 2\r\n\r\n{}" % flood.encode())
+    time.sleep(1.0)  # relayd's buffers fill: it waits for the client
+    r.signal(signal.SIGTERM)
+    assert r.proc.wait(10) == 0
+    c.close()
+    line = [l for l in r.logs() if l.get("event") == "access"][-1]
+    assert line["end_reason"] == "shutdown", line
+
+
 async def test_second_signal_exits_at_once(fake, make_relayd):
     port = free_port()
     r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 30"))

@@ -663,3 +663,61 @@ def test_a_merge_that_fails_counts_nothing_twice_and_never_raises(tmp_path, monk
     metrics.process_gone(203, str(tmp_path))
     assert not (tmp_path / "counter_203.db").exists()
     assert 'relayd_requests_total{route="/a"} 7.0' in metrics.render_all(str(tmp_path)).decode()
+
+
+@pytest.mark.parametrize("reads", [False, True])
+async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -> None:
+    """The last bytes of an answer wait in the client transport's buffer after the
+    stream's clock stopped; a client that never reads held the connection (a graceful or
+    keep-alive close waits to flush them) with no deadline.  ``flush_deadline`` aborts it
+    after ``send`` without progress — and leaves a client that reads alone.  Real sockets:
+    a client with a small receive buffer that reads nothing (or slowly)."""
+    import time
+    loop = asyncio.get_running_loop()
+    got: dict[str, object] = {}
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            got["transport"] = transport
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            got["lost"] = time.monotonic()
+
+    server = await loop.create_server(Server, "127.0.0.1", 0)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(server.sockets[0].getsockname())
+    client.setblocking(False)
+    try:
+        for _ in range(100):
+            if "transport" in got:
+                break
+            await asyncio.sleep(0.01)
+        transport = got["transport"]
+        sent = received = 0
+        while not transport.get_write_buffer_size():  # kernel buffers full: relayd holds the rest
+            transport.write(b"x" * 65536)
+            sent += 65536
+            await asyncio.sleep(0)
+        transport.close()  # graceful: it would wait for the client forever
+        start = time.monotonic()
+        stream.flush_deadline(transport, 0.4)
+        while "lost" not in got and time.monotonic() - start < 3:
+            if reads:
+                try:
+                    received += len(client.recv(16384))
+                except BlockingIOError:
+                    pass
+            await asyncio.sleep(0.005)
+        if reads:  # slow, but reading: all of it, then the close
+            client.setblocking(True)
+            client.settimeout(3)
+            while data := await asyncio.to_thread(client.recv, 65536):  # the rest, to the FIN
+                received += len(data)
+            assert "lost" in got and received == sent
+        else:
+            assert "lost" in got and 0.3 < got["lost"] - start < 1.0
+            assert transport.get_write_buffer_size() == 0
+    finally:
+        client.close()
+        server.close()

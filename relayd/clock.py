@@ -9,10 +9,77 @@ stream only records its progress in ``last`` and says what it waits for.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 from typing import Callable
 
 from .exchange import End
+
+
+class _Wakes:
+    """Every stream clock's next wake in one heap, under one loop timer.
+
+    A loop timer per stream (uvloop's handle, its libuv timer and a copy of the task's
+    context) cost about 700 B for each held stream, most of which wait minutes; an entry
+    here is a tuple.  A clock's entry is current while its ``at`` still says that time:
+    re-arming leaves the old entry behind, skipped when it comes up (and the heap is
+    rebuilt when such entries outnumber the live ones).
+    """
+
+    __slots__ = ("loop", "heap", "handle", "at", "live")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list[tuple[float, StreamClock]] = []
+        self.handle: asyncio.TimerHandle | None = None
+        self.at = math.inf  # when the loop timer fires
+        self.live = 0       # clocks with a current entry
+
+    def add(self, when: float, clock: "StreamClock") -> None:
+        heap = self.heap
+        self.live += 1
+        if len(heap) > 2 * self.live + 64:
+            heap[:] = [e for e in heap if e[1].at == e[0]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, clock))
+        if when < self.at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.at = when
+        self.handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        # (-inf: the clocks re-armed below add entries without arming the loop timer;
+        # it is armed once, for the earliest, after them)
+        self.handle, self.at = None, -math.inf
+        heap = self.heap
+        # uvloop's clock ticks in whole milliseconds: what is due within one is due now
+        # (a clock that finds it early re-arms a tick later, at ``due``: not in this pass).
+        due = self.loop.time() + 0.001
+        try:
+            while heap and heap[0][0] < due:
+                when, clock = heapq.heappop(heap)
+                if clock.at == when:  # (not an entry a re-arm or a stop left behind)
+                    self.live -= 1
+                    clock.at = math.inf
+                    clock._fire()
+        finally:
+            self.at = math.inf
+            if heap:
+                self._arm(heap[0][0])
+
+
+_wakes: _Wakes | None = None
+
+
+def _wakes_for(loop: asyncio.AbstractEventLoop) -> _Wakes:
+    global _wakes
+    if _wakes is None or _wakes.loop is not loop:  # (a new loop: a test's, or a worker's)
+        _wakes = _Wakes(loop)
+    return _wakes
 
 
 class StreamClock:
@@ -34,7 +101,7 @@ class StreamClock:
     """
 
     __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
-                 "reading", "reason", "handle", "at", "on_beat")
+                 "reading", "reason", "wakes", "at", "on_beat")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
                  total_deadline: float, beat: float, on_beat: Callable[[], None]) -> None:
@@ -45,9 +112,8 @@ class StreamClock:
         self.last = self.last_beat = loop.time()  # last progress: bytes arrived, or a drain ended
         self.reading = False  # False while a write waits for the client: `send` applies, not `idle`
         self.reason: End | None = None
-        self.handle: asyncio.Handle | None = None
-        self.at = math.inf  # when the handle fires (uvloop's handle for a time within 0.5 ms
-        #                     of now is a plain Handle, without when())
+        self.wakes = _wakes_for(loop)
+        self.at = math.inf  # when it wakes next (its current entry in ``wakes``)
         # At the start every deadline lies ahead: the earliest of all is never late for
         # either state, and the first change of state needs no re-arm.
         self._arm(min(self.last + self.idle, self.last + self.send, self.last + self.beat,
@@ -65,8 +131,9 @@ class StreamClock:
         # ahead at once: a deadline closer than a tick would fire, find itself not due,
         # and re-arm, every loop turn until the tick.  A tick later it is due.
         when = max(when, self.loop.time() + 0.001)
-        self.at = when
-        self.handle = self.loop.call_at(when, self._fire) if when != math.inf else None
+        if when != math.inf:
+            self.at = when
+            self.wakes.add(when, self)
 
     def _state(self, reading: bool) -> None:
         if self.reading is reading:
@@ -74,8 +141,7 @@ class StreamClock:
         self.reading = reading
         when = self._next()
         if self.at > when:
-            if self.handle is not None:
-                self.handle.cancel()
+            self._drop()
             self._arm(when)
 
     def wait_for_client(self) -> None:
@@ -98,7 +164,6 @@ class StreamClock:
             self.last_beat = now  # a beat the stream cannot send now is tried a period later
             self.on_beat()
         if reason is not None:
-            self.handle, self.at = None, math.inf
             self.reason = reason
             if self.task is not None:
                 self.task.cancel()
@@ -110,7 +175,6 @@ class StreamClock:
         reaching a stream that waits for a client that does not read)."""
         if self.reason is None and self.task is not None:
             self.stop()
-            self.handle, self.at = None, math.inf
             self.reason = reason
             self.task.cancel()
 
@@ -124,5 +188,13 @@ class StreamClock:
         return reason
 
     def stop(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
+        self._drop()
+
+    def _drop(self) -> None:
+        """Its current entry, if any, is left behind (skipped when it comes up)."""
+        if self.at != math.inf:
+            self.at = math.inf
+            self.wakes.live -= 1
+
+    def __lt__(self, other: "StreamClock") -> bool:  # (heap entries of one time: any order)
+        return id(self) < id(other)

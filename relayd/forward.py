@@ -280,7 +280,9 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     up = target.upstream
     ct = _client_timeout(timeouts.connect)
     watch = None if body.complete else ClientWatch(body.request)
-    CONNECTED.set(False)
+    # (reset after the attempt: a context variable left set stays in the task's context,
+    # a held stream's for its minutes)
+    connected = CONNECTED.set(False)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
             resp = await target.pool.send(method, url, headers, body.data, ct)
@@ -321,25 +323,30 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
     finally:
+        CONNECTED.reset(connected)
         if watch is not None:
             watch.stop()
-    if hdrs.malformed(resp.headers) or not _framed(resp):
+    why = _unframed(resp) or ("an invalid header name or a control character in a header value"
+                              if hdrs.malformed(resp.headers) else None)
+    if why is not None:
         resp.close()
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
-                       answered=True)
+                       why, answered=True)  # (the why for the log: the client is told none of it)
     return resp
 
 
-def _framed(resp: aiohttp.ClientResponse) -> bool:
-    """An answer relayd can relay as sent.  Not: a status below 100 (``099`` would go
-    out as ``99``); a 101 (relayd never forwards ``Upgrade``, so any switch is one the
-    client did not ask relayd for); a transfer coding other than chunked (stripped with the
-    hop-by-hop header, the coded bytes would reach the client as plain; nginx fails
+def _unframed(resp: aiohttp.ClientResponse) -> str | None:
+    """Why an answer cannot be relayed as sent, if it cannot: a status below 100 (``099``
+    would go out as ``99``); a 101 (relayd never forwards ``Upgrade``, so any switch is one
+    the client did not ask relayd for); a transfer coding other than chunked (stripped with
+    the hop-by-hop header, the coded bytes would reach the client as plain; nginx fails
     ``xchunked`` too)."""
     if resp.status < 100 or resp.status == 101:
-        return False
+        return f"status {resp.status}"
     codings = resp.headers.getall("Transfer-Encoding", ())
-    return not codings or (len(codings) == 1 and codings[0].strip().lower() == "chunked")
+    if codings and not (len(codings) == 1 and codings[0].strip().lower() == "chunked"):
+        return "transfer coding other than chunked"
+    return None
 
 
 _TIMEOUTS: dict[float, aiohttp.ClientTimeout] = {}

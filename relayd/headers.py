@@ -134,11 +134,14 @@ _c_serialize = http_writer._serialize_headers
 
 
 def _serialize_headers(status_line: str, headers: Any) -> bytes:
+    # aiohttp's serializer drops what is not UTF-8 (obs-text, kept by its parser as
+    # surrogates): a Latin-1 value or reason phrase goes out as the upstream sent it.
     for v in headers.values():
         if not v.isascii():
             break
     else:
-        return _c_serialize(status_line, headers)  # type: ignore[no-any-return]
+        if status_line.isascii():
+            return _c_serialize(status_line, headers)  # type: ignore[no-any-return]
     lines = [status_line, *(f"{k}: {v}" for k, v in headers.items())]
     for line in lines:
         if _CTL.search(line):

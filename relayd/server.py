@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
 
@@ -266,6 +266,9 @@ class _Parser:
         return got, False, b""
 
 
+_SOCKNAMES: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+
 class Connection(web.RequestHandler):
     """One client connection: aiohttp's handler with a request-head deadline."""
 
@@ -298,6 +301,15 @@ class Connection(web.RequestHandler):
                 self._refused = True  # never handed to aiohttp: nothing to clean up there
                 return
         super().connection_made(transport)
+        # Each request asks for the local address (aiohttp caches it per connection): a
+        # listener's few addresses shared, not a tuple held by every held stream.
+        sockname = transport.get_extra_info("sockname")
+        if type(sockname) is tuple:
+            shared = _SOCKNAMES.get(sockname)
+            if shared is None and len(_SOCKNAMES) < 64:
+                shared = _SOCKNAMES[sockname] = sockname
+            sockname = shared or sockname
+        self._cache["sockname"] = sockname
         self.head_started()
 
     def drain(self) -> None:
@@ -419,6 +431,14 @@ def _short(exc: BaseException | None) -> str:
 
 class Request(web.BaseRequest):
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if response.keep_alive and getattr(self.protocol, "_close", False):
+            # The connection closes after this answer (an h2c upgrade request, a drain):
+            # it says so, or a client would send its next request into the close.  (This
+            # hook runs after aiohttp wrote the Connection header from keep_alive.)
+            response.force_close()
+            response.headers.popall("Connection", None)
+            if self.version >= HttpVersion11:
+                response.headers["Connection"] = "close"
         # relayd's own responses (web.Response) say relayd where aiohttp put its own name;
         # an upstream's answer (headers.UpstreamAnswer) keeps its Server or carries none.
         if isinstance(response, web.Response) and not isinstance(response, UpstreamAnswer):

@@ -157,9 +157,10 @@ class Stream:
         upstream_path = resp.url.raw_path
         self.endpoint = provider.endpoint(upstream_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
-        out = _Out if "Content-Type" in resp.headers else _UntypedOut
         headers = for_client(resp.headers, request_id, sse)
         relocate(headers, moved, request)
+        # (from what the client gets: a Content-Type the upstream listed in Connection is gone)
+        out = _Out if "Content-Type" in headers else _UntypedOut
         self.out = out(status=resp.status, reason=resp.reason, headers=headers)
         if type(resp) is Response:  # (aiohttp's own ClientResponse keeps its head)
             # Copied for the client: a held stream does not keep the upstream's head too

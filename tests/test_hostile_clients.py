@@ -309,7 +309,10 @@ def test_a_request_pipelined_behind_an_h2c_upgrade_is_not_left_hanging(shared) -
                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
                     b"GET /openai/v1/echo HTTP/1.1\r\nHost: x\r\n\r\n", timeout=8)
     assert time.monotonic() - start < 4
-    assert [g[0] for g in responses(data)][:1] == [200]
+    got = responses(data)
+    assert [g[0] for g in got][:1] == [200]
+    # and the answer says so (RFC 9112 §9.6): a client must not send its next request here
+    assert got[0][1].get("connection") == "close", got[0][1]
 
 
 # -- Server header

@@ -427,11 +427,15 @@ async def test_answers_relayd_cannot_relay_as_sent_are_a_502(make_relayd, answer
 
     async with RawUpstream(handler) as up:
         port, admin = free_port(), free_port()
-        make_relayd(config(port, admin, up.url))
+        r = make_relayd(config(port, admin, up.url))
         status, body, headers = await get(port)
         assert status == 502, (status, body)
         assert "invalid response from upstream" in json.loads(body)["error"]["message"]
         assert headers["x-should-retry"] == "false"  # the upstream acted: an SDK must not resend
+    # the operator is told why (without the upstream's bytes)
+    failed = [l for l in r.logs() if l.get("event") == "upstream attempt failed"]
+    assert failed and failed[0]["cause"].endswith(")"), failed  # "invalid response ... (why)"
+    assert not any(w in failed[0]["cause"] for w in ("websocket", "gzip", "xchunked", "Weird")), failed
 
 
 async def test_an_answer_without_content_type_gets_none(make_relayd):
@@ -711,3 +715,38 @@ async def test_a_connection_whose_large_body_the_upstream_never_read_is_not_pool
         assert len(conns) == 2
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("sse", [False, True])
+async def test_a_reason_phrase_in_obs_text_is_relayed_byte_for_byte(make_relayd, sse):
+    """A reason phrase is opaque bytes (RFC 9112 §4: obs-text allowed): Latin-1 from an
+    upstream reached the client with those bytes dropped (nginx passes them)."""
+    ctype = b"text/event-stream" if sse else b"application/json"
+
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 429 Trop de requ\xeates\r\nContent-Type: " + ctype
+                     + b"\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        head, body = await raw_get(port, 0 if sse else 2)  # (an SSE answer goes out chunked)
+    assert head.startswith(b"HTTP/1.1 429 Trop de requ\xeates\r\n"), head
+    assert sse or body == b"{}"
+
+
+async def test_a_content_type_the_upstream_names_in_connection_is_not_replaced(make_relayd):
+    """A header listed in ``Connection`` is hop-by-hop and dropped; for Content-Type,
+    aiohttp then added its own default (``application/octet-stream``): relayd adds none."""
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: Content-Type\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        head, body = await raw_get(port, 2)
+    assert b"content-type" not in head.lower(), head
+    assert body == b"{}"

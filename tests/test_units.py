@@ -721,3 +721,48 @@ async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -
     finally:
         client.close()
         server.close()
+
+
+async def test_stream_clocks_share_one_timer_and_its_heap_stays_small() -> None:
+    """Every stream clock's wake is an entry in one heap under one loop timer (a timer per
+    held stream cost about 700 B).  Each clock still fires at its own deadline, and a
+    clock that changes state again and again (a client reading in bursts) leaves entries
+    behind that are skipped and compacted, not kept for minutes."""
+    import time
+    from relayd import clock as clock_mod
+
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[int, float]] = []
+
+    class Clock(StreamClock):
+        __slots__ = ("i",)
+
+        def _fire(self) -> None:
+            if self.reading and self.loop.time() >= self.last + self.idle:
+                fired.append((self.i, time.monotonic()))
+            super()._fire()
+
+    start = time.monotonic()
+    clocks = []
+    for i, idle in enumerate([0.3, 0.1, 0.2, 0.05]):
+        c = Clock(loop, idle, 60.0, math.inf, math.inf, lambda: None)
+        c.i, c.task = i, None
+        c.wait_for_upstream()
+        clocks.append(c)
+    wakes = clocks[0].wakes
+    assert all(c.wakes is wakes for c in clocks) and wakes.live == 4
+    churn = Clock(loop, 30.0, 20.0, math.inf, math.inf, lambda: None)
+    churn.i, churn.task = 99, None
+    for _ in range(5000):  # each switch to a nearer deadline leaves an entry behind
+        churn.wait_for_client()
+        churn.last += 0.0001
+        churn.wait_for_upstream()
+    assert len(wakes.heap) < 2 * wakes.live + 70, len(wakes.heap)
+    await asyncio.sleep(0.45)
+    order = [i for i, _ in fired]
+    assert order[:4] == [3, 1, 2, 0], fired
+    for i, at in fired[:4]:
+        assert [0.3, 0.1, 0.2, 0.05][i] - 0.01 <= at - start <= [0.3, 0.1, 0.2, 0.05][i] + 0.1, fired
+    for c in clocks + [churn]:
+        c.stop()
+    assert wakes.live == 0

@@ -296,10 +296,10 @@ class App:
                                       f"{ex.request_id})", "shutdown", ex.request_id)
                 resp.force_close()
                 return resp
-            ex.end = End.CLIENT_GONE
+            ex.end = self._gone(st)
             raise
         except ConnectionError:
-            ex.end = End.CLIENT_GONE
+            ex.end = self._gone(st)
             raise
         except Exception:
             self.log.exception("internal error", request_id=ex.request_id)
@@ -329,6 +329,13 @@ class App:
             self.metrics.finished(ex)
             if table.config.access_log:
                 self._access(ex)
+
+    @staticmethod
+    def _gone(st: Stream | None) -> End:
+        """The client left.  After the provider's last word reached it (``[DONE]``,
+        ``message_stop``: an SDK closes the response there, before the upstream's final
+        chunk), the stream was complete: ``done``, its usage final."""
+        return End.DONE if st is not None and st.ended else End.CLIENT_GONE
 
     @classmethod
     def _refuse_method(cls, ex: Exchange, match: Match | None, method: str) -> web.Response:

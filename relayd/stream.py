@@ -228,7 +228,7 @@ class Stream:
             self.out._headers = CIMultiDict()
             reason = await self._copy(writer)
             if reason is End.CLIENT_GONE:
-                return reason
+                return End.DONE if self.ended else reason  # (after the last word: ``App._gone``)
             if reason != End.DONE and self.ended:
                 reason = End.DONE  # the provider had already said its last word
             if reason != End.DONE and not await self._inject(reason):
@@ -373,6 +373,7 @@ class Stream:
             return
         try:
             outs = []
+            ended = self.ended
             if pending:
                 clock = self._clock
                 assert clock is not None
@@ -390,6 +391,8 @@ class Stream:
             last = self._result is End.DONE and self._chunked
             if outs or last:
                 self.bytes_out += self._send(outs, last)  # the upstream's: heartbeats do not count
+                if self._result is End.CLIENT_GONE and not ended:
+                    self.ended = False  # the last word was in this write: it never left
                 if last and self._result is End.DONE:  # (not if the client turned out gone)
                     self._writer._eof = True  # aiohttp's write_eof: nothing left to write
         except Exception:

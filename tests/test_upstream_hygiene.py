@@ -750,3 +750,65 @@ async def test_a_content_type_the_upstream_names_in_connection_is_not_replaced(m
         head, body = await raw_get(port, 2)
     assert b"content-type" not in head.lower(), head
     assert body == b"{}"
+
+
+async def test_a_client_leaving_after_the_last_event_got_a_complete_stream(make_relayd):
+    """The official SDKs close a stream's response at ``[DONE]`` (``message_stop``), before
+    the upstream's final chunk: relayd logged such complete streams ``client_gone`` with
+    their usage ``partial``.  They are ``done``, their usage final."""
+    from fakes import fixture
+    body = fixture("openai-chat-usage.sse")
+
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n" % (len(body), body))
+        await writer.drain()
+        await asyncio.sleep(1.0)  # the final chunk comes late
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        r = make_relayd(config(port, admin, up.url))
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(f"http://127.0.0.1:{port}/u/v1/chat/completions", json={})
+            got = b""
+            while b"data: [DONE]" not in got:
+                got += await resp.content.readany()
+            resp.close()  # as the SDK does
+        line = r.wait_access(1)[-1]
+    assert line["end_reason"] == "done", line
+    assert line["usage"] is not None and line["usage"]["partial"] is False, line
+
+
+async def test_a_fresh_connection_broken_after_the_whole_request_is_not_retried_by_the_sdks(make_relayd):
+    """An upstream that reads the whole request and then drops the connection had it (a
+    crash mid-generation): the 502 says ``x-should-retry: false`` like the first_byte 504,
+    or the official SDKs send the prompt twice more, each billed (here: the openai SDK
+    with its default retries reaches the upstream once).  On a pooled connection it is
+    mostly the keep-alive race (closed by the upstream as relayd sent), which a retry
+    mends: no such header there."""
+    import openai
+
+    async def handler(reader, writer, n):
+        if n == 2:  # a keep-alive answer first, for the pooled case
+            writer.write(ok(b'{"ok":true}'))
+            await writer.drain()
+            return
+        writer.transport.abort()  # request read, then gone
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url))
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/u/v1", api_key="k")
+        with pytest.raises(openai.InternalServerError) as got:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert got.value.status_code == 502
+        assert got.value.response.headers.get("x-should-retry") == "false"
+        assert up.requests == 1  # sent once, not three times
+        async with aiohttp.ClientSession() as s:  # n == 2 answers; n == 3, on that pooled connection, breaks
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/x", json={}) as r:
+                assert r.status == 200
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/x", json={}) as r:
+                assert r.status == 502 and "x-should-retry" not in r.headers
+        await client.close()

@@ -319,6 +319,9 @@ class PoolRegistry:
                 pool.upstream = up  # same connections; key, headers, breaker limits may differ
             wanted[key] = pool
             by_name[up.name] = pool
+        # (closed ones leave here too, not only at a scrape: reloads without scrapes kept
+        # every retired pool, about 20 KB each)
+        self._retired = {p for p in self._retired if not p.closed}
         for key, pool in self._pools.items():
             if key not in wanted:
                 pool.retired = True

@@ -766,3 +766,20 @@ async def test_stream_clocks_share_one_timer_and_its_heap_stays_small() -> None:
     for c in clocks + [churn]:
         c.stop()
     assert wakes.live == 0
+
+
+async def test_retired_pools_are_let_go_by_reloads_without_scrapes() -> None:
+    """A reload that changes an upstream's pool retires the old one; closed, it was only
+    forgotten when ``/metrics`` was scraped: reloads without scrapes grew the worker by
+    about 20 KB each."""
+    from relayd.upstreams import PoolRegistry
+
+    reg = PoolRegistry()
+    configs = [cfg.parse(f"upstreams: {{a: {{url: \"http://127.0.0.1:1\", provider: openai, keepalive: {k}}}}}\n"
+                         "routes: [{path: /a, upstream: a}]", "t.yaml", {}) for k in (5, 6)]
+    for i in range(60):
+        reg.build(configs[i % 2].upstreams.values())
+        for _ in range(3):
+            await asyncio.sleep(0)  # the retired pool's close runs
+    assert len(reg._retired) <= 2, len(reg._retired)
+    await reg.close()

@@ -346,17 +346,19 @@ class Connection(web.RequestHandler):
     # progress is late, or re-arms at that head's own deadline (so it is never late).
 
     def head_started(self) -> None:
-        handle = self._keepalive_handle
-        if handle is not None:
-            # A head has begun: client_header governs it now, not the keep-alive idle
-            # time (a head begun a moment before that expired was cut off, as nginx's is not).
-            handle.cancel()
-            self._keepalive_handle = None
+        # A head has begun: client_header governs it now, not the keep-alive idle time (a
+        # head begun a moment before that ran out was cut off; nginx's is not).  aiohttp's
+        # keep-alive timer re-arms lazily at ``_next_keepalive_close_time``: moved past
+        # this head's deadline, it stays one timer per connection, not one per request.
         if self._head_since is None and self._head_timeout > 0:
             now = self._head_since = self._head_loop.time()
+            self._next_keepalive_close_time = now + self._head_timeout + 1.0
             if self._head_timer is None:
                 self._head_timer = self._head_loop.call_at(now + self._head_timeout,
                                                            self._head_check)
+        elif self._head_timeout <= 0 and self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()  # (no head deadline: keep-alive does not cut it either)
+            self._keepalive_handle = None
 
     def head_done(self) -> None:
         self._head_since = None

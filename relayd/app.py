@@ -356,8 +356,8 @@ class App:
         return error_response(_provider(match), status, f"{why} (request id {ex.request_id})", code,
                               ex.request_id)
 
-    def reject(self, peer: str | None, status: int, why: str,
-               first_line: bytes) -> web.Response:
+    def reject(self, peer: str | None, status: int, why: str, first_line: bytes,
+               taken: float = 0.0) -> web.Response:
         """The answer to a request aiohttp could not parse (or to a head too large to
         parse), with its own access line: the request line is all relayd knows of it."""
         parts = first_line.decode("latin-1").split(" ")
@@ -366,6 +366,7 @@ class App:
             target = "/" + target.partition("://")[2].partition("/")[2]
         path = target.partition("?")[0].partition("#")[0]
         ex = Exchange(request_id(None), method, path, peer)
+        ex.start -= taken  # (a late head: its duration runs from its first byte)
         table = self.table
         assert table is not None
         match = table.match(path) if path.startswith("/") else None

@@ -75,6 +75,10 @@ class _Wakes:
 _wakes: _Wakes | None = None
 
 
+def _nothing() -> None:
+    pass
+
+
 def _wakes_for(loop: asyncio.AbstractEventLoop) -> _Wakes:
     global _wakes
     if _wakes is None or _wakes.loop is not loop:  # (a new loop: a test's, or a worker's)
@@ -174,7 +178,7 @@ class StreamClock:
         """End the current wait now, as a deadline would (the drain's ``Stream.stop``
         reaching a stream that waits for a client that does not read)."""
         if self.reason is None and self.task is not None:
-            self.stop()
+            self._drop()
             self.reason = reason
             self.task.cancel()
 
@@ -188,7 +192,11 @@ class StreamClock:
         return reason
 
     def stop(self) -> None:
+        """For good: its left-behind entry may stay in the heap until its time, so what
+        the clock holds goes now (``on_beat`` is the stream's: all of it, for minutes)."""
         self._drop()
+        self.on_beat = _nothing
+        self.task = None
 
     def _drop(self) -> None:
         """Its current entry, if any, is left behind (skipped when it comes up)."""

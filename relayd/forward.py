@@ -321,13 +321,15 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
                        hdrs.short_reason(exc.message) or None, answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:
-        # On a fresh connection, after the whole request went out, the upstream had it
-        # (it crashed or dropped it while working): the SDKs must not send it again.  On a
-        # pooled one this is mostly the keep-alive race (the upstream closed it as relayd
-        # sent; nginx's 502 there too), which a retry mends.
+        # A fresh connection closed cleanly after the whole request went out: the upstream
+        # had it (a crash mid-generation), and the SDKs must not send it again.  Not a
+        # reset (an upstream restarting resets connections it never read), and not on a
+        # pooled connection, where this is mostly the keep-alive race (the upstream closed
+        # it as relayd sent; nginx's 502 there too): a retry mends those.
         raise _Failure(End.CONNECT_ERROR, 502,
                        f"upstream '{up.name}' failed before responding: {_short(exc)}",
-                       sent=CONNECTED.get() == FRESH and body.complete) from None
+                       sent=(CONNECTED.get() == FRESH and body.complete
+                             and isinstance(exc, aiohttp.ServerDisconnectedError))) from None
     finally:
         CONNECTED.reset(connected)
         if watch is not None:
@@ -349,6 +351,8 @@ def _unframed(resp: aiohttp.ClientResponse) -> str | None:
     ``xchunked`` too)."""
     if resp.status < 100 or resp.status == 101:
         return f"status {resp.status}"
+    if hdrs.control_character(resp.reason or ""):
+        return "a control character in the reason phrase"
     codings = resp.headers.getall("Transfer-Encoding", ())
     if codings and not (len(codings) == 1 and codings[0].strip().lower() == "chunked"):
         return "transfer coding other than chunked"

@@ -100,6 +100,11 @@ def malformed(headers: Any) -> bool:
     return False
 
 
+def control_character(text: str) -> bool:
+    """A CTL other than HTAB: never sent in a status line or a field value."""
+    return not text.isprintable() and _CTL.search(text) is not None
+
+
 class UpstreamAnswer:
     """For a client response that relays an upstream's answer (``stream._Out``, the kept
     error of a failover route): aiohttp adds its own ``Server`` where none is set, and a

@@ -114,8 +114,9 @@ class HeadTooLarge(HttpProcessingError):
 
 
 # Called for requests aiohttp could not parse (and handler failures aiohttp caught):
-# (peer address, status, short reason, request line if known) → the response to send.
-Reject = Callable[[str | None, int, str, bytes], web.StreamResponse]
+# (peer address, status, short reason, request line if known, seconds the request had
+# taken already) → the response to send.
+Reject = Callable[[str | None, int, str, bytes, float], web.StreamResponse]
 
 
 class _Parser:
@@ -384,7 +385,8 @@ class Connection(web.RequestHandler):
                 # but an access line (408, header_timeout) where it logs its 408.
                 peer = self.transport.get_extra_info("peername")
                 self._reject(peer[0] if isinstance(peer, tuple) else None, 408,
-                             "request head timed out", parser.first_line)
+                             "request head timed out", parser.first_line,
+                             self._head_loop.time() - since)
             self.force_close()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
@@ -407,7 +409,7 @@ class Connection(web.RequestHandler):
             why = f"malformed request: {_short(exc)}"
         else:
             why = "internal error" if status == 500 else "timed out"
-        resp = self._reject(request.remote, status, why, first)
+        resp = self._reject(request.remote, status, why, first, 0.0)
         resp.force_close()
         return resp
 

@@ -30,7 +30,6 @@ import fcntl
 import gc
 import math
 import struct
-import termios
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -99,12 +98,12 @@ def flush_deadline(transport: asyncio.Transport | None, send: float) -> None:
     for the client; a client that never reads held the connection open with no deadline,
     a graceful close or a keep-alive expiry waiting to flush them.  nginx's send_timeout
     covers every write: so does this.  No progress for ``send`` aborts the connection."""
-    if send and transport is not None and transport.get_write_buffer_size():
+    if send and transport is not None and _waiting(transport):
         asyncio.get_running_loop().call_later(send, _flushing, transport, send, _unsent(transport))
 
 
 def _flushing(transport: asyncio.Transport, send: float, before: int) -> None:
-    if not transport.get_write_buffer_size():
+    if not _waiting(transport):
         return  # all in the kernel's hands (the connection's close can complete)
     left = _unsent(transport)
     if left >= before:
@@ -113,20 +112,33 @@ def _flushing(transport: asyncio.Transport, send: float, before: int) -> None:
         asyncio.get_running_loop().call_later(send, _flushing, transport, send, left)
 
 
+def _waiting(transport: asyncio.Transport) -> bool:
+    """Bytes of relayd's wait for the client.  A TLS transport's own buffer does not count
+    what it handed to the connection under it (uvloop hides that transport), which fills
+    when the kernel's does: there, bytes the kernel could not send tell instead."""
+    if transport.get_write_buffer_size():
+        return True
+    return transport.get_extra_info("ssl_object") is not None and _unsendable(transport) > 0
+
+
 def _unsent(transport: asyncio.Transport) -> int:
-    """Bytes not yet taken by the client: relayd's buffer and the kernel's send queue (a
-    client reading slowly empties the kernel's first; relayd's moves only after)."""
-    left = transport.get_write_buffer_size()
+    """Bytes not yet taken by the client: relayd's buffer and what the kernel could not
+    send yet (a client reading slowly empties the kernel's first; relayd's moves only after)."""
+    return transport.get_write_buffer_size() + _unsendable(transport)
+
+
+def _unsendable(transport: asyncio.Transport) -> int:
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
-            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT))[0]
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, _INT))[0]
         except (OSError, ValueError):
             pass
-    return left
+    return 0
 
 
 _INT = bytes(4)
+_SIOCOUTQNSD = 0x894B  # Linux: bytes in the send queue not sent yet (TIOCOUTQ also counts unacked)
 
 
 class Stream:

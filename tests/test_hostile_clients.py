@@ -195,6 +195,7 @@ def test_a_late_head_gets_an_access_line_and_no_answer(fake, make_relayd) -> Non
     assert set(by_method) == {"-", "POST"}
     post = by_method["POST"]
     assert post["status"] == 408 and post["end_reason"] == "header_timeout"
+    assert 900 <= post["duration_ms"] <= 2500, post  # from the head's first byte
     assert post["path"] == "/openai/v1/chat/completions" and post["route"] == "/openai", post
     assert by_method["-"]["status"] == 408 and by_method["-"]["end_reason"] == "header_timeout"
     assert urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode().count(

@@ -783,3 +783,76 @@ async def test_retired_pools_are_let_go_by_reloads_without_scrapes() -> None:
             await asyncio.sleep(0)  # the retired pool's close runs
     assert len(reg._retired) <= 2, len(reg._retired)
     await reg.close()
+
+
+async def test_a_stopped_clock_lets_its_stream_go_before_its_heap_entry_comes_up() -> None:
+    """A stopped clock's entry stays in the shared heap until its time (idle: minutes); the
+    clock must not keep its stream (``on_beat``) or task alive meanwhile — ended streams
+    stayed in memory until then."""
+    import gc
+    import weakref
+
+    class Owner:
+        def beat(self) -> None:
+            pass
+
+    owner = Owner()
+    gone = weakref.ref(owner)
+    c = StreamClock(asyncio.get_running_loop(), 120.0, 60.0, math.inf, 15.0, owner.beat)
+    c.wait_for_upstream()
+    assert any(entry[1] is c for entry in c.wakes.heap)
+    c.stop()
+    del owner
+    gc.collect()
+    assert gone() is None
+    assert c.task is None and any(entry[1] is c for entry in c.wakes.heap)  # (the entry: still there)
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl CLI")
+async def test_bytes_left_unsent_on_a_tls_connection_have_the_send_deadline(tmp_path) -> None:
+    """On TLS the transport's own buffer does not count what it handed to the connection
+    under it (uvloop hides that one): the deadline never armed, and a client that read
+    nothing held a keep-alive TLS connection.  The kernel's unsent bytes tell instead."""
+    import ssl
+    import time
+
+    from test_tls import make_cert
+
+    cert, key = make_cert(tmp_path, "localhost", 1)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(cert, key)
+    loop = asyncio.get_running_loop()
+    got: dict[str, object] = {}
+
+    class Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            got["transport"] = transport
+
+        def connection_lost(self, exc: BaseException | None) -> None:
+            got["lost"] = time.monotonic()
+
+    server = await loop.create_server(Server, "127.0.0.1", 0, ssl=sctx)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(server.sockets[0].getsockname())
+    cctx = ssl.create_default_context()
+    cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
+    client = await asyncio.to_thread(cctx.wrap_socket, raw)  # (the handshake, then no reads)
+    try:
+        for _ in range(200):
+            if "transport" in got:
+                break
+            await asyncio.sleep(0.01)
+        transport = got["transport"]
+        for _ in range(160):  # 10 MB: more than the kernel's buffers take
+            transport.write(b"x" * 65536)
+        await asyncio.sleep(0.3)
+        assert stream._waiting(transport)
+        start = time.monotonic()
+        stream.flush_deadline(transport, 0.4)
+        while "lost" not in got and time.monotonic() - start < 3:
+            await asyncio.sleep(0.01)
+        assert "lost" in got and got["lost"] - start < 1.5
+    finally:
+        client.close()
+        server.close()

@@ -418,7 +418,10 @@ async def test_an_sse_answer_without_a_body_gets_no_error_event(make_relayd, met
     # whitespace before the colon (RFC 9112 §5.1): framed by aiohttp's lenient parser,
     # the name went out beside relayd's own Transfer-Encoding
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length : 2\r\n\r\n{}",
-], ids=["101", "099", "gzip-chunked", "xchunked", "space-before-colon"])
+    # a control character in the reason phrase (it was a 500 and a traceback)
+    b"HTTP/1.1 200 Ol\xc3\xa9\x7f\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\x7f\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+], ids=["101", "099", "gzip-chunked", "xchunked", "space-before-colon", "reason-del-utf8", "reason-del"])
 async def test_answers_relayd_cannot_relay_as_sent_are_a_502(make_relayd, answer):
     async def handler(reader, writer, n):
         writer.write(answer)
@@ -795,6 +798,9 @@ async def test_a_fresh_connection_broken_after_the_whole_request_is_not_retried_
             writer.write(ok(b'{"ok":true}'))
             await writer.drain()
             return
+        if n == 4:  # a reset, not a clean close: an upstream restarting, retry is safe
+            writer.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # request read, then gone
 
     async with RawUpstream(handler) as up:
@@ -811,4 +817,7 @@ async def test_a_fresh_connection_broken_after_the_whole_request_is_not_retried_
                 assert r.status == 200
             async with s.post(f"http://127.0.0.1:{port}/u/v1/x", json={}) as r:
                 assert r.status == 502 and "x-should-retry" not in r.headers
+        async with aiohttp.ClientSession() as s:  # n == 4, a fresh connection: reset
+            async with s.post(f"http://127.0.0.1:{port}/u/v1/x", json={}) as r:
+                assert r.status == 502 and "x-should-retry" not in r.headers, r.headers
         await client.close()

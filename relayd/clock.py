@@ -105,11 +105,16 @@ class StreamClock:
     """
 
     __slots__ = ("loop", "task", "idle", "send", "total_deadline", "beat", "last", "last_beat",
-                 "reading", "reason", "wakes", "at", "on_beat")
+                 "reading", "reason", "wakes", "at", "on_beat", "took")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, send: float,
-                 total_deadline: float, beat: float, on_beat: Callable[[], None]) -> None:
+                 total_deadline: float, beat: float, on_beat: Callable[[], None],
+                 took: Callable[[], bool] | None = None) -> None:
         self.loop = loop
+        # Did the client take bytes since the last ask?  A write waits for relayd's whole
+        # buffer to drain below its mark; a client reading slowly but steadily takes
+        # bytes all along, which ``send`` must count (nginx: between two writes).
+        self.took = took
         self.task = asyncio.current_task()
         self.idle, self.send, self.total_deadline = idle, send, total_deadline
         self.beat, self.on_beat = beat, on_beat  # beat: math.inf for no heartbeats
@@ -161,7 +166,10 @@ class StreamClock:
             reason = End.TOTAL_TIMEOUT
         elif not self.reading:
             if now >= max(self.last, self.last_beat) + self.send:
-                reason = End.SEND_TIMEOUT
+                if self.took is not None and self.took():
+                    self.last = now  # progress: another period
+                else:
+                    reason = End.SEND_TIMEOUT
         elif now >= self.last + self.idle:
             reason = End.IDLE_TIMEOUT
         elif now >= max(self.last, self.last_beat) + self.beat:
@@ -196,7 +204,7 @@ class StreamClock:
         the clock holds goes now (``on_beat`` is the stream's: all of it, for minutes)."""
         self._drop()
         self.on_beat = _nothing
-        self.task = None
+        self.task = self.took = None
 
     def _drop(self) -> None:
         """Its current entry, if any, is left behind (skipped when it comes up)."""

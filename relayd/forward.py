@@ -31,7 +31,7 @@ from . import providers
 from .body import ClientWatch, ReplayBudget, RequestBody
 from .exchange import End
 from .routes import Match, Target, upstream_url
-from .upstreams import CONNECTED, FRESH, NONE
+from .upstreams import CONNECTED
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 _KEEP_ERROR_BODY = 1024 * 1024
@@ -41,9 +41,8 @@ class _Failure(Exception):
     """An attempt that produced no usable response."""
 
     def __init__(self, reason: End, status: int, message: str, detail: str | None = None,
-                 answered: bool = False, local: bool = False, sent: bool = False) -> None:
+                 answered: bool = False, local: bool = False) -> None:
         self.reason, self.status, self.message = reason, status, message
-        self.sent = sent  # the upstream had the whole request: no SDK may resend it
         self.detail = detail  # for the operator's log only (a TLS verify reason)
         # The upstream answered, with something relayd cannot relay: it acted on the
         # request, so the request is not sent to another upstream (a prompt billed twice).
@@ -200,7 +199,7 @@ def _refused(out: Forwarded, f: _Failure, provider: providers.Provider,
     out.status, out.reason = f.status, f.reason
     out.error = error_response(provider, f.status, f"{f.message} (request id {request_id})",
                                f.reason, request_id)
-    if f.answered or f.sent or f.reason is End.FIRST_BYTE_TIMEOUT:
+    if f.answered or f.reason is End.FIRST_BYTE_TIMEOUT:
         # The upstream had the whole request and acted on it (answered, or thought for
         # first_byte): the official SDKs would send it again, twice, each time billed.
         out.error.headers["x-should-retry"] = "false"
@@ -283,7 +282,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
     watch = None if body.complete else ClientWatch(body.request)
     # (reset after the attempt: a context variable left set stays in the task's context,
     # a held stream's for its minutes)
-    connected = CONNECTED.set(NONE)
+    connected = CONNECTED.set(False)
     try:
         async with asyncio.timeout(timeouts.first_byte or None):
             resp = await target.pool.send(method, url, headers, body.data, ct)
@@ -291,7 +290,7 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 504,
                        f"timed out connecting to upstream '{up.name}' after {fmt(timeouts.connect)}") from None
     except TimeoutError:
-        if CONNECTED.get() == NONE:  # first_byte ended the connect (``connect`` longer, or 0):
+        if not CONNECTED.get():  # first_byte ended the connect (``connect`` longer, or 0):
             raise _Failure(End.CONNECT_ERROR, 504,  # the upstream got nothing, a retry is safe
                            f"timed out connecting to upstream '{up.name}' after "
                            f"{fmt(timeouts.first_byte)}") from None
@@ -321,15 +320,12 @@ async def _send_once(target: Target, method: str, url: URL, headers: CIMultiDict
         raise _Failure(End.CONNECT_ERROR, 502, f"invalid response from upstream '{up.name}'",
                        hdrs.short_reason(exc.message) or None, answered=True) from None
     except (aiohttp.ClientError, OSError) as exc:
-        # A fresh connection closed cleanly after the whole request went out: the upstream
-        # had it (a crash mid-generation), and the SDKs must not send it again.  Not a
-        # reset (an upstream restarting resets connections it never read), and not on a
-        # pooled connection, where this is mostly the keep-alive race (the upstream closed
-        # it as relayd sent; nginx's 502 there too): a retry mends those.
+        # Retryable, even after the whole request went out (unlike the first_byte 504,
+        # where the upstream may still be generating): the upstream's work ended with the
+        # connection, and a close right after accept (an upstream restarting, a balancer
+        # without backends) or the keep-alive race look the same from here.
         raise _Failure(End.CONNECT_ERROR, 502,
-                       f"upstream '{up.name}' failed before responding: {_short(exc)}",
-                       sent=(CONNECTED.get() == FRESH and body.complete
-                             and isinstance(exc, aiohttp.ServerDisconnectedError))) from None
+                       f"upstream '{up.name}' failed before responding: {_short(exc)}") from None
     finally:
         CONNECTED.reset(connected)
         if watch is not None:

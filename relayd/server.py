@@ -281,6 +281,7 @@ class Connection(web.RequestHandler):
         self._head_since: float | None = None  # when the unfinished head began, if one is
         self._reject = reject
         self._refused = False
+        self.flush_timer: asyncio.TimerHandle | None = None  # ``stream.flush_deadline``'s
         self._allow: Any = ()  # the allow list this connection last passed
         self._messages = lean.SmallQueue()  # type: ignore[assignment]
         loop, size = kwargs["loop"], kwargs.get("read_bufsize", 2 ** 16)
@@ -347,6 +348,9 @@ class Connection(web.RequestHandler):
     # progress is late, or re-arms at that head's own deadline (so it is never late).
 
     def head_started(self) -> None:
+        if self.flush_timer is not None:  # the last answer's leftover deadline: not this one's
+            self.flush_timer.cancel()
+            self.flush_timer = None
         # A head has begun: client_header governs it now, not the keep-alive idle time (a
         # head begun a moment before that ran out was cut off; nginx's is not).  aiohttp's
         # keep-alive timer re-arms lazily at ``_next_keepalive_close_time``: moved past

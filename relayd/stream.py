@@ -99,7 +99,16 @@ def flush_deadline(transport: asyncio.Transport | None, send: float) -> None:
     a graceful close or a keep-alive expiry waiting to flush them.  nginx's send_timeout
     covers every write: so does this.  No progress for ``send`` aborts the connection."""
     if send and transport is not None and _waiting(transport):
-        asyncio.get_running_loop().call_later(send, _flushing, transport, send, _unsent(transport))
+        _flush_later(transport, send, _unsent(transport))
+
+
+def _flush_later(transport: asyncio.Transport, send: float, before: int) -> None:
+    handle = asyncio.get_running_loop().call_later(send, _flushing, transport, send, before)
+    # The connection's next request cancels it (``server.Connection.head_started``): its
+    # answer has its own deadlines, and its bytes are not this answer's lack of progress.
+    proto = transport.get_protocol()
+    if hasattr(proto, "flush_timer"):
+        proto.flush_timer = handle
 
 
 def _flushing(transport: asyncio.Transport, send: float, before: int) -> None:
@@ -109,7 +118,7 @@ def _flushing(transport: asyncio.Transport, send: float, before: int) -> None:
     if left >= before:
         transport.abort()
     else:  # the client reads: another period
-        asyncio.get_running_loop().call_later(send, _flushing, transport, send, left)
+        _flush_later(transport, send, left)
 
 
 def _waiting(transport: asyncio.Transport) -> bool:
@@ -153,7 +162,7 @@ class Stream:
                  "json_body", "out", "committed", "tracker", "_ends", "meter", "bytes_out",
                  "heartbeats", "injected", "stop_reason", "ended", "stalled", "last_block", "crlf",
                  "_pending", "_result", "_blocked", "_waiter", "_proto", "_transport", "_chunked",
-                 "_writer", "_high", "_clock")
+                 "_writer", "_high", "_clock", "_unsent_mark")
 
     def __init__(self, request: web.BaseRequest, resp: aiohttp.ClientResponse,
                  provider: providers.Provider, timeouts: Any, heartbeat: float,
@@ -206,6 +215,7 @@ class Stream:
         self._writer: Any = None
         self._high = 0
         self._clock: StreamClock | None = None
+        self._unsent_mark = 0  # bytes the client had not taken when the last wait for it began
 
     @property
     def events(self) -> int:
@@ -349,7 +359,7 @@ class Stream:
             loop, t.idle or math.inf, t.send or math.inf,
             loop.time() + t.total if t.total else math.inf,
             self.heartbeat if self.tracker is not None and self.heartbeat else math.inf,
-            self._beat)
+            self._beat, self._took)
         return self._clock
 
     @staticmethod
@@ -519,10 +529,22 @@ class Stream:
             self._send([self.provider.heartbeat])
             self._wake()  # the beat may have filled the client's buffer (or found it gone)
 
+    def _took(self) -> bool:
+        """The clock's question at the send deadline: did the client take bytes since the
+        wait (or the last question) began?"""
+        transport = self._transport
+        if transport is None:
+            return False
+        left = _unsent(transport)
+        before, self._unsent_mark = self._unsent_mark, left
+        return left < before
+
     async def _await_client(self, write: Awaitable[None]) -> End | None:
         """Await a write or a drain; the deadline that interrupted it, else None."""
         clock = self._clock
         assert clock is not None
+        if self._transport is not None:
+            self._unsent_mark = _unsent(self._transport)
         clock.wait_for_client()
         try:
             await write

@@ -129,18 +129,14 @@ class _Connector(aiohttp.TCPConnector):
 
     async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
         conn = await super().connect(req, traces, timeout)
-        if CONNECTED.get() != REUSED:  # (the awaiting task's context: its attempt's connection)
-            CONNECTED.set(FRESH)
+        CONNECTED.set(True)  # (the awaiting task's context: its attempt has a connection)
         return conn
 
     async def _get(self, key: Any, traces: list[Any]) -> Any:
         conns = self._conns.get(key)
         if conns is not None and len(conns) > 1:
             conns.rotate(1)  # aiohttp pops from the left: the newest comes first
-        proto = await super()._get(key, traces)
-        if proto is not None:
-            CONNECTED.set(REUSED)
-        return proto
+        return await super()._get(key, traces)
 
     def _update_proxy_auth_header_and_build_proxy_req(self, req: Any) -> Any:
         """The egress proxy's CONNECT request carried aiohttp's own User-Agent, Accept and
@@ -153,12 +149,9 @@ class _Connector(aiohttp.TCPConnector):
 
 
 _LARGE_BODY = 65536  # a request body an upstream may leave partly unread (``Guarded``)
-# Set by ``_Connector`` when an attempt has its connection, FRESH or REUSED (pooled): a
-# deadline before that is a connect failure — the upstream got nothing; a fresh
-# connection that breaks after the whole request went out is one the upstream acted on
-# (``forward``).
-NONE, FRESH, REUSED = 0, 1, 2
-CONNECTED: ContextVar[int] = ContextVar("relayd_connected", default=NONE)
+# Set by ``_Connector.connect`` when an attempt has its connection (new or pooled): a
+# deadline before that is a connect failure — the upstream got nothing (``forward``).
+CONNECTED: ContextVar[bool] = ContextVar("relayd_connected", default=False)
 
 
 class Pool:

@@ -92,6 +92,29 @@ async def test_client_that_stops_reading_is_ended_by_the_send_timeout(fake, make
         w.close()
 
 
+async def test_a_client_reading_slowly_but_steadily_is_not_ended_by_send(fake, make_relayd):
+    """``send`` is for a client that takes nothing: one that reads steadily, slower than
+    the upstream floods, took bytes all along, yet relayd's write waited for its whole
+    buffer to drain and ended it at ``send`` (nginx restarts send_timeout at every write)."""
+    r, port, admin, sc = flooding(fake, make_relayd, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60",
+                                  20_000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"POST /one/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: {sc}\r\n"
+                 "Content-Length: 2\r\n\r\n{}".encode())
+    sock.settimeout(2)
+    got, start = 0, time.monotonic()
+    while time.monotonic() - start < 4:  # 4 x send, at about 80 KB/s
+        data = await asyncio.to_thread(sock.recv, 8192)
+        assert data, f"closed after {time.monotonic() - start:.1f}s, {got} bytes"
+        got += len(data)
+        await asyncio.sleep(0.1)
+    sock.close()
+    line = r.wait_access(1, timeout=10)[-1]
+    assert line["end_reason"] == "client_gone", line
+
+
 async def test_bytes_out_of_an_aborted_stream_counts_only_what_left_relayd(fake, make_relayd):
     """A client ended by ``send``: the bytes relayd still held are dropped with the
     connection, so they are not in ``bytes_out`` (nor in relayd_bytes_total)."""

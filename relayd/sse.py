@@ -8,14 +8,12 @@ where no client parser can merge them into an upstream event.
 Line ends are CRLF, lone LF or lone CR, in any mix, split anywhere across reads; one
 leading BOM is transparent.  Each byte is scanned once: the held tail is never rescanned,
 so a 16 MiB event arriving in small reads costs O(n).  The common case (LF-only streams,
-OpenAI and Anthropic) runs entirely in ``bytes.rfind``/``count``; lone CRs take a regex.
+OpenAI and Anthropic) runs entirely in ``bytes.rfind``/``count``, and so do mixed and lone-CR
+line ends (a few more of them).
 """
 
 from __future__ import annotations
 
-import re
-
-_TERM = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 MAX_EVENT = 16 * 1024 * 1024
 
@@ -167,21 +165,27 @@ class BoundaryTracker:
             self._content = last < n
             self._line_start = buf.endswith(eol)
             return last
-        line_begin = i if self._line_start else -1
-        content = not self._line_start or self._content
-        m = None
-        for m in _TERM.finditer(buf, i):
-            if m.start() == line_begin:      # an empty line: the block ends here
-                last = m.end()
-                if content:
-                    self.blocks += 1
-                content = False
-            else:
-                content = True
-            line_begin = m.end()
-        self._content = content
-        self._line_start = line_begin == n
-        if m is not None and m.end() == n and m.group() == b"\r":
+        # Mixed or lone-CR line ends.  A blank line is a line end right after another; at
+        # their junction stands "\n\n", "\n\r" or "\r\r" ("\r\n" is one CRLF), so the
+        # last one and a count are found by rfind/count in C, like the fast path: a Python
+        # step per line end made 1-byte events with lone CRs 150x slower than LF ones (a
+        # 9 MB stream held a worker's loop for seconds).
+        if self._line_start and (buf[i] == 0x0A or buf[i] == 0x0D):  # a blank line at the start
+            last = i + 2 if buf.startswith(b"\r\n", i) else i + 1
+            if self._content:
+                self.blocks += 1
+        for junction in (b"\n\n", b"\n\r", b"\r\r"):
+            p = buf.rfind(junction, i)
+            if p >= 0:
+                end = p + 2
+                if end < n and buf[end - 1] == 0x0D and buf[end] == 0x0A:
+                    end += 1  # the blank line's CR begins a CRLF
+                if end > last:
+                    last = end
+                self.blocks += buf.count(junction, i)
+        self._content = last < n
+        self._line_start = buf[n - 1] == 0x0A or buf[n - 1] == 0x0D
+        if buf[n - 1] == 0x0D:
             self._cr = True
             self._cr_blank = last == n
         return last

@@ -348,9 +348,6 @@ class Connection(web.RequestHandler):
     # progress is late, or re-arms at that head's own deadline (so it is never late).
 
     def head_started(self) -> None:
-        if self.flush_timer is not None:  # the last answer's leftover deadline: not this one's
-            self.flush_timer.cancel()
-            self.flush_timer = None
         # A head has begun: client_header governs it now, not the keep-alive idle time (a
         # head begun a moment before that ran out was cut off; nginx's is not).  aiohttp's
         # keep-alive timer re-arms lazily at ``_next_keepalive_close_time``: moved past
@@ -439,6 +436,15 @@ def _short(exc: BaseException | None) -> str:
 
 class Request(web.BaseRequest):
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        proto = self.protocol
+        flush = getattr(proto, "flush_timer", None)
+        if flush is not None:
+            # The last answer's leftover deadline (``stream.flush_deadline``) ends where
+            # the next answer begins writing: its bytes are not that answer's lack of
+            # progress (a pipelined request's answer was cut), and it has its own deadlines.
+            # Not at the next head: a head that never completes would cancel it for good.
+            flush.cancel()
+            proto.flush_timer = None
         if response.keep_alive and getattr(self.protocol, "_close", False):
             # The connection closes after this answer (an h2c upgrade request, a drain):
             # it says so, or a client would send its next request into the close.  (This

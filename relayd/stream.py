@@ -104,8 +104,8 @@ def flush_deadline(transport: asyncio.Transport | None, send: float) -> None:
 
 def _flush_later(transport: asyncio.Transport, send: float, before: int) -> None:
     handle = asyncio.get_running_loop().call_later(send, _flushing, transport, send, before)
-    # The connection's next request cancels it (``server.Connection.head_started``): its
-    # answer has its own deadlines, and its bytes are not this answer's lack of progress.
+    # The connection's next answer cancels it when it begins (``server.Request._prepare_hook``):
+    # it has its own deadlines, and its bytes are not this answer's lack of progress.
     proto = transport.get_protocol()
     if hasattr(proto, "flush_timer"):
         proto.flush_timer = handle

@@ -402,3 +402,44 @@ async def test_a_stored_response_fetched_by_get_counts_no_tokens(fake, make_rela
     assert got["usage"] is None and posted["usage"]["input_tokens"] == 1000
     assert [line["usage"] for line in cancels] == [None] * 3
     assert await wait_metric(admin, "relayd_tokens_total", 1000, route="/one", kind="input") == 1000
+
+
+async def test_a_next_head_does_not_lift_the_send_deadline_of_bytes_left_unsent(fake, make_relayd):
+    """An answer's last bytes wait in relayd's buffer for a client that reads nothing; a
+    next request head from it that never completes must not lift their ``send`` deadline
+    (the connection was then held with no deadline at all)."""
+    port, admin = free_port(), free_port()
+    r = make_relayd(config(port, admin, fake.url, "connect: 2, first_byte: 5, idle: 30, send: 1s, total: 60",
+                           limits="limits: {client_header: 60}"), args=["--workers", "1"])
+
+    async def fetch(size: int, partial: bool) -> int:
+        """Bytes a client that reads nothing for 3 s got, then, of a ``size`` answer."""
+        sc = fake.add(f"leftover-{size}", Scenario(body=b"x" * size, content_type="application/json",
+                                                   content_length=True))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(f"GET /one/v1/x HTTP/1.1\r\nHost: x\r\nx-fake: {sc}\r\n\r\n".encode())
+        await asyncio.sleep(1.0)
+        if partial:
+            sock.sendall(b"POST /one/v1/x HTTP/1.1\r\nHo")  # and no more
+        await asyncio.sleep(3.0)
+        sock.settimeout(5)
+        got = 0
+        try:
+            while data := await asyncio.to_thread(sock.recv, 1 << 20):
+                got += len(data)
+        except ConnectionResetError:
+            pass
+        sock.close()
+        return got
+
+    # What the kernel buffers take on this machine: an answer far larger, cut at send.
+    room = await fetch(8_000_000, False)
+    assert r.wait_access(1)[-1]["end_reason"] == "send_timeout"
+    # An answer just larger than that ends ("done") with its last bytes in relayd's buffer.
+    n = room + 16_000
+    got = await fetch(n, True)
+    line = r.wait_access(2)[-1]
+    assert line["end_reason"] == "done", line
+    assert got < n, got  # aborted at send: what relayd still held was dropped

@@ -433,3 +433,35 @@ def test_an_expired_or_expiring_listener_certificate_is_a_config_warning(tmp_pat
                          "upstreams: {u: {url: 'http://127.0.0.1:1', provider: generic}}\n"
                          "routes: [{path: /u, upstream: u}]\n")
     assert c.warnings == ()
+
+
+def test_a_steady_slow_tls_reader_gets_every_answer_on_its_connection(make_relayd, fake, tmp_path):
+    """The deadline for an answer's leftover bytes (``send``) must not outlive that answer:
+    on TLS it went on judging progress while the next answers filled the buffers, and cut
+    one of them mid-body for a client that read steadily all along."""
+    pair = make_cert(tmp_path / "c", "relayd", 1)
+    port = free_port()
+    make_relayd(basic_config(fake.url, port, top=f"tls: {{cert: '{pair[0]}', key: '{pair[1]}'}}")
+                .replace("total: 60", "total: 60, send: 2"), args=["--workers", "1"])
+    sizes = [3_000_000, 1_000, 2_000_000, 5_000]
+    names = [fake.add(f"tls-big{n}", Scenario(body=b"x" * n, content_type="application/json",
+                                              content_length=True)) for n in sizes]
+    raw = socket.create_connection(("127.0.0.1", port), 5)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s = trust(pair[0]).wrap_socket(raw, server_hostname="127.0.0.1")
+    s.settimeout(5)
+    head = "GET /openai/v1/x HTTP/1.1\r\nHost: x\r\nx-fake: {}\r\n\r\n"
+    s.sendall("".join(head.format(n) for n in names).encode())  # pipelined
+    buf = b""
+    for i, n in enumerate(sizes):
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(16384)
+        h, _, buf = buf.partition(b"\r\n\r\n")
+        assert h.startswith(b"HTTP/1.1 200"), h
+        while len(buf) < n:  # about 1.3 MB/s: steady, never a pause of `send`
+            data = s.recv(65536)
+            assert data, f"answer {i} cut after {len(buf)} of {n} bytes"
+            buf += data
+            time.sleep(0.05)
+        buf = buf[n:]
+    s.close()

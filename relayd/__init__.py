@@ -30,7 +30,8 @@ Modules, in that order:
                  replay budget, a client that resets a paused upload noticed
 - ``stream``     after commit: the body pushed from the upstream connection's reads to the
                  client transport, backpressure, the one error event → how the stream ended
-- ``clock``      the stream's one timer for all its deadlines and heartbeats
+- ``clock``      each stream's deadlines and heartbeats, lazily re-armed; every stream's
+                 next wake in one heap under one loop timer
 - ``sse``        sans-I/O SSE block-boundary tracker (bytes in, boundaries out)
 - ``providers``  one record per provider: auth header, error body, error events, and the
                  endpoint table of natural stream ends; no other module names a provider

@@ -259,8 +259,6 @@ class App:
             fw = await forward(outgoing, match, ex.request_id, body, self.metrics, self.log, tried)
             self._forwarded(ex, fw)
             if fw.error is not None:
-                if self.draining:  # (the client must not send its next request here)
-                    fw.error.force_close()
                 return fw.error
             assert fw.resp is not None and fw.target is not None
             try:
@@ -273,10 +271,6 @@ class App:
                             (up.base_url, match.route.path.rstrip("/") if match.route.strip_prefix else ""))
                 ex.stopper = st.stop
                 ex.streaming = True
-                if self.draining:
-                    # An answer that begins during the drain says ``Connection: close``, as
-                    # nginx's: the client learns before it reuses the connection, not after.
-                    st.out.force_close()
                 self.metrics.stream_started(match.route.path)
                 ex.end = await st.relay()
             finally:

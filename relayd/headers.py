@@ -95,7 +95,7 @@ def malformed(headers: Any) -> bool:
     if _NOT_TOKEN.search("".join(headers.keys())) is not None:
         return True
     for v in headers.values():
-        if not v.isprintable() and _CTL.search(v):
+        if not v.isprintable() and control_character(v):  # (no call for a plain value)
             return True
     return False
 

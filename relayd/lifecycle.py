@@ -104,7 +104,6 @@ class Reloads:
     _reload_pending = False
     _reload_task: asyncio.Task[None] | None = None
     announced = False  # READY=1 sent for the start: a SIGHUP before it waits for it
-    _hup_early = False
 
     def on_hup(self) -> None:
         """SIGHUP.  Before the start is announced it is remembered, not run: a reload
@@ -112,14 +111,13 @@ class Reloads:
         if self.announced:
             self.request_reload()
         else:
-            self._hup_early = True
+            _held_hups.append(1)
 
     def announce(self, message: str) -> None:
         """READY=1 for the start; then any SIGHUP that came before (since ``hold_sighup``)."""
         notify(message)
         self.announced = True
-        if self._hup_early or _held_hups:
-            self._hup_early = False
+        if _held_hups:
             _held_hups.clear()
             self.request_reload()
 

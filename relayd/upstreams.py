@@ -19,8 +19,8 @@ import hashlib
 import os
 import ssl
 import time
-from http.cookies import BaseCookie, SimpleCookie
 from contextvars import ContextVar
+from http.cookies import BaseCookie, SimpleCookie
 from typing import Any, Callable, Iterable
 
 import aiohttp

@@ -665,15 +665,10 @@ def test_a_merge_that_fails_counts_nothing_twice_and_never_raises(tmp_path, monk
     assert 'relayd_requests_total{route="/a"} 7.0' in metrics.render_all(str(tmp_path)).decode()
 
 
-@pytest.mark.parametrize("reads", [False, True])
-async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -> None:
-    """The last bytes of an answer wait in the client transport's buffer after the
-    stream's clock stopped; a client that never reads held the connection (a graceful or
-    keep-alive close waits to flush them) with no deadline.  ``flush_deadline`` aborts it
-    after ``send`` without progress — and leaves a client that reads alone.  Real sockets:
-    a client with a small receive buffer that reads nothing (or slowly)."""
+async def _recording_server(ssl_ctx: object = None) -> tuple[asyncio.AbstractServer, dict[str, object]]:
+    """A loopback server whose protocol does nothing but record its transport and when
+    it was lost (``got["transport"]``, ``got["lost"]``)."""
     import time
-    loop = asyncio.get_running_loop()
     got: dict[str, object] = {}
 
     class Server(asyncio.Protocol):
@@ -683,7 +678,19 @@ async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -
         def connection_lost(self, exc: BaseException | None) -> None:
             got["lost"] = time.monotonic()
 
-    server = await loop.create_server(Server, "127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Server, "127.0.0.1", 0, ssl=ssl_ctx)
+    return server, got
+
+
+@pytest.mark.parametrize("reads", [False, True])
+async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -> None:
+    """The last bytes of an answer wait in the client transport's buffer after the
+    stream's clock stopped; a client that never reads held the connection (a graceful or
+    keep-alive close waits to flush them) with no deadline.  ``flush_deadline`` aborts it
+    after ``send`` without progress — and leaves a client that reads alone.  Real sockets:
+    a client with a small receive buffer that reads nothing (or slowly)."""
+    import time
+    server, got = await _recording_server()
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(server.sockets[0].getsockname())
@@ -821,17 +828,7 @@ async def test_bytes_left_unsent_on_a_tls_connection_have_the_send_deadline(tmp_
     cert, key = make_cert(tmp_path, "localhost", 1)
     sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     sctx.load_cert_chain(cert, key)
-    loop = asyncio.get_running_loop()
-    got: dict[str, object] = {}
-
-    class Server(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            got["transport"] = transport
-
-        def connection_lost(self, exc: BaseException | None) -> None:
-            got["lost"] = time.monotonic()
-
-    server = await loop.create_server(Server, "127.0.0.1", 0, ssl=sctx)
+    server, got = await _recording_server(sctx)
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.connect(server.sockets[0].getsockname())

@@ -91,10 +91,7 @@ class FdWatch:
         last, full = -self.every, 0
         while limit != resource.RLIM_INFINITY:
             await asyncio.sleep(1)
-            try:
-                fds = len(os.listdir("/proc/self/fd")) - 1  # minus the listing's own fd
-            except OSError:  # no /proc, or the table is full right now
-                fds = limit
+            fds = _open_fds(limit)
             if fds < limit - 2:
                 continue
             full += 1
@@ -102,6 +99,17 @@ class FdWatch:
                 last = time.monotonic()
                 self.log.warning("out of file descriptors: new connections are closed at once",
                                  fds=fds, limit=limit, full_checks=full)
+
+
+def _open_fds(limit: int) -> int:
+    """The process's open descriptors.  Linux 6.2 and later give the count as the size of
+    /proc/self/fd, one ``stat``; listing the directory (older kernels) cost a worker
+    holding a few thousand streams a millisecond every second."""
+    try:
+        n = os.stat("/proc/self/fd").st_size
+        return n if n > 0 else len(os.listdir("/proc/self/fd")) - 1  # minus the listing's own fd
+    except OSError:  # no /proc, or the table is full right now
+        return limit
 
 
 # -- errors that never reach the handler

@@ -454,10 +454,10 @@ class Stream:
                     if ends is not None and not self.ended and ends(out):
                         self.ended = True
                     meter.observe_events(out)
-                    if b"data:" in out:  # (not a gateway's comment keep-alive: the error
+                    if out.find(b"data:") >= 0:  # (not a gateway's comment keep-alive: the error
                         self.last_block = out  # event continues the last event's numbers)
                     if self.crlf is None:
-                        self.crlf = b"\r" in out
+                        self.crlf = out.find(b"\r") >= 0
                     outs.append(out)
             return
         if self.json_body:

@@ -92,7 +92,18 @@ class Guarded(ResponseHandler):
         sink = self.sink
         if sink is not None and self._awaiting and self._read_timeout is None \
                 and self._payload_parser is None and not self._upgraded:
-            self._body_received(data)
+            # A read of the body a stream took over, straight to the parser: what aiohttp's
+            # ``data_received`` adds (a read-timeout re-arm relayd never asks for, the
+            # message loop, websocket and upgrade branches) is a Python frame and a dozen
+            # tests per event.  Any message parsed now (a response after the body ended)
+            # is out of turn.
+            try:
+                messages = self._parser.feed_data(data)[0]
+            except Exception as exc:
+                self._body_failed(exc)
+            else:
+                if messages or (not self._awaiting and self._started_another()):
+                    self._poisoned()
             sink()
             return
         if not self._awaiting and data and not self.upgraded:  # mid-response: one attribute test
@@ -131,23 +142,14 @@ class Guarded(ResponseHandler):
         self._heading, self._head_bytes = False, b""
         self._params = _NO_PARAMS  # (a held stream keeps its connection: no dict more than needed)
 
-    def _body_received(self, data: bytes) -> None:
-        """A read of the body a stream took over, straight to the parser: what aiohttp's
-        ``data_received`` adds (a read-timeout re-arm relayd never asks for, the message
-        loop, websocket and upgrade branches) is a Python frame and a dozen tests per event.
-        Any message parsed now (a response after the body ended) is out of turn."""
-        parser = self._parser
-        try:
-            messages, _, _ = parser.feed_data(data)
-        except Exception as exc:  # as aiohttp's: the connection is spent, the body failed
-            if self.transport is not None:
-                self.transport.close()
-            failure = (HttpProcessingError(code=exc.code, message=exc.message, headers=exc.headers)
-                       if isinstance(exc, HttpProcessingError) else HttpProcessingError())
-            self.set_exception(failure, exc)
-            return
-        if messages or (not self._awaiting and self._started_another()):
-            self._poisoned()
+    def _body_failed(self, exc: Exception) -> None:
+        """The parser gave up on a taken-over body: as aiohttp's, the connection is spent
+        and the body failed."""
+        if self.transport is not None:
+            self.transport.close()
+        failure = (HttpProcessingError(code=exc.code, message=exc.message, headers=exc.headers)
+                   if isinstance(exc, HttpProcessingError) else HttpProcessingError())
+        self.set_exception(failure, exc)
 
     def _started_another(self) -> bool:
         """After a response ended within a read: did the same read begin another one?

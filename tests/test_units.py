@@ -853,3 +853,27 @@ async def test_bytes_left_unsent_on_a_tls_connection_have_the_send_deadline(tmp_
     finally:
         client.close()
         server.close()
+
+
+def test_open_fd_count_matches_the_fd_table():
+    """FdWatch's count (one stat of /proc/self/fd on Linux 6.2+, a listing before) is the
+    number of open descriptors: a wrong count would warn of a full table, or never."""
+    import os
+
+    from relayd.server import _open_fds
+    held = [socket.socket() for _ in range(40)]
+    try:
+        assert _open_fds(10**6) == len(os.listdir("/proc/self/fd")) - 1
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_usage_found_after_a_lookalike_mention():
+    """The scan starts at the first ``"usage`` but a real usage object after a lookalike
+    key in the same segment is still found."""
+    meter = UsageMeter()
+    meter.observe_events(b'data: {"usage_note":"x","choices":[]}\n\n'
+                         b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n')
+    got = meter.result(partial=False)
+    assert (got.input, got.output) == (7, 3)

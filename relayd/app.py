@@ -238,7 +238,7 @@ class App:
             match = found if resolved == path else table.match(resolved)
             if match is None:
                 ex.status = 404
-                return web.Response(status=404, body=providers.not_found_body(path),
+                return web.Response(status=404, body=providers.not_found_body(path, ex.request_id),
                                     content_type="application/json",
                                     headers={"X-Request-Id": ex.request_id})
             ex.route = match.route.path

@@ -112,6 +112,10 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
     kept_from: str | None = None  # the upstream that sent it
     kept_at: float | None = None  # and when its head came
     last_failure: _Failure | None = None
+    # An attempt the upstream took in whole and thought about (first_byte ran out): the
+    # request may be generating and billed there, so the final error says so, whatever
+    # the upstreams after it did (a refused connection would read as "retry me").
+    spent: _Failure | None = None
     candidates = _order(match.targets)
     for i, target in enumerate(candidates):
         if i > 0 and not body.replayable:
@@ -156,6 +160,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             last_failure = f
             if f.local or f.answered:
                 break
+            if f.reason is End.FIRST_BYTE_TIMEOUT and spent is None:
+                spent = f
             continue
         except BaseException as exc:  # the client went away while we waited: free the slot all the same
             target.pool.release()
@@ -188,7 +194,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         # The access line names the upstream whose answer the client got, and its bytes.
         out.upstream, out.relayed, out.kept_at = kept_from, len(kept_error.body or b""), kept_at
         return out
-    _refused(out, last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
+    _refused(out, spent or last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
              provider, request_id)
     return out
 

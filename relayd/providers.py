@@ -400,5 +400,6 @@ def get(name: str) -> Provider:
     return PROVIDERS[name]
 
 
-def not_found_body(path: str) -> bytes:
-    return _dumps({"error": {"message": f"no route for {path}", "type": "not_found"}})
+def not_found_body(path: str, request_id: str) -> bytes:
+    return _dumps({"error": {"message": f"no route for {path} (request id {request_id})",
+                             "type": "not_found"}})

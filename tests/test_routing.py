@@ -53,17 +53,19 @@ async def test_longest_prefix_and_segment_boundary(fake, make_relayd):
     assert res["raw_path"] == "/deep/echo"
     _, _, res = await echo(port, "/openai/v1/echo")
     assert res["raw_path"] == "/oai/v1/echo"
-    status, _, res = await echo(port, "/openaix/echo")
+    status, headers, res = await echo(port, "/openaix/echo")
     assert status == 404
-    assert res == {"error": {"message": "no route for /openaix/echo", "type": "not_found"}}
+    assert res == {"error": {"message": f"no route for /openaix/echo (request id {headers['X-Request-Id']})",
+                             "type": "not_found"}}
 
 
 async def test_unknown_path_404_json_with_request_id(shared):
     status, headers, res = await echo(shared.port, "/nope/v1/x?y=1")
     assert status == 404
     assert headers["Content-Type"].startswith("application/json")
-    assert res == {"error": {"message": "no route for /nope/v1/x", "type": "not_found"}}
     assert len(headers["X-Request-Id"]) >= 16
+    assert res == {"error": {"message": f"no route for /nope/v1/x (request id {headers['X-Request-Id']})",
+                             "type": "not_found"}}
 
 
 async def test_hop_by_hop_not_forwarded_and_host_rewritten(shared, fake):

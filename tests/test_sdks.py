@@ -148,6 +148,30 @@ def test_sdks_do_not_resend_a_request_the_upstream_thought_about_too_long(make_r
     assert len(fake.requests) == 1
 
 
+def test_sdks_do_not_resend_when_a_failover_route_ends_in_a_refusal_after_a_timeout(make_relayd, fake):
+    """Review 69: route [slow, dead]: the first upstream held the request past first_byte,
+    the second refused the connection.  The client got the refusal's retryable 502 and the
+    SDK sent the prompt to the first upstream twice more; the timeout's 504 (no retry)
+    is the answer, whatever came after it."""
+    port, dead = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, extra_upstreams=(
+        f'  slow: {{url: "{fake.url}", provider: openai}}\n'
+        f'  dead: {{url: "http://127.0.0.1:{dead}", provider: openai}}'),
+        extra_routes="  - {path: /fo/v1, upstream: [slow, dead], strip_prefix: true}")
+        .replace("first_byte: 5", "first_byte: 300ms"))
+    sc = fake.add("sdk-slow-then-dead", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                                 header_delay=0.8))
+    fake.reset_stats()
+    client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/fo/v1", max_retries=2,
+                           default_headers={"x-fake": sc})
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 504
+    assert "upstream 'slow' sent no response headers" in str(err.value)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.requests) == 1
+
+
 async def test_aiohttp_sse_client_events(shared, fake):
     body = fixture("openai-chat-usage.sse")
     sc = fake.add("sse-client", Scenario(body=body, chunking="random", seed=5))

@@ -40,6 +40,9 @@ REASON_TEXT: Mapping[End, str] = {
     End.SHUTDOWN: "relayd is shutting down; the stream was ended",
     End.ERROR: "relayd internal error",
 }
+# The same end reason, for a body whose framing the upstream broke (a bad chunk size): the
+# connection was not reset, and an operator looking for a network fault would look wrongly.
+MALFORMED_TEXT = "upstream sent a malformed body after {bytes} bytes"
 
 
 def _dumps(obj: object) -> bytes:

@@ -468,6 +468,14 @@ class Stream:
                 self.meter.observe_body(piece)
         outs.extend(piece for piece in pieces if piece)
 
+    def _malformed(self) -> bool:
+        """Did the body fail at the upstream's framing rather than with its connection?"""
+        proto = self._proto
+        if proto is None:
+            conn = self.resp.connection
+            proto = conn.protocol if conn is not None else None
+        return bool(getattr(proto, "malformed", False))
+
     def _end(self) -> bytes:
         """Notes how the body ended, if it has; the held tail the client should still get."""
         content = self.resp.content
@@ -566,7 +574,10 @@ class Stream:
         if tracker is None or not tracker.aligned or self.stalled:
             return False
         t = self.timeouts
-        message = providers.REASON_TEXT[reason].format(
+        text = providers.REASON_TEXT[reason]
+        if reason is End.UPSTREAM_RESET and self._malformed():
+            text = providers.MALFORMED_TEXT
+        message = text.format(
             bytes=self.bytes_out, idle=fmt(t.idle), total=fmt(t.total),
             send=fmt(t.send))
         last = self.last_block

@@ -61,7 +61,7 @@ class Guarded(ResponseHandler):
     # Slots, not entries in aiohttp's instance dict: set per request, in varying order,
     # they made each connection's dict a larger unshared one (about 800 B per held stream).
     __slots__ = ("_awaiting", "_finals", "_heading", "_head_bytes", "_salvaging", "_params",
-                 "sink", "pushed", "_large")
+                 "sink", "pushed", "_large", "malformed")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -77,6 +77,7 @@ class Guarded(ResponseHandler):
         self.sink: Callable[[], None] | None = None
         self.pushed: list[bytes] = _NO_PUSHED
         self._large = False  # the request sent is a large upload (``LARGE_REQUEST``)
+        self.malformed = False  # the parser gave up on the answer's bytes (not a lost connection)
 
     def set_response_params(self, **kwargs: Any) -> None:  # called once per request sent
         # A new request: the stream that took the last body over is done with this
@@ -86,6 +87,7 @@ class Guarded(ResponseHandler):
         self._awaiting, self._finals, self._heading, self._params = True, 0, True, kwargs
         self._head_bytes = b""
         self._large = LARGE_REQUEST.get()
+        self.malformed = False
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
@@ -187,6 +189,7 @@ class Guarded(ResponseHandler):
         # request bytes unsent would wait for them: ``_shut`` resets it then.
         salvaging, self._salvaging = self._salvaging, False
         if not (salvaging and self._salvage(bytes(self._head_bytes))):
+            self.malformed = True
             super().set_exception(exc, exc_cause)
             self._fail_body(self._payload, exc)
         transport = self.transport

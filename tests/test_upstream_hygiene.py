@@ -355,17 +355,25 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Enco
 EV1 = b'data: {"id":"1","choices":[{"delta":{"content":"hi"}}]}\n\n'
 
 
-@pytest.mark.parametrize("bad", [b"zz\r\n", b"0\r\nBad Trailer\r\n\r\n"])
-async def test_a_body_the_parser_gives_up_on_fails_the_stream_at_once(make_relayd, bad):
+@pytest.mark.parametrize("bad,text", [
+    (b"zz\r\n", "upstream sent a malformed body after"),
+    (b"0\r\nBad Trailer\r\n\r\n", "upstream sent a malformed body after"),
+    (b"40\r\ndata: cut", "upstream connection reset after"),  # a close mid-chunk: truncated
+])
+async def test_a_body_the_parser_gives_up_on_fails_the_stream_at_once(make_relayd, bad, text):
     """A bad chunk size (or a bad trailer) mid-stream: aiohttp's parser drops the body and
     tells only the connection; the stream must end at once with one upstream_reset event,
-    not wait for idle and blame the upstream's silence."""
+    not wait for idle and blame the upstream's silence.  Its message says the framing broke
+    (review 69: it said "connection reset", sending an operator after a network fault)."""
     async def handler(reader, writer, n):
         writer.write(SSE_HEAD + b"%x\r\n%b\r\n" % (len(EV1), EV1))
         await writer.drain()
         await asyncio.sleep(0.2)
         writer.write(bad)
         await writer.drain()
+        if bad.startswith(b"40"):
+            writer.close()
+            return
         await asyncio.sleep(3)
 
     async with RawUpstream(handler) as up:
@@ -378,7 +386,9 @@ async def test_a_body_the_parser_gives_up_on_fails_the_stream_at_once(make_relay
                 body = await resp.read()
         assert time.monotonic() - start < 2
         assert body.startswith(EV1) and body.count(b"\n\n") == 2
-        assert json.loads(body[len(EV1):].split(b"data: ", 1)[1])["error"]["code"] == "upstream_reset"
+        error = json.loads(body[len(EV1):].split(b"data: ", 1)[1])["error"]
+        assert error["code"] == "upstream_reset"
+        assert error["message"].startswith("relayd: " + text), error
         assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"
 
 

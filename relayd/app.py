@@ -446,7 +446,10 @@ class App:
 
     def status_line(self) -> str:
         streams = sum(1 for e in self.active if e.streaming)
-        return f"config generation {self.generation}; {streams} active streams"
+        # Every STATUS= says it while it lasts: the watchdog's periodic one replaced the
+        # drain's, and ``systemctl status`` showed no drain in progress (review 68).
+        draining = "draining; " if self.draining else ""
+        return f"{draining}config generation {self.generation}; {streams} active streams"
 
     def stop_streams(self, reason: End) -> int:
         n = 0

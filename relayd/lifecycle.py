@@ -304,7 +304,7 @@ class Daemon(Reloads):
     async def drain(self) -> None:
         app = self.app
         app.draining = True
-        notify(f"STOPPING=1\nSTATUS=draining; {app.status_line()}")
+        notify(f"STOPPING=1\nSTATUS={app.status_line()}")
         for listener in self.listeners:
             listener.close()
         assert self.server is not None

@@ -165,7 +165,8 @@ class Supervisor(lifecycle.Reloads):
         return self.n_serving == len(self.slots)
 
     def status_line(self) -> str:
-        return f"config generation {self.generation}; {self.n_serving}/{len(self.slots)} workers serving"
+        draining = "draining; " if self.draining else ""  # (as ``App.status_line``)
+        return f"{draining}config generation {self.generation}; {self.n_serving}/{len(self.slots)} workers serving"
 
     # -- workers
 
@@ -424,7 +425,7 @@ class Supervisor(lifecycle.Reloads):
 
     async def _drain(self) -> int:
         self.draining = True
-        lifecycle.notify(f"STOPPING=1\nSTATUS=draining; {self.status_line()}")
+        lifecycle.notify(f"STOPPING=1\nSTATUS={self.status_line()}")
         for slot in self.slots:
             if slot.restart is not None:
                 slot.restart.cancel()

@@ -385,6 +385,40 @@ def test_sd_notify_sequence(fake, make_relayd, tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+async def test_every_status_during_the_drain_says_draining(fake, make_relayd, tmp_path, workers):
+    """Review 68: STOPPING=1 said "draining", the watchdog's next STATUS= did not, and
+    ``systemctl status`` showed no drain in progress while streams were still running."""
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.5)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("shutdown_grace: 5", "shutdown_grace: 2"),
+                    env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}, args=["--workers", workers])
+    sc = fake.add("drain-status", Scenario(body=b"data: 1\n\n" * 3, fault="stall", fault_at=9))
+    fake.reset_stats()
+    task = asyncio.create_task(read_stream(port, "/local/x", sc))
+    await fake.has_requests(1)
+    r.signal(signal.SIGTERM)
+    after: list[str] = []
+    stopping = False
+    end = time.monotonic() + 1.6  # within the grace: the stream holds the drain open
+    while time.monotonic() < end:
+        try:
+            m = (await asyncio.get_running_loop().run_in_executor(None, sock.recv, 4096)).decode()
+        except socket.timeout:
+            continue
+        stopping = stopping or "STOPPING=1" in m
+        if stopping and "STATUS=" in m:
+            after.append(m)
+    assert stopping and len(after) >= 2, after
+    assert all("STATUS=draining; " in m for m in after), after
+    assert r.proc.wait(10) == 0
+    task.cancel()
+    sock.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_a_notify_socket_nobody_reads_never_stops_relayd(fake, make_relayd, tmp_path, workers):
     """Review 41: sd_notify's send blocked once the socket's queue was full (10 datagrams
     here): the event loop stopped (no requests, no admin, SIGTERM not acted on)."""

@@ -26,10 +26,8 @@ the response from its headers to its end (``total``), a client that accepts noth
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import gc
 import math
-import struct
 from typing import Any, Awaitable, Callable
 
 import aiohttp
@@ -42,6 +40,7 @@ from .exchange import End
 from .forward import fmt
 from .headers import UpstreamAnswer, for_client, media_type, relocate
 from .sse import BoundaryTracker
+from .upstream_conn import kernel_queued
 from .upstream_http import Response
 from .usage import Unmetered, Usage, UsageMeter
 
@@ -140,17 +139,7 @@ def _unsent(transport: asyncio.Transport) -> int:
 
 
 def _unsendable(transport: asyncio.Transport) -> int:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, _INT))[0]
-        except (OSError, ValueError):
-            pass
-    return 0
-
-
-_INT = bytes(4)
-_SIOCOUTQNSD = 0x894B  # Linux: bytes in the send queue not sent yet (TIOCOUTQ also counts unacked)
+    return kernel_queued(transport, unsent_only=True)
 
 
 class Stream:

@@ -11,6 +11,7 @@ no more Python than that.
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
 from contextvars import ContextVar
@@ -33,6 +34,31 @@ _NO_PARAMS: dict[str, Any] = {}
 # picks for it learns so when the request is sent, whichever client path sends it.
 LARGE_REQUEST: ContextVar[bool] = ContextVar("relayd_large_request", default=False)
 _NO_PUSHED: list[bytes] = []  # (a stream gives its own list before anything is pushed)
+
+
+_SIOCOUTQ = 0x5411     # Linux (TIOCOUTQ): bytes in a socket's send queue, sent but unacknowledged or unsent
+_SIOCOUTQNSD = 0x894B  # Linux: only the bytes not sent yet
+_INT = bytes(4)
+
+
+def kernel_queued(transport: Any, unsent_only: bool = False) -> int:
+    """Bytes of a connection the kernel still holds for the peer (0 where it cannot say).
+
+    A transport's own write buffer empties as soon as the kernel takes its bytes; a peer
+    that stopped reading leaves them queued there, unseen by the transport."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD if unsent_only
+                                                  else _SIOCOUTQ, _INT))[0]
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+def _undelivered(transport: Any) -> bool:
+    """Request bytes the upstream has not taken: in relayd's buffer or in the kernel's."""
+    return bool(transport.get_write_buffer_size() or kernel_queued(transport))
 
 
 def _reset(transport: Any) -> None:
@@ -288,18 +314,20 @@ class Guarded(ResponseHandler):
 
         A transport closed with bytes still unsent waits for the upstream to take them:
         forever, if it stopped reading, with its descriptor and buffers (and the upstream
-        may yet receive a whole request from a client long gone); such a close is a reset.
+        may yet receive a whole request from a client long gone); such a close is a reset,
+        also when only the kernel still holds them (review 70: an upstream that paused
+        reading got a gone client's whole body seconds later, then a clean FIN).
         And a TLS transport's graceful close sends close_notify and then waits up to 30 s
         for the upstream's, reading on: a provider whose client left went on generating
         (and billing) a stream nobody read.  An abort closes the socket at once, as
         nginx's upstream close does without waiting for the peer."""
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size():
+        if transport is not None and _undelivered(transport):
             _reset(transport)
         self.abort()
 
     @staticmethod
     def _shut(transport: Any) -> None:
-        if transport.get_write_buffer_size():
+        if _undelivered(transport):
             _reset(transport)
         transport.abort()

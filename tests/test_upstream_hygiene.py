@@ -825,3 +825,45 @@ async def test_a_connection_broken_before_an_answer_is_a_retryable_502(make_rela
                 statuses.append(r.status)
                 assert "x-should-retry" not in r.headers, r.headers
         assert statuses == [502, 200, 502, 502], statuses
+
+async def test_a_gone_clients_upload_the_kernel_still_holds_is_reset_not_delivered(make_relayd):
+    """Review 70: the client reset mid-upload while the upstream had paused reading.  relayd's
+    own buffer was empty (the kernel had taken the bytes), so its close was graceful: the
+    upstream, reading again, got the whole body a gone client sent and a clean end, and
+    could run (and bill) the prompt.  The kernel's queue counts too: a reset."""
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.5)  # not reading: relayd's kernel queue fills
+        try:
+            while await reader.read(65536):
+                pass
+            outcome.set_result("clean end")
+        except ConnectionError:
+            outcome.set_result("reset")
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    try:
+        port, admin = free_port(), free_port()
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        r = make_relayd(config(port, admin, url), args=["--workers", "1"])
+        c = socket.create_connection(("127.0.0.1", port))
+        size = 4 << 20
+        c.sendall(b"POST /u/v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        c.setblocking(False)
+        sent, block = 0, b"u" * 65536
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline and sent < size:
+            try:
+                sent += c.send(block)
+            except BlockingIOError:
+                await asyncio.sleep(0.02)
+        assert sent > 512 * 1024, sent  # (enough to fill the upstream's socket buffers)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # a reset
+        assert await asyncio.wait_for(outcome, 10) == "reset"
+        assert r.wait_access(1)[-1]["end_reason"] == "client_gone"
+    finally:
+        server.close()

@@ -170,7 +170,12 @@ class Stream:
         upstream_path = resp.url.raw_path
         self.endpoint = provider.endpoint(upstream_path)
         self.json_body = identity and (ctype == "application/json" or ctype.endswith("+json"))
-        headers = for_client(resp.headers, request_id, sse)
+        # A compressed SSE body cannot be split into events: it is piped, never added to.
+        # Nor is an answer without a body (HEAD, 204, 304): an error event after it would
+        # be read as the next response on the client's connection.  So such an answer
+        # keeps the upstream's Content-Length (a HEAD's says what a GET would get).
+        bodiless = request.method == "HEAD" or resp.status in (204, 304)
+        headers = for_client(resp.headers, request_id, sse and not bodiless)
         relocate(headers, moved, request)
         # (from what the client gets: a Content-Type the upstream listed in Connection is gone)
         out = _Out if "Content-Type" in headers else _UntypedOut
@@ -180,10 +185,6 @@ class Stream:
             # (a provider's is 20-odd headers, rate limits and cookies, about 1.5 KB).
             resp.headers = _NO_HEADERS
         self.committed = False
-        # A compressed SSE body cannot be split into events: it is piped, never added to.
-        # Nor is an answer without a body (HEAD, 204, 304): an error event after it would
-        # be read as the next response on the client's connection.
-        bodiless = request.method == "HEAD" or resp.status in (204, 304)
         self.tracker = BoundaryTracker() if sse and identity and not bodiless else None
         self._ends = self.endpoint.ends if self.tracker is not None else None
         self.meter = (UsageMeter() if provider.generates(request.method, upstream_path)

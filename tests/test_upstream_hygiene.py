@@ -416,6 +416,32 @@ async def test_an_sse_answer_without_a_body_gets_no_error_event(make_relayd, met
         assert line["end_reason"] == "done" and line["injected_error"] is None
 
 
+async def test_a_head_answer_on_an_sse_resource_keeps_its_content_length(make_relayd):
+    """Review 71: an SSE answer's Content-Length is dropped (relayd may add an error event),
+    a HEAD's was too, though no event ever follows it; nginx passes it (it says what a GET
+    would get)."""
+    async def handler(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 500\r\n\r\n"
+                     if n == 1 else ok(b'{"n":2}'))
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url), args=["--workers", "1"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD /u/v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /u/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b'{"n":2}' not in got:
+            part = await asyncio.wait_for(reader.read(65536), 5)
+            assert part, got
+            got += part
+        writer.close()
+        head = got.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"\r\ncontent-length: 500" in head, got
+        assert got.count(b"HTTP/1.1 200") == 2
+
+
 @pytest.mark.parametrize("answer", [
     # relayd never forwards Upgrade: a switch is one no client asked relayd for
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nRAW",

@@ -280,6 +280,8 @@ class Provider:
     # (auth_header, auth_prefix) only.  key_param: a query parameter used when no header is.
     key_headers: tuple[tuple[str, str], ...] = ()
     key_param: str | None = None
+    # Every query parameter the provider reads a credential from (removed, never forwarded).
+    credential_params: frozenset[str] = frozenset()
     # What relayd writes into a silent stream: an SSE comment, or for Google's SDK, which
     # takes every line not starting with "data: " for JSON (a comment failed the stream),
     # a blank line — at a block boundary it dispatches nothing for any SSE reader.
@@ -334,12 +336,15 @@ class Provider:
         return None
 
     def without_key_param(self, query: str) -> str:
-        """The raw query minus every ``key_param`` parameter, however its name is encoded
-        (``%6Bey`` reached Google as a second credential); the rest keeps its bytes."""
+        """The raw query minus every credential parameter, however its name is encoded
+        (``%6Bey`` reached Google as a second credential); the rest keeps its bytes.
+        Google reads a key from ``key`` or ``$key`` and an OAuth token from
+        ``access_token`` or ``oauth_token`` (its "system parameters"): a client's would
+        ride along next to relayd's key, or past a route that sends none (review 74)."""
         if not self.key_param or not query:
             return query
-        name = self.key_param
-        return drop_params(query, lambda p: _param_name(p) == name)
+        names = self.credential_params
+        return drop_params(query, lambda p: _param_name(p) in names)
 
     def error_headers(self, request_id: str) -> dict[str, str]:
         """Headers of relayd's own error responses: its name and the request id, where the
@@ -391,6 +396,7 @@ PROVIDERS: Mapping[str, Provider] = {
                           key_headers=(("x-api-key", ""), ("Authorization", "Bearer "))),
     "gemini": Provider("gemini", "x-goog-api-key", "", _gemini_body, True, _GEMINI,
                        _ep("unknown", None, _gemini_event), _tail_is_json_error, key_param="key",
+                       credential_params=frozenset(("key", "$key", "access_token", "oauth_token")),
                        heartbeat=b"\r\n"),
     "generic": Provider("generic", "Authorization", "Bearer ", _openai_body, False, (),
                         _OPENAI_FALLBACK),

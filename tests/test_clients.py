@@ -407,6 +407,10 @@ def test_presented_key_spots_and_query_edit():
     # ";" separates too (some servers split on it): the credential is gone either way
     assert gem.without_key_param("alt=sse;key=K&x=1") == "alt=sse&x=1"
     assert gem.without_key_param("key=K;alt=sse") == "alt=sse"
+    # review 74: Google reads a key from $key too, and an OAuth token from access_token or
+    # oauth_token: a client's rode along next to relayd's key
+    assert gem.without_key_param("alt=sse&$key=A&%24key=B&access_token=T&oauth_token=O&x=1") == "alt=sse&x=1"
+    assert gem.without_key_param("api_key=1&token=2") == "api_key=1&token=2"  # not Google's
     from relayd.clients import _without_value
     assert _without_value("k=rk-1;x=1", "rk-1") == "x=1"
     assert _without_value("a=1;b=2&k=rk-1", "rk-1") == "a=1;b=2"

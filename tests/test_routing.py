@@ -120,6 +120,8 @@ async def test_gemini_key_parameter_is_replaced_by_the_upstream_key(shared):
     # Google's SDKs may send the key as ?key=; with relayd's key set, the client's goes.
     _, _, res = await echo(shared.port, "/gemini/echo?alt=sse&key=client-key&x=1")
     assert res["raw_path"].endswith("/echo?alt=sse&x=1"), res["raw_path"]
+    _, _, res = await echo(shared.port, "/gemini/echo?%24key=c1&alt=sse&access_token=c2&oauth_token=c3")
+    assert res["raw_path"].endswith("/echo?alt=sse"), res["raw_path"]
     assert hdrs(res)["x-goog-api-key"] == "gem-test-KEY3"
     _, _, res = await echo(shared.port, "/openai/echo?key=client-key")  # key= is no credential there
     assert res["raw_path"].endswith("/echo?key=client-key")

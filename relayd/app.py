@@ -23,7 +23,7 @@ from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE
-from .routes import Match, RouteTable, resolve, under
+from .routes import Match, RouteTable, resolve, separators_read, under
 from .stream import Stream
 from .upstreams import PoolRegistry
 
@@ -184,9 +184,13 @@ class App:
             return web.Response(status=403)  # goes nowhere: the connection is closed
         table.enter()
         raw = request.raw_path
-        if not raw.startswith("/"):  # absolute-form request target
+        if not raw.startswith("/") and raw != "*":  # absolute-form request target
             raw = request.rel_url.raw_path_qs
-        path = raw.partition("?")[0]
+            if not raw.startswith("/"):  # (``http://host`` or ``http://host?q``: the path is "/")
+                raw = "/" + raw
+        # A fragment (which no client should send) is not part of the path: routes match
+        # without it, as nginx's locations do (``/pub#/../priv/x`` is ``/pub``).
+        path = raw.partition("?")[0].partition("#")[0]
         # request.remote: the peer aiohttp already asked the transport for (each ask makes a
         # new tuple, which a held stream would keep)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, path,
@@ -202,6 +206,9 @@ class App:
             wait = self.turns.take(answer=False)
             if wait is not None:
                 await wait  # a client that leaves meanwhile is logged as gone, like any
+            if raw == "*":  # OPTIONS * asks about relayd itself, not an upstream (nginx: 400)
+                return self._refuse(ex, None, 400, "the asterisk-form request target is not "
+                                    "forwarded", "invalid_request")
             found = table.match(path)
             version = request.version
             if version != HttpVersion11 and version != HttpVersion10:
@@ -236,6 +243,12 @@ class App:
                 return self._refuse(ex, found, 400, f"path {path} climbs above its route",
                                     "invalid_path")
             match = found if resolved == path else table.match(resolved)
+            if match is not None:
+                alt = separators_read(resolved)
+                if alt != resolved and (alt is None or (other := table.match(alt)) is None
+                                        or other.route is not match.route):
+                    return self._refuse(ex, match, 400, f"path {path} leaves its route when its "
+                                        "encoded slashes are read as slashes", "invalid_path")
             if match is None:
                 ex.status = 404
                 return web.Response(status=404, body=providers.not_found_body(path, ex.request_id),

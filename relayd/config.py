@@ -185,9 +185,9 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
         # Requests are matched on their raw, percent-encoded path: '/ü' could never match.
         w.error(node, path, "route path must be printable ASCII: percent-encode it"
                 + (f" ({w.hold(node, quote(prefix, safe=_PATH_SAFE))})" if prefix.isprintable() else ""))
-    elif any(seg in (".", "..") for seg in prefix.split("/")):
+    elif any(seg.replace("%2e", ".").replace("%2E", ".") in (".", "..") for seg in prefix.split("/")):
         # Requests are matched after their dot segments are resolved: no path reaches it.
-        w.error(node, path, "route path must not contain '.' or '..' segments")
+        w.error(node, path, "route path must not contain '.' or '..' segments (or %2e forms)")
     prefix = prefix.rstrip("/") or "/"
     seen: dict[str, int] = w.ctx.setdefault("route_lines", {})
     if prefix in seen:

@@ -11,6 +11,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -128,6 +129,24 @@ def resolve(raw_path: str) -> str | None:
             continue
         out.append(seg)
     return "/" + "/".join(out)
+
+
+_SEPARATOR = re.compile(r"%2[fF]|%5[cC]|\\")
+
+
+def separators_read(raw_path: str) -> str | None:
+    """The path as an upstream reads it that decodes ``%2F`` and ``%5C`` (or takes ``\\``
+    for ``/``) before it resolves dot segments, as nginx does: resolved, or None where that
+    reading climbs above '/'.  The path itself when it has no such separator.
+
+    relayd forwards the client's bytes, so ``/pub/..%2Fprivate/x`` goes out unresolved;
+    an upstream of that kind (nginx in front of vLLM) serves ``/private/x`` under the
+    route's key — past a client key scoped to ``/pub`` (review 74).  ``App.handle``
+    refuses a path whose reading this way leaves its route."""
+    if "%" not in raw_path and "\\" not in raw_path:
+        return raw_path
+    alt = _SEPARATOR.sub("/", raw_path)
+    return raw_path if alt == raw_path else resolve(alt)
 
 
 def upstream_url(base: str, rest: str, query: str) -> str:

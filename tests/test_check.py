@@ -98,6 +98,9 @@ CASES = {
                                 "no variable inside a default"),
     "route path with dot segments": (GOOD.replace("path: /openai", "path: /a/../openai"), 8, "routes[0].path",
                                      "must not contain '.' or '..' segments"),
+    # review 74: requests are resolved with %2e as a dot, so no request reached these either
+    "route path with encoded dot segments": (GOOD.replace("path: /openai", "path: /a/%2E%2e/openai"), 8,
+                                             "routes[0].path", "must not contain '.' or '..' segments"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
                               "character #x0007 is not allowed"),
     "huge integer duration": ("shutdown_grace: 1" + "0" * 320 + "\n" + GOOD, 1, "shutdown_grace",

@@ -90,3 +90,35 @@ def test_double_slash_is_not_a_route(shared, fake) -> None:
     status, headers, body = raw_get(shared.port, "//")
     assert status == 404 and headers["server"] == "relayd"
     assert len(fake.requests) == before
+
+
+@pytest.mark.parametrize("target", [
+    "/openai/a%2F..%2F..%2Fz", "/openai/..%2Fx", "/openai/%2e%2e%2fx", "/openai/v1/x%2f..%2f..%2f..%2fsecret",
+    "/openai/v1/x%5C..%5C..%5C..%5Csecret", "/openai/v1/x\\..\\..\\..\\secret",
+])
+def test_encoded_slashes_that_leave_the_route_are_400(shared, fake, target: str) -> None:
+    """Review 74: relayd forwards a path's bytes; an upstream that decodes %2F (or %5C, or
+    reads \\ as /) before resolving dot segments — nginx does, in front of vLLM — served
+    another route's paths under this route's key, past a client key scoped to this one."""
+    before = len(fake.requests)
+    status, _, body = raw_get(shared.port, target)
+    assert status == 400, body
+    err = json.loads(body)["error"]
+    assert "leaves its route" in err["message"] and err["code"] == "invalid_path"
+    assert len(fake.requests) == before
+
+
+def test_asterisk_form_and_fragments(shared, fake) -> None:
+    """``OPTIONS *`` asks about relayd itself: 400, as nginx (it went upstream as ``/*``
+    with relayd's key where a ``/`` route exists).  A fragment takes no part in routing."""
+    before = len(fake.requests)
+    with socket.create_connection(("127.0.0.1", shared.port), 5) as s:
+        s.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert len(fake.requests) == before
+    status, _, body = raw_get(shared.port, "/openai/v1/echo#/../../../x")
+    assert status == 200, body
+    assert json.loads(body)["raw_path"] == "/oai/v1/echo"

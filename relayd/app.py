@@ -75,6 +75,10 @@ class _EarlyStop:
         return self.reason is not None and self.task is not None and self.task.uncancel() == 0
 
 
+# How a stream can end by the upstream's doing, after the response headers.
+_UPSTREAM_BROKE = frozenset((End.UPSTREAM_RESET, End.UPSTREAM_EOF, End.IDLE_TIMEOUT, End.TOTAL_TIMEOUT))
+
+
 class Turns:
     """At most ``per_turn`` request set-ups per event-loop turn; the rest wait their turn.
 
@@ -286,6 +290,14 @@ class App:
                 ex.streaming = True
                 self.metrics.stream_started(match.route.path)
                 ex.end = await st.relay()
+                if ex.end in _UPSTREAM_BROKE:
+                    # Before the headers such a failure is a warning ("upstream attempt
+                    # failed"); after them it was only in the access line, and with that
+                    # off nowhere (review 72; nginx: "upstream prematurely closed").
+                    self.log.warning("upstream stream failed", request_id=ex.request_id,
+                                     upstream=up.name, route=match.route.path, reason=ex.end,
+                                     cause="malformed body" if st.malformed() else None,
+                                     bytes_out=st.bytes_out, events=st.events)
             finally:
                 fw.target.pool.release()
                 if st is None:

@@ -137,8 +137,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             await _slot(target, timeouts, out)
         except _Failure as f:  # every connection busy: try the next upstream, breaker untouched
             metrics.attempt(up.name, f.reason)
-            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f.reason, cause=f.cause)
+            log.warning("upstream attempt failed", request_id=request_id, route=match.route.path,
+                        upstream=up.name, attempt=out.attempts, reason=f.reason, cause=f.cause)
             last_failure = f
             continue
         except (asyncio.CancelledError, ConnectionError):
@@ -155,8 +155,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                 target.pool.record(False)
             reason = "local_error" if f.local else f.reason
             metrics.attempt(up.name, reason)
-            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=reason, cause=f.cause)
+            log.warning("upstream attempt failed", request_id=request_id, route=match.route.path,
+                        upstream=up.name, attempt=out.attempts, reason=reason, cause=f.cause)
             last_failure = f
             if f.local or f.answered:
                 break
@@ -171,8 +171,8 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         if resp.status in RETRY_STATUSES and not last and body.replayable:
             target.pool.record(False)
             metrics.attempt(up.name, f"status_{resp.status}")
-            log.warning("upstream attempt failed", request_id=request_id, upstream=up.name,
-                        attempt=out.attempts, reason=f"status_{resp.status}",
+            log.warning("upstream attempt failed", request_id=request_id, route=match.route.path,
+                        upstream=up.name, attempt=out.attempts, reason=f"status_{resp.status}",
                         cause=f"upstream answered {resp.status}")
             try:
                 answered_at = time.monotonic()

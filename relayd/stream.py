@@ -458,7 +458,7 @@ class Stream:
                 self.meter.observe_body(piece)
         outs.extend(piece for piece in pieces if piece)
 
-    def _malformed(self) -> bool:
+    def malformed(self) -> bool:
         """Did the body fail at the upstream's framing rather than with its connection?"""
         proto = self._proto
         if proto is None:
@@ -565,7 +565,7 @@ class Stream:
             return False
         t = self.timeouts
         text = providers.REASON_TEXT[reason]
-        if reason is End.UPSTREAM_RESET and self._malformed():
+        if reason is End.UPSTREAM_RESET and self.malformed():
             text = providers.MALFORMED_TEXT
         message = text.format(
             bytes=self.bytes_out, idle=fmt(t.idle), total=fmt(t.total),

@@ -27,7 +27,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import upstream_http
+from . import logs, upstream_http
 from .config import Upstream
 from .upstream_conn import LARGE_REQUEST, Guarded
 
@@ -208,13 +208,22 @@ class Pool:
     # -- breaker: consecutive failures open it for `cooldown` seconds
 
     def record(self, ok: bool) -> None:
+        """One attempt's outcome.  The breaker's turns are logged (review 72: an upstream
+        ejected and one recovered looked the same in the log; nginx says "upstream server
+        temporarily disabled")."""
         if ok:
             self.failures = 0
-            self.open_until = 0.0
+            if self.open_until:
+                self.open_until = 0.0
+                logs.get().info("circuit breaker closed", upstream=self.upstream.name)
             return
         self.failures += 1
-        if self.failures >= self.upstream.breaker.failures:
-            self.open_until = time.monotonic() + self.upstream.breaker.cooldown
+        breaker = self.upstream.breaker
+        if self.failures >= breaker.failures:
+            if not self.breaker_open:
+                logs.get().warning("circuit breaker opened", upstream=self.upstream.name,
+                                   failures=self.failures, cooldown_s=breaker.cooldown)
+            self.open_until = time.monotonic() + breaker.cooldown
 
     @property
     def breaker_open(self) -> bool:

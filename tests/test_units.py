@@ -877,3 +877,27 @@ def test_usage_found_after_a_lookalike_mention():
                          b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\n')
     got = meter.result(partial=False)
     assert (got.input, got.output) == (7, 3)
+
+
+async def test_the_breakers_turns_are_logged() -> None:
+    """Review 72: an upstream ejected by its breaker and one back in service looked the same
+    in the log (nginx: "upstream server temporarily disabled")."""
+    from structlog.testing import capture_logs
+
+    up = cfg.parse('upstreams: {a: {url: "http://127.0.0.1:1", provider: openai,\n'
+                   '  breaker: {failures: 2, cooldown: 50ms}}}\n'
+                   'routes: [{path: /a, upstream: a}]', "t.yaml", {}).upstreams["a"]
+    pool = Pool(up, True)
+    try:
+        with capture_logs() as logs:
+            pool.record(False)
+            pool.record(False)
+            pool.record(False)  # (still open: no second line)
+            await asyncio.sleep(0.08)
+            pool.record(True)
+            pool.record(True)
+        assert [(l["event"], l["log_level"], l["upstream"]) for l in logs] == [
+            ("circuit breaker opened", "warning", "a"), ("circuit breaker closed", "info", "a")]
+        assert logs[0]["failures"] == 2 and logs[0]["cooldown_s"] == 0.05
+    finally:
+        await pool.close()

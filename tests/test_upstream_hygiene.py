@@ -390,6 +390,12 @@ async def test_a_body_the_parser_gives_up_on_fails_the_stream_at_once(make_relay
         assert error["code"] == "upstream_reset"
         assert error["message"].startswith("relayd: " + text), error
         assert r.wait_access(1)[-1]["end_reason"] == "upstream_reset"
+        # review 72: a warning of its own, as before the headers (with the access log off
+        # it was nowhere)
+        warned = [l for l in r.logs() if l.get("event") == "upstream stream failed"]
+        assert len(warned) == 1 and warned[0]["reason"] == "upstream_reset", warned
+        assert warned[0]["cause"] == ("malformed body" if "malformed" in text else None)
+        assert warned[0]["upstream"] == "u" and warned[0]["level"] == "warning"
 
 
 @pytest.mark.parametrize("method,head", [

@@ -20,10 +20,12 @@ ROWS: list[tuple[str, str, str]] = [
     ("s1_500_delay_p99_ms", "1. 500 streams: per-event delay p99", "ms"),
     ("s1_500_added_delay_p99_ms", "1. 500 streams: added per-event delay p99 vs direct", "ms"),
     ("s1_500_events_per_s", "1. 500 streams: events delivered per second", "ev/s"),
+    ("s1_500_ttfb_p99_ms", "1. 500 streams: first byte p99 (500 set-ups at once)", "ms"),
     ("s1_1000_cpu_us_per_event", "1. 1000 streams: relay CPU per event", "us"),
     ("s1_1000_delay_p99_ms", "1. 1000 streams: per-event delay p99", "ms"),
     ("s1_1000_added_delay_p99_ms", "1. 1000 streams: added per-event delay p99 vs direct", "ms"),
     ("s1_1000_events_per_s", "1. 1000 streams: events delivered per second", "ev/s"),
+    ("s1_1000_ttfb_p99_ms", "1. 1000 streams: first byte p99", "ms"),
     ("s2_ttfb_p50_ms", "2. TTFB p50 (first body byte)", "ms"),
     ("s2_added_ttfb_p50_ms", "2. added TTFB p50 vs direct", "ms"),
     ("s3_added_ttfb_p50_ms", "3. latency-only: added TTFB p50 vs direct", "ms"),
@@ -33,8 +35,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("s4_cpu_us_per_req", "4. small JSON: relay CPU per request", "us"),
     ("s4_p99_ms", "4. small JSON: latency p99", "ms"),
     ("s5_open", "5. held streams open at the end (of target)", "streams"),
-    ("s5_rss_at_2000_mib", "5. relay RSS with 2,000 held streams", "MiB"),
-    ("s5_rss_at_5000_mib", "5. relay RSS with 5,000 held streams", "MiB"),
+    ("s5_rss_at_2000_mib", "5. relay memory (PSS) with 2,000 held streams", "MiB"),
+    ("s5_rss_at_5000_mib", "5. relay memory (PSS) with 5,000 held streams", "MiB"),
     ("s5_kib_per_stream", "5. marginal memory per held stream (2,000->5,000)", "KiB"),
     ("s6_mb_per_s", "6. bulk 4 conns: throughput", "MB/s"),
     ("s6_cpu_s_per_gb", "6. bulk: relay CPU per GB", "s/GB"),
@@ -82,7 +84,8 @@ def fmt(v: float | None) -> str:
     return f"{v:.2f}"
 
 
-def table(med: dict[str, dict[str, float]]) -> list[list[str]]:
+def table(med: dict[str, dict[str, float]],
+          rounds: list[dict[str, dict[str, float]]] | None = None) -> list[list[str]]:
     rows = []
     for key, label, unit in ROWS:
         vals = [med.get(t, {}).get(key) for t in TARGETS]
@@ -90,11 +93,19 @@ def table(med: dict[str, dict[str, float]]) -> list[list[str]]:
         # An "added" figure of nginx within noise of zero makes a ratio meaningless.
         floor = ADDED_FLOOR_MS if "added" in key else 0.0
         ratio = f"{r / n:.2f}" if r is not None and n is not None and n > floor else "-"
-        rows.append([f"{label} [{unit}]"] + [fmt(v) for v in vals] + [ratio])
+        rows.append([f"{label} [{unit}]"] + [fmt(v) for v in vals] + [ratio, spread(rounds or [], key, floor)])
     return rows
 
 
-HEAD = ["metric", *TARGETS, "relayd/nginx"]
+def spread(rounds: list[dict[str, dict[str, float]]], key: str, floor: float) -> str:
+    """The relayd/nginx ratio of each round (the two measured minutes apart in one round),
+    lowest to highest: how far one round's verdict can move (review 73)."""
+    ratios = [r["relayd"][key] / r["nginx"][key] for r in rounds
+              if key in r.get("relayd", {}) and r.get("nginx", {}).get(key, 0.0) > floor]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-"
+
+
+HEAD = ["metric", *TARGETS, "relayd/nginx", "per round"]
 
 
 def text_table(rows: list[list[str]]) -> str:

@@ -32,9 +32,9 @@ import report  # noqa: E402
 from client import Target  # noqa: E402
 
 RESULTS = procs.HERE / "results"
-FULL = dict(rounds=5, streams=(500, 1000), events=100, gap_ms=20, ttfb=100, lat_streams=12,
+FULL = dict(rounds=4, streams=(500, 1000), events=100, gap_ms=20, ttfb=100, lat_streams=12,
             lat_chunks=64, json_total=20000, json_s=6.0, hold=(2000, 5000), bulk_mb=200, gone=10)
-QUICK = dict(rounds=3, streams=(100, 200), events=50, gap_ms=20, ttfb=30, lat_streams=2,
+QUICK = dict(rounds=4, streams=(100, 200), events=50, gap_ms=20, ttfb=30, lat_streams=2,
              lat_chunks=64, json_total=3000, json_s=2.0, hold=(500, 1000), bulk_mb=50, gone=3)
 MS = 1e6  # ns per ms
 
@@ -85,6 +85,7 @@ class Bench:
                 run = await client.streams(self.targets[name], size, c["events"], c["gap_ms"])
                 r = res[name]
                 r[f"{key}_delay_p99_ms"] = report.pct(run.delays, 99) / MS
+                r[f"{key}_ttfb_p99_ms"] = report.pct(run.ttfb, 99) / MS  # the burst's set-up
                 r[f"{key}_events_per_s"] = run.events / run.wall
                 if name in self.pids:
                     r[f"{key}_cpu_us_per_event"] = (self.cpu(name) - cpu0) / run.events * 1e6
@@ -168,7 +169,7 @@ async def bench(cfg: dict[str, Any], quick: bool) -> int:
         for name, figures in held.items():
             med[name].update(figures)
         report.add_log_cost(med)
-        rows = report.table(med)
+        rows = report.table(med, rounds)
         elapsed = time.monotonic() - t_start
         notes = notes_for(cfg, quick, nofile, elapsed)
         meta = {"settings": cfg, "quick": quick, "elapsed_s": elapsed, "python": platform.python_version(),
@@ -198,14 +199,16 @@ def notes_for(cfg: dict[str, Any], quick: bool, nofile: int, elapsed: float) -> 
         "relays pinned to core 1 (taskset -c 1), client and fake upstream to core 0; relayd 1 process"
         " (workers: 1), nginx 1 worker; access log off except relayd+log",
         f"1: {s[0]} and {s[1]} concurrent streams x {cfg['events']} events {cfg['gap_ms']} ms apart; delay = "
-        "client receive time - upstream send stamp (same CLOCK_MONOTONIC); CPU from /proc/PID/stat",
+        "client receive time - upstream send stamp (same CLOCK_MONOTONIC); each stream ticks at a random phase "
+        "within the gap; first byte p99 = the burst's set-up; CPU from the processes' CPU clocks (ns)",
         f"2: {cfg['ttfb']} sequential 1-event streams on one keep-alive connection; TTFB = request write to "
         "first body byte",
         f"3: {cfg['lat_streams']} sequential streams per round x {cfg['lat_chunks']} chunks {cfg['gap_ms']} ms apart",
         f"4: 64 keep-alive clients, POST JSON, {cfg['json_total']} requests or {cfg['json_s']} s per run",
         f"5: {cfg['hold'][0]} then {cfg['hold'][1]} held streams, measured once on fresh processes "
-        f"(not a median); RSS summed over the relay's process tree; RLIMIT_NOFILE {nofile}",
-        f"6: 4 connections x {cfg['bulk_mb'] // 4} MB, application/octet-stream, 256 KiB chunks",
+        f"(not a median); memory = PSS summed over the relay's process tree; RLIMIT_NOFILE {nofile}",
+        f"6: 4 connections x {cfg['bulk_mb'] // 4} MB, application/octet-stream, 256 KiB chunks; nginx "
+        "proxy_buffer_size 64k (the issue's '64 KiB buffers')",
         f"7: {cfg['gone']} samples per round: client closes after the first event; time until the upstream's "
         "connection_lost",
         f"ratio relayd/nginx left out ('-') where nginx's added figure is under {report.ADDED_FLOOR_MS} ms "
@@ -261,6 +264,11 @@ def main() -> int:
     cfg = QUICK if a.quick else FULL
     if a.profile:
         return asyncio.run(profile(cfg, a.profile))
+    try:  # the load generator on uvloop too: at 1,000 streams it must keep its schedule
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
     return asyncio.run(bench(cfg, a.quick))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import sys
 import time
@@ -33,6 +34,7 @@ EVENT_PRE = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","cr
 TAIL = (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","choices":[],'
         b'"usage":{"prompt_tokens":10,"completion_tokens":%d,"total_tokens":%d}}\n\ndata: [DONE]\n\n')
 GONE: dict[str, int] = {}
+_PHASE = random.Random(20)
 
 
 def chunk(payload: bytes) -> bytes:
@@ -104,7 +106,13 @@ class Conn(asyncio.Protocol):
             self.stream_id = q.get("id")
             self.tr.write(SSE_HEAD + event(0))
             if not path.endswith("/hold"):
-                self.schedule(1, n, gap, self.loop.time())
+                # A random phase within the gap: streams tick spread over the gap as real
+                # ones do, whenever their requests came.  Ticking from each request's
+                # arrival made the load as bursty as the relay's start-up was quick: nginx
+                # started 500 streams within ~30 ms (bursts of 60-70 events in one ms),
+                # relayd's set-up turns spread them over ~300 ms, and its delays were
+                # measured under a smoother load (review 73).
+                self.schedule(1, n, gap, self.loop.time() - _PHASE.uniform(0, gap))
         elif path.endswith("/bulk"):
             size = int(q.get("chunk", "262144"))
             self.bulk_left = int(q.get("bytes", str(50 << 20)))
@@ -165,6 +173,11 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     try:
+        try:  # the generator must not be the bottleneck at 1,000 streams (review 73)
+            import uvloop
+            uvloop.install()
+        except ImportError:
+            pass
         asyncio.run(main(int(sys.argv[1])))
     except KeyboardInterrupt:
         pass

@@ -159,14 +159,41 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
         fields["event"] = event
         fields["level"] = "info"
         fields["ts"] = ts
-        out.append(_ENCODER.encode(scrub(None, "info", _add_worker(None, "info", fields))))
+        out.append(_info + _ENCODER.encode(scrub(None, "info", _add_worker(None, "info", fields))))
     out.append("")
     _out.write("\n".join(out))
 
 
+# syslog priorities, for journald: a line that begins with "<N>" is stored at priority N
+# (and the prefix dropped), so ``journalctl -p warning -u relayd`` finds relayd's warnings.
+_PRIORITY = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>", "critical": "<2>"}
+_info = ""  # the prefix of info lines: "<6>" on the journal's stream, else nothing
+_RENDER = structlog.processors.JSONRenderer()
+
+
+def _prioritized(logger: Any, name: str, event: dict[str, Any]) -> str:
+    return _PRIORITY.get(event.get("level", "info"), "<6>") + _RENDER(logger, name, event)
+
+
+def on_journal(stream: Any) -> bool:
+    """Is ``stream`` the journal's?  systemd says which stream it connected to journald in
+    ``JOURNAL_STREAM`` (``device:inode``); run by hand, in a pipe or to a file, lines stay
+    plain JSON (review 72: without the prefix every line was stored at priority 6)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def configure(level: str = "info") -> None:
-    global _out
+    global _out, _info
     _out = _Sink(sys.stdout)
+    journal = on_journal(sys.stdout)
+    _info = _PRIORITY["info"] if journal else ""
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -174,7 +201,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.format_exc_info,
             _add_worker,
             scrub,
-            structlog.processors.JSONRenderer(),
+            _prioritized if journal else _RENDER,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.WriteLoggerFactory(file=_out),

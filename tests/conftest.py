@@ -58,10 +58,15 @@ class Relayd:
         if not self.log_path.exists():
             return out
         for line in self.log_path.read_text(errors="replace").splitlines():
+            priority = None
+            if line[:1] == "<" and line[2:4] == ">{":  # journald's "<N>" (JOURNAL_STREAM set)
+                priority, line = int(line[1]), line[3:]
             try:
                 out.append(json.loads(line))
             except ValueError:
                 out.append({"raw": line})
+            if priority is not None:
+                out[-1]["_priority"] = priority
         return out
 
     def access(self) -> list[dict[str, Any]]:

@@ -385,6 +385,33 @@ def test_sd_notify_sequence(fake, make_relayd, tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
+async def test_log_lines_carry_syslog_priorities_on_the_journals_stream(fake, make_relayd, workers):
+    """Review 72: every line reached journald at priority 6, so ``journalctl -p warning``
+    found none of relayd's warnings or errors.  On the stream systemd names in
+    JOURNAL_STREAM each line starts with its "<N>"; anywhere else lines stay plain JSON."""
+    from relayd.logs import on_journal
+
+    port, dead = free_port(), free_port()
+    r = make_relayd(basic_config(fake.url, port, extra_upstreams=f'  dead: {{url: "http://127.0.0.1:{dead}", '
+                                 'provider: openai}', extra_routes="  - {path: /dead, upstream: dead}"),
+                    args=["--workers", workers], start=False)
+    r.log_path.write_bytes(b"")
+    st = os.stat(r.log_path)
+    r.env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    r.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/dead/v1/x") as resp:
+            assert resp.status == 502
+    assert wait_for(lambda: any(l.get("event") == "upstream attempt failed" for l in r.logs()))
+    lines = r.logs()
+    assert all("_priority" in l for l in lines), [l for l in lines if "_priority" not in l][:3]
+    want = {"info": 6, "warning": 4, "error": 3}
+    assert all(l["_priority"] == want[l["level"]] for l in lines), lines
+    assert {l["level"] for l in lines} >= {"info", "warning"}
+    assert not on_journal(open(os.devnull))  # (this test process: no such variable for it)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_every_status_during_the_drain_says_draining(fake, make_relayd, tmp_path, workers):
     """Review 68: STOPPING=1 said "draining", the watchdog's next STATUS= did not, and
     ``systemctl status`` showed no drain in progress while streams were still running."""

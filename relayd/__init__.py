@@ -13,8 +13,8 @@ Modules, in that order:
 - ``config``     relayd's schema, each key declared once with its default → validated,
                  immutable ``Config``; ``yamlconf`` is the generic YAML-with-lines walker
                  under it (every error as FILE:LINE: path: why)
-- ``routes``     ``RouteTable``: dot-segment resolution, longest-prefix match, upstream
-                 URL joining; one per generation (with its ``clients``), held by each
+- ``routes``     ``RouteTable``: dot-segment resolution (and the path as an upstream that
+                 decodes ``%2F`` reads it), longest-prefix match, upstream URL joining; one per generation (with its ``clients``), held by each
                  request that uses it
 - ``clients``    client keys: where each provider's SDK sends a key, constant-time check,
                  401/403, the key removed before forwarding; CORS preflights answered
@@ -55,7 +55,7 @@ Modules, in that order:
 - ``cli``        ``relayd run | check | --version``
 - ``demo``       a fake provider for ``make demo``
 - ``logs``, ``metrics``  structlog JSON lines (a line that cannot be written is dropped
-                 and counted), Prometheus metrics (with workers: shared files, space
+                 and counted; on the journal's stream each carries its syslog priority), Prometheus metrics (with workers: shared files, space
                  reserved before use, exited workers' counts added into one)
 
 A reload builds a new ``RouteTable`` and swaps ``App.table``; a request keeps the table

@@ -119,22 +119,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def rss_kib(pid: int) -> int:
-    """Memory of the tree: each process's proportional set size (PSS), so pages shared
-    by processes of one tree (nginx's master and worker) count once, not once per process
-    (review 73: summed VmRSS counted most of nginx's master twice).  VmRSS where
-    smaps_rollup is missing."""
+    """Memory of the tree, each page once: the root's RSS plus its descendants' private
+    pages (nginx's worker shares most of its pages with its master).  Not PSS: that also
+    splits pages the relay shares with processes outside its tree (the bench's other Python
+    processes), which understated relayd by about 10 MB and moved with them (review 75)."""
     total = 0
-    for p in tree(pid):
+    for i, p in enumerate(tree(pid)):
+        fields = ("Rss:",) if i == 0 else ("Private_Clean:", "Private_Dirty:")
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-            continue
-        except OSError:
-            pass
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(fields):
                     total += int(line.split()[1])
         except OSError:
             pass

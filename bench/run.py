@@ -206,7 +206,7 @@ def notes_for(cfg: dict[str, Any], quick: bool, nofile: int, elapsed: float) -> 
         f"3: {cfg['lat_streams']} sequential streams per round x {cfg['lat_chunks']} chunks {cfg['gap_ms']} ms apart",
         f"4: 64 keep-alive clients, POST JSON, {cfg['json_total']} requests or {cfg['json_s']} s per run",
         f"5: {cfg['hold'][0]} then {cfg['hold'][1]} held streams, measured once on fresh processes "
-        f"(not a median); memory = PSS summed over the relay's process tree; RLIMIT_NOFILE {nofile}",
+        f"(not a median); memory = the relay's RSS plus its child processes' private pages; RLIMIT_NOFILE {nofile}",
         f"6: 4 connections x {cfg['bulk_mb'] // 4} MB, application/octet-stream, 256 KiB chunks; nginx "
         "proxy_buffer_size 64k (the issue's '64 KiB buffers')",
         f"7: {cfg['gone']} samples per round: client closes after the first event; time until the upstream's "

@@ -249,8 +249,12 @@ class App:
             match = found if resolved == path else table.match(resolved)
             if match is not None:
                 alt = separators_read(resolved)
+                # Read that way, the path must stay on its route, and what is forwarded
+                # below the upstream's base path must not climb above it (``/pub/..%2Fpub/x``
+                # stays on /pub, but its remainder climbs out of the base: review 75).
                 if alt != resolved and (alt is None or (other := table.match(alt)) is None
-                                        or other.route is not match.route):
+                                        or other.route is not match.route
+                                        or separators_read("/" + match.rest.lstrip("/")) is None):
                     return self._refuse(ex, match, 400, f"path {path} leaves its route when its "
                                         "encoded slashes are read as slashes", "invalid_path")
             if match is None:

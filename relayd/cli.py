@@ -104,6 +104,8 @@ _early_hups: list[int] = []
 
 
 def _run(path: str, args: argparse.Namespace) -> int:
+    from .logs import prioritize_stderr
+    prioritize_stderr()
     if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         print("relayd: --loop uvloop: uvloop is not installed (pip install uvloop, or use --loop auto)",
               file=sys.stderr)

@@ -116,6 +116,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
     # request may be generating and billed there, so the final error says so, whatever
     # the upstreams after it did (a refused connection would read as "retry me").
     spent: _Failure | None = None
+    spent_at: str | None = None  # the upstream that has it
     candidates = _order(match.targets)
     for i, target in enumerate(candidates):
         if i > 0 and not body.replayable:
@@ -161,7 +162,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
             if f.local or f.answered:
                 break
             if f.reason is End.FIRST_BYTE_TIMEOUT and spent is None:
-                spent = f
+                spent, spent_at = f, up.name
             continue
         except BaseException as exc:  # the client went away while we waited: free the slot all the same
             target.pool.release()
@@ -193,7 +194,11 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
         # The access line names the upstream whose answer the client got, and its bytes.
         out.upstream, out.relayed, out.kept_at = kept_from, len(kept_error.body or b""), kept_at
+        if spent is not None:  # (an upstream's 503 is retried by the SDKs: review 75)
+            kept_error.headers["x-should-retry"] = "false"
         return out
+    if spent is not None:
+        out.upstream = spent_at  # the access line names the upstream whose failure it gives
     _refused(out, spent or last_failure or _Failure(End.CONNECT_ERROR, 502, "no upstream available"),
              provider, request_id)
     return out

@@ -50,7 +50,7 @@ class _Sink:
         lost = self.dropped
         try:
             if lost:
-                note = _ENCODER.encode(_add_worker(None, "warning", {
+                note = _warning + _ENCODER.encode(_add_worker(None, "warning", {
                     "event": "log lines lost", "level": "warning", "lines": lost,
                     "ts": _STAMP(None, "warning", {})["ts"]}))
                 text = note + "\n" + text
@@ -167,7 +167,7 @@ def write_lines(event: str, lines: list[dict[str, Any]]) -> None:
 # syslog priorities, for journald: a line that begins with "<N>" is stored at priority N
 # (and the prefix dropped), so ``journalctl -p warning -u relayd`` finds relayd's warnings.
 _PRIORITY = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>", "critical": "<2>"}
-_info = ""  # the prefix of info lines: "<6>" on the journal's stream, else nothing
+_info = _warning = ""  # the prefixes of info and warning lines on the journal's stream
 _RENDER = structlog.processors.JSONRenderer()
 
 
@@ -189,11 +189,39 @@ def on_journal(stream: Any) -> bool:
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
+class _PrioritizedStderr:
+    """stderr on the journal's stream: relayd prints there only what stops it (a config
+    that does not load, a listener it cannot bind, a bug) and warnings; each line gets its
+    priority (review 75: they were stored at 6 beside the JSON lines' own)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.at_start = True  # (``print`` writes a line's parts and its end separately)
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self.at_start and piece.strip("\n"):
+                out.append(_PRIORITY["warning"] if "warning" in piece[:24] else _PRIORITY["error"])
+            out.append(piece)
+            self.at_start = piece.endswith("\n")
+        return self.stream.write("".join(out))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def prioritize_stderr() -> None:
+    """For ``relayd run``: stderr lines carry their priority when stderr is the journal's."""
+    if on_journal(sys.stderr) and not isinstance(sys.stderr, _PrioritizedStderr):
+        sys.stderr = _PrioritizedStderr(sys.stderr)  # type: ignore[assignment]
+
+
 def configure(level: str = "info") -> None:
-    global _out, _info
+    global _out, _info, _warning
     _out = _Sink(sys.stdout)
     journal = on_journal(sys.stdout)
-    _info = _PRIORITY["info"] if journal else ""
+    _info, _warning = (_PRIORITY["info"], _PRIORITY["warning"]) if journal else ("", "")
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

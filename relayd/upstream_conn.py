@@ -306,8 +306,11 @@ class Guarded(ResponseHandler):
         the whole body, a 401 to a large upload): pooled, the next request would go out
         behind the rest of this one's body."""
         transport = self.transport
-        return super().should_close or (transport is not None
-                                        and transport.get_write_buffer_size() > 0)
+        return super().should_close or (transport is not None and (
+            transport.get_write_buffer_size() > 0
+            # (a TLS transport's buffer reads 0 while the one under it holds bytes, and a
+            # peer that stopped reading leaves them in the kernel: review 75)
+            or kernel_queued(transport, unsent_only=True) > 0))
 
     def close(self) -> None:
         """Closed means gone now: the connection is aborted, never closed gracefully.

@@ -411,6 +411,52 @@ async def test_log_lines_carry_syslog_priorities_on_the_journals_stream(fake, ma
     assert not on_journal(open(os.devnull))  # (this test process: no such variable for it)
 
 
+def test_what_stops_relayd_reaches_the_journal_as_an_error(tmp_path):
+    """Review 75: on the journal's stream the JSON lines carried priorities, but what
+    relayd prints on stderr when it cannot start (a config that does not load) stayed at 6."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: 127.0.0.1:1\nroutes: nope\n")
+    err = tmp_path / "stderr.txt"
+    err.write_bytes(b"")
+    st = os.stat(err)
+    with open(err, "ab") as f:
+        p = subprocess.run([sys.executable, "-m", "relayd", "run", "-c", str(bad)], stderr=f,
+                           stdout=subprocess.DEVNULL, timeout=30,
+                           env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    assert p.returncode == 1
+    lines = [l for l in err.read_text().splitlines() if l]
+    assert lines and all(l.startswith("<3>") for l in lines), lines
+
+
+def test_log_lines_lost_note_has_its_priority(monkeypatch):
+    """The "log lines lost" note, written by the sink itself, is a warning on the journal."""
+    from relayd import logs
+
+    class Flaky:
+        def __init__(self):
+            self.fail, self.got = 1, ""
+
+        def write(self, text):
+            if self.fail:
+                self.fail -= 1
+                raise OSError("full")
+            self.got += text
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(logs, "_warning", "<4>")
+    stream = Flaky()
+    sink = logs._Sink(stream)
+    sink.fd = None
+    sink.write('{"event":"a"}\n')
+    sink.write('<6>{"event":"b"}\n')
+    assert stream.got.startswith('<4>{"event": "log lines lost"'), stream.got
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_every_status_during_the_drain_says_draining(fake, make_relayd, tmp_path, workers):
     """Review 68: STOPPING=1 said "draining", the watchdog's next STATUS= did not, and

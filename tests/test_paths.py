@@ -95,6 +95,8 @@ def test_double_slash_is_not_a_route(shared, fake) -> None:
 @pytest.mark.parametrize("target", [
     "/openai/a%2F..%2F..%2Fz", "/openai/..%2Fx", "/openai/%2e%2e%2fx", "/openai/v1/x%2f..%2f..%2f..%2fsecret",
     "/openai/v1/x%5C..%5C..%5C..%5Csecret", "/openai/v1/x\\..\\..\\..\\secret",
+    # review 75: back onto its own route, but out of the upstream's base path below it
+    "/openai/..%2Fopenai/x", "/openai/v1/..%2F..%2Fopenai/x",
 ])
 def test_encoded_slashes_that_leave_the_route_are_400(shared, fake, target: str) -> None:
     """Review 74: relayd forwards a path's bytes; an upstream that decodes %2F (or %5C, or

@@ -154,22 +154,35 @@ def test_sdks_do_not_resend_when_a_failover_route_ends_in_a_refusal_after_a_time
     SDK sent the prompt to the first upstream twice more; the timeout's 504 (no retry)
     is the answer, whatever came after it."""
     port, dead = free_port(), free_port()
-    make_relayd(basic_config(fake.url, port, extra_upstreams=(
-        f'  slow: {{url: "{fake.url}", provider: openai}}\n'
+    slow = fake.add("sdk-slow-then-dead", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                                   header_delay=0.8))
+    busy = fake.add("sdk-busy", Scenario(body=b'{"error":{"message":"busy","type":"server_error"}}',
+                                         status=503, content_type="application/json"))
+    r = make_relayd(basic_config(fake.url, port, extra_upstreams=(
+        f'  slow: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {slow}}}}}\n'
+        f'  busy: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {busy}}}}}\n'
         f'  dead: {{url: "http://127.0.0.1:{dead}", provider: openai}}'),
-        extra_routes="  - {path: /fo/v1, upstream: [slow, dead], strip_prefix: true}")
-        .replace("first_byte: 5", "first_byte: 300ms"))
-    sc = fake.add("sdk-slow-then-dead", Scenario(body=b'{"ok":true}', content_type="application/json",
-                                                 header_delay=0.8))
+        extra_routes="  - {path: /fo/v1, upstream: [slow, dead]}\n"
+                     "  - {path: /fo3/v1, upstream: [slow, busy, dead]}")
+        .replace("first_byte: 5", "first_byte: 300ms"), args=["--workers", "1"])
     fake.reset_stats()
-    client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/fo/v1", max_retries=2,
-                           default_headers={"x-fake": sc})
+    client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/fo/v1", max_retries=2)
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert err.value.status_code == 504
     assert "upstream 'slow' sent no response headers" in str(err.value)
     assert err.value.response.headers["x-should-retry"] == "false"
     assert len(fake.requests) == 1
+    # review 75: the access line names the upstream whose failure the client got
+    assert r.wait_access(1)[-1]["upstream"] == "slow"
+    # and an upstream's own 503 relayed after such a timeout says "no retry" too
+    fake.reset_stats()
+    client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/fo3/v1", max_retries=2)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 503
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.requests) == 2  # slow once, busy once: no SDK retry
 
 
 async def test_aiohttp_sse_client_events(shared, fake):

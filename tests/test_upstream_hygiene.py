@@ -864,9 +864,11 @@ async def test_a_gone_clients_upload_the_kernel_still_holds_is_reset_not_deliver
     upstream, reading again, got the whole body a gone client sent and a clean end, and
     could run (and bill) the prompt.  The kernel's queue counts too: a reset."""
     outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    headed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        headed.set_result(None)
         await asyncio.sleep(1.5)  # not reading: relayd's kernel queue fills
         try:
             while await reader.read(65536):
@@ -876,23 +878,32 @@ async def test_a_gone_clients_upload_the_kernel_still_holds_is_reset_not_deliver
             outcome.set_result("reset")
         writer.close()
 
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    # A small receive buffer at the upstream (set before listen, so the window is small):
+    # what relayd sends beyond it waits in relayd's kernel queue, as with a real upstream
+    # that stopped reading a large body.  (With loopback's default buffers the upstream
+    # could hold all of it, and the close was graceful without being wrong.)
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    lsock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(upstream, sock=lsock)
     try:
         port, admin = free_port(), free_port()
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         r = make_relayd(config(port, admin, url), args=["--workers", "1"])
         c = socket.create_connection(("127.0.0.1", port))
-        size = 4 << 20
+        size = 1 << 20
         c.sendall(b"POST /u/v1/files HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
         c.setblocking(False)
         sent, block = 0, b"u" * 65536
         deadline = time.monotonic() + 0.8
-        while time.monotonic() < deadline and sent < size:
+        while time.monotonic() < deadline:
             try:
-                sent += c.send(block)
+                sent += c.send(block[:size - sent]) if sent < size else 0
             except BlockingIOError:
-                await asyncio.sleep(0.02)
-        assert sent > 512 * 1024, sent  # (enough to fill the upstream's socket buffers)
+                pass
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(headed, 5)  # the upstream has the request: now the client goes
+        assert sent > 256 * 1024, sent  # (far more than the upstream's socket buffer holds)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()  # a reset
         assert await asyncio.wait_for(outcome, 10) == "reset"

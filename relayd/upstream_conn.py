@@ -308,9 +308,11 @@ class Guarded(ResponseHandler):
         transport = self.transport
         return super().should_close or (transport is not None and (
             transport.get_write_buffer_size() > 0
-            # (a TLS transport's buffer reads 0 while the one under it holds bytes, and a
-            # peer that stopped reading leaves them in the kernel: review 75)
-            or kernel_queued(transport, unsent_only=True) > 0))
+            # A TLS transport's buffer reads 0 while the one under it holds bytes, and a
+            # peer that stopped reading leaves them in the kernel (review 75).  Asked only
+            # after a body too large for the socket buffers: a system call on every
+            # request's release cost about 10 µs per small request (two relayds, A/B).
+            or (self._large and kernel_queued(transport, unsent_only=True) > 0)))
 
     def close(self) -> None:
         """Closed means gone now: the connection is aborted, never closed gracefully.

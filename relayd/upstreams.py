@@ -192,7 +192,8 @@ class Pool:
         a streamed body or a proxied upstream takes aiohttp's whole client path.
         """
         up = self.upstream
-        large = isinstance(data, (bytes, bytearray)) and len(data) >= _LARGE_BODY
+        # (a streamed body's size is unknown: it may be large)
+        large = data is not None and (not isinstance(data, (bytes, bytearray)) or len(data) >= _LARGE_BODY)
         token = LARGE_REQUEST.set(large) if large else None
         try:
             if up.proxy is None and (data is None or type(data) is bytes):

@@ -129,17 +129,14 @@ def _waiting(transport: asyncio.Transport) -> bool:
     when the kernel's does: there, bytes the kernel could not send tell instead."""
     if transport.get_write_buffer_size():
         return True
-    return transport.get_extra_info("ssl_object") is not None and _unsendable(transport) > 0
+    return (transport.get_extra_info("ssl_object") is not None
+            and kernel_queued(transport, unsent_only=True) > 0)
 
 
 def _unsent(transport: asyncio.Transport) -> int:
     """Bytes not yet taken by the client: relayd's buffer and what the kernel could not
     send yet (a client reading slowly empties the kernel's first; relayd's moves only after)."""
-    return transport.get_write_buffer_size() + _unsendable(transport)
-
-
-def _unsendable(transport: asyncio.Transport) -> int:
-    return kernel_queued(transport, unsent_only=True)
+    return transport.get_write_buffer_size() + kernel_queued(transport, unsent_only=True)
 
 
 class Stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+from typing import Any
 
 import aiohttp
 import pytest
@@ -682,6 +683,15 @@ async def _recording_server(ssl_ctx: object = None) -> tuple[asyncio.AbstractSer
     return server, got
 
 
+async def _accepted(got: dict[str, object], tries: int) -> Any:
+    """The recording server's transport, once its connection was accepted."""
+    for _ in range(tries):
+        if "transport" in got:
+            break
+        await asyncio.sleep(0.01)
+    return got["transport"]
+
+
 @pytest.mark.parametrize("reads", [False, True])
 async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -> None:
     """The last bytes of an answer wait in the client transport's buffer after the
@@ -696,11 +706,7 @@ async def test_bytes_left_unsent_after_an_answer_have_the_send_deadline(reads) -
     client.connect(server.sockets[0].getsockname())
     client.setblocking(False)
     try:
-        for _ in range(100):
-            if "transport" in got:
-                break
-            await asyncio.sleep(0.01)
-        transport = got["transport"]
+        transport = await _accepted(got, 100)
         sent = received = 0
         while not transport.get_write_buffer_size():  # kernel buffers full: relayd holds the rest
             transport.write(b"x" * 65536)
@@ -836,11 +842,7 @@ async def test_bytes_left_unsent_on_a_tls_connection_have_the_send_deadline(tmp_
     cctx.check_hostname, cctx.verify_mode = False, ssl.CERT_NONE
     client = await asyncio.to_thread(cctx.wrap_socket, raw)  # (the handshake, then no reads)
     try:
-        for _ in range(200):
-            if "transport" in got:
-                break
-            await asyncio.sleep(0.01)
-        transport = got["transport"]
+        transport = await _accepted(got, 200)
         for _ in range(160):  # 10 MB: more than the kernel's buffers take
             transport.write(b"x" * 65536)
         await asyncio.sleep(0.3)

@@ -7,7 +7,7 @@ table shows the median of the rounds.  Held-stream memory is measured once, firs
 fresh processes: a second pass would mostly reuse memory the allocator kept from the
 first and read near zero.  Every loop is bounded by counts and timeouts.
 
-Usage: python bench/run.py [--quick] [--profile streams500|json]
+Usage: python bench/run.py [--quick] [--profile streams500|json|bulk]
 """
 
 from __future__ import annotations
@@ -238,6 +238,8 @@ async def profile(cfg: dict[str, Any], scenario: str) -> int:
         for _ in range(2):
             if scenario == "streams500":
                 await client.streams(t, cfg["streams"][0], cfg["events"], cfg["gap_ms"])
+            elif scenario == "bulk":
+                await client.bulk(t, 4, 5 * cfg["bulk_mb"] * 1_000_000)
             else:
                 await client.small_json(t, 64, cfg["json_total"], cfg["json_s"])
         rec.send_signal(2)
@@ -259,7 +261,7 @@ async def profile(cfg: dict[str, Any], scenario: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shrunk counts: a smoke run of a minute or two")
-    ap.add_argument("--profile", choices=("streams500", "json"), help="py-spy one scenario on relayd instead")
+    ap.add_argument("--profile", choices=("streams500", "json", "bulk"), help="py-spy one scenario on relayd instead")
     a = ap.parse_args()
     cfg = QUICK if a.quick else FULL
     if a.profile:

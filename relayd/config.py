@@ -188,6 +188,11 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
     elif any(seg.replace("%2e", ".").replace("%2E", ".") in (".", "..") for seg in prefix.split("/")):
         # Requests are matched after their dot segments are resolved: no path reaches it.
         w.error(node, path, "route path must not contain '.' or '..' segments (or %2e forms)")
+    elif re.search(r"%2[fF]|%5[cC]|\\", prefix):
+        # A request under it reads as another path once its encoded slashes are read as
+        # slashes (``routes.separators_read``), and is refused: no request could use it.
+        w.error(node, path, "route path must not contain an encoded slash (%2F, %5C) or '\\': no "
+                "request could reach it (a path that leaves its route when these read as '/' is refused)")
     prefix = prefix.rstrip("/") or "/"
     seen: dict[str, int] = w.ctx.setdefault("route_lines", {})
     if prefix in seen:

@@ -101,6 +101,14 @@ CASES = {
     # review 74: requests are resolved with %2e as a dot, so no request reached these either
     "route path with encoded dot segments": (GOOD.replace("path: /openai", "path: /a/%2E%2e/openai"), 8,
                                              "routes[0].path", "must not contain '.' or '..' segments"),
+    # review 75: a request under such a route reads as another path once its encoded
+    # slashes are read as slashes, and was refused (400 invalid_path): every request was
+    "route path with an encoded slash": (GOOD.replace("path: /openai", "path: /a%2Fb"), 8, "routes[0].path",
+                                         "must not contain an encoded slash"),
+    "route path with an encoded backslash": (GOOD.replace("path: /openai", "path: /a%5cb"), 8, "routes[0].path",
+                                             "no request could reach it"),
+    "route path with a backslash": (GOOD.replace("path: /openai", "path: '/a\\\\b'"), 8, "routes[0].path",
+                                    "must not contain an encoded slash"),
     "raw control character": (GOOD.replace("    provider: openai\n", "    provider: open\x07ai\n"), 5, "",
                               "character #x0007 is not allowed"),
     "huge integer duration": ("shutdown_grace: 1" + "0" * 320 + "\n" + GOOD, 1, "shutdown_grace",

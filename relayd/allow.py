@@ -3,7 +3,9 @@
 ``Gate`` applies a listener's list when a connection is made, before a byte of it is read
 (``allow`` in ``server.Connection``, ``admin_allow`` in ``AdminConnection``): a peer
 outside is closed with no response (nothing to learn about relayd from it), counted, and
-logged at most once per ``every`` seconds with the count, so a scan cannot flood the log.
+logged at most once per ``every`` seconds with the count, so a scan cannot flood the log
+(the refusals since the last line are logged when the interval ends, with the last
+refused peer's address).
 The list is read from the current config, so a reload changes it for new connections (and
 for open connections at their next request: ``server.Connection.admitted_under``,
 ``AdminConnection.still_admitted``).
@@ -32,6 +34,8 @@ class Gate:
         self.total = 0
         self._since = 0
         self._last = -every
+        self._flush: asyncio.TimerHandle | None = None
+        self._peer: str | None = None  # the last refused peer's address
 
     def admits(self, transport: asyncio.BaseTransport, allow: Sequence[Any]) -> bool:
         """True if the peer may talk to this listener; else close the transport now."""
@@ -46,13 +50,26 @@ class Gate:
         if self.counter is not None:
             self.counter.inc()
         self._since += 1
+        self._peer = str(ip) if ip else None
         now = time.monotonic()
         if now - self._last >= self.every:
-            logs.get().warning("connection refused: peer not in the allow list",
-                               listener=self.listener, peer=str(ip) if ip else None,
-                               refused=self._since, refused_total=self.total)
-            self._last, self._since = now, 0
+            self._log()
+        elif self._flush is None:
+            # The refusals until the next line would otherwise be told only by a refusal
+            # after the interval: a scan that stops would never be logged in full.
+            self._flush = asyncio.get_running_loop().call_later(
+                self._last + self.every - now, self._log)
         return False
+
+    def _log(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._since:
+            logs.get().warning("connection refused: peer not in the allow list",
+                               listener=self.listener, peer=self._peer,
+                               refused=self._since, refused_total=self.total)
+        self._last, self._since = time.monotonic(), 0
 
 
     def still_admits(self, conn: Any, allow: Sequence[Any]) -> bool:

@@ -7,6 +7,7 @@ can assert that the client key never went upstream and the upstream key did.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import hashlib
@@ -417,7 +418,7 @@ def test_presented_key_spots_and_query_edit():
     assert _without_value("a=1;b=2", "rk-1") == "a=1;b=2"
 
 
-def test_gate_counts_and_rate_limits(monkeypatch):
+async def test_gate_counts_and_rate_limits(monkeypatch):
     import ipaddress
     from relayd import allow as allow_lists
 
@@ -447,6 +448,21 @@ def test_gate_counts_and_rate_limits(monkeypatch):
     assert not any(gate.admits(t, allow) for t in refused)
     assert all(t.closed for t in refused) and gate.total == 3
     assert logged == [{"listener": "listen", "peer": "192.0.2.1", "refused": 1, "refused_total": 1}]
+
+    # review 72: the refusals after a line were told only by a refusal after the interval,
+    # so the end of a scan was never logged; now they are when the interval ends.
+    logged.clear()
+    gate = allow_lists.Gate("listen", every=0.2)
+    assert not gate.admits(Transport(("192.0.2.1", 1)), allow)
+    for i in range(4):
+        assert not gate.admits(Transport((f"192.0.2.{i + 2}", 1)), allow)
+    assert logged == [{"listener": "listen", "peer": "192.0.2.1", "refused": 1, "refused_total": 1}]
+    await asyncio.sleep(0.4)
+    assert logged[1:] == [{"listener": "listen", "peer": "192.0.2.5", "refused": 4, "refused_total": 5}]
+    await asyncio.sleep(0.3)
+    assert len(logged) == 2  # nothing refused since: no line
+    assert not gate.admits(Transport(("192.0.2.9", 1)), allow)  # past the interval: at once
+    assert logged[2:] == [{"listener": "listen", "peer": "192.0.2.9", "refused": 1, "refused_total": 6}]
 
 
 def test_log_warnings_logs_each_config_warning():

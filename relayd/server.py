@@ -255,7 +255,7 @@ class _Parser:
             raise exc
         # No queue cap while re-parsing (a capped parser pauses at 32 and would drop the
         # rest); the connection answers these, then the error, and closes.
-        fresh, got, start = self._make(2**30), [], 0
+        fresh, got, start, head = self._make(2**30), [], 0, 0
         while start < len(data):
             end = data.find(b"\r\n\r\n", start)
             end = len(data) if end < 0 else end + 4
@@ -263,11 +263,18 @@ class _Parser:
                 msgs = fresh.feed_data(data[start:end])[0]
             except HttpProcessingError:
                 break
+            if msgs:
+                head = start  # (where the last request parsed began: a body broken next is its)
             got.extend(msgs)
             start = end
         got = got[skip:]
         if not got:
             raise exc
+        # The error is logged under the broken request's line, not the segment's first:
+        # the head that failed, or the request whose body did.
+        at = head if not got[-1][1].is_eof() else start
+        end = data.find(b"\r\n", at, at + 8192)
+        self.first_line = data[at:end if end >= 0 else at + 8192]
         self._fail_body(got[-1][1], exc)  # a body the error cut off is a malformed one
         self._real, self._pending = fresh, exc
         self.conn.head_done()

@@ -544,6 +544,26 @@ def test_forty_pipelined_requests_then_garbage_all_forty_answered(shared) -> Non
     assert [g[0] for g in got] == [200] * 40 + [400]
 
 
+def test_a_broken_pipelined_head_is_logged_under_its_own_request_line(shared) -> None:
+    """Review 72: the 400 for a broken head behind a good one in the same segment was
+    logged with the good request's method and path (the segment's first line); a broken
+    body is logged under the request it belongs to."""
+    n = len(shared.access())
+    got = responses(exchange(shared.port, b"GET /openai/v1/echo?g=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"DELETE /openai/v1/broken HTTP/1.1\r\nBroken\r\n\r\n"))
+    assert [g[0] for g in got] == [200, 400]
+    lines = shared.wait_access(n + 2)[n:]
+    assert sorted((l["status"], l["method"], l["path"]) for l in lines) == [
+        (200, "GET", "/openai/v1/echo"), (400, "DELETE", "/openai/v1/broken")]
+    got = responses(exchange(shared.port, b"GET /openai/v1/echo?g=2 HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"POST /openai/v1/chunks HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"zz\r\nbad\r\n"))
+    assert got[0][0] == 200
+    time.sleep(0.3)  # (a line logged for the broken body outside its request would come now)
+    assert sorted((l["status"], l["method"], l["path"]) for l in shared.access()[n + 2:]) == [
+        (200, "GET", "/openai/v1/echo"), (400, "POST", "/openai/v1/chunks")]
+
+
 def test_requests_before_garbage_are_answered_when_the_queue_was_already_partly_full(shared, fake) -> None:
     """A slow request and 19 queued ones, then 20 more and a broken one in a later segment:
     the parser pauses after 12 of the 20 (the queue is full), and the error behind the

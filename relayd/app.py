@@ -270,12 +270,13 @@ class App:
                 return preflight_answer(request, ex.request_id)
             if clients.active:
                 provider = _provider(match)
-                client, refused = clients.check(provider, request.headers, raw.partition("?")[2],
-                                                match.route.path)
+                client, refused = clients.check(provider, request.headers,
+                                                raw.partition("#")[0].partition("?")[2], match.route.path)
                 ex.client_name = client.name if client is not None else None
                 if refused is not None:
                     return self._refuse(ex, match, refused.status, refused.message, refused.code)
-                outgoing = cast(web.BaseRequest, Forwardable(request, provider))
+                outgoing = cast(web.BaseRequest, Forwardable(request, provider, [
+                    providers.get(t.upstream.provider) for t in match.targets]))
             body = RequestBody(outgoing, len(match.targets) > 1, self.replay, table.config.limits)
             fw = await forward(outgoing, match, ex.request_id, body, self.metrics, self.log, tried)
             self._forwarded(ex, fw)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -108,16 +108,24 @@ class Forwardable:
 
     __slots__ = ("_request", "headers", "raw_path")
 
-    def __init__(self, request: web.BaseRequest, provider: Provider) -> None:
+    def __init__(self, request: web.BaseRequest, provider: Provider,
+                 speakers: Iterable[Provider] = ()) -> None:
+        """``provider``: whose spots the client's key was read from; ``speakers``: every
+        provider the route may send to, whose credential parameters all go (a failover
+        route from OpenAI to Gemini carried a client's own ``?key=`` to Gemini: review 78)."""
         self._request = request
         headers = CIMultiDict(request.headers)
         for name in CLIENT_CREDENTIALS:
             headers.popall(name, None)
         self.headers = CIMultiDictProxy(headers)
-        path, q, query = request.raw_path.partition("?")
+        path, q, query = request.raw_path.partition("#")[0].partition("?")
         if q:
             key = provider.presented_key(request.headers, query)
-            query = _without_value(provider.without_key_param(query), key)
+            query = provider.without_key_param(query)
+            for other in speakers:
+                if other is not provider:
+                    query = other.without_key_param(query)
+            query = _without_value(query, key)
             self.raw_path = f"{path}?{query}" if query else path
         else:
             self.raw_path = request.raw_path

@@ -96,7 +96,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                     metrics: Any, log: Any, out: Forwarded, provider: providers.Provider
                     ) -> Forwarded:
     route = match.route
-    query = request.raw_path.partition("?")[2]
+    query = request.raw_path.partition("#")[0].partition("?")[2]  # (a fragment is not forwarded)
     base_headers = hdrs.for_upstream(request.headers, request_id)
     timeouts = route.timeouts
     if not body.ready():

@@ -450,6 +450,14 @@ def _short(exc: BaseException | None) -> str:
 
 
 class Request(web.BaseRequest):
+    def _body_unasked(self) -> bool:
+        """Answered before ``100 Continue`` was sent (a refusal, a 404): the client may
+        never send the body it announced (RFC 9110 §10.1.1), and what it sends next on
+        this connection would be read as that body (review 78).  The connection closes
+        after the answer."""
+        return (self.writer.output_size == 0 and not self._payload.is_eof()
+                and self.headers.get("Expect", "").lower() == "100-continue")
+
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         proto = self.protocol
         flush = getattr(proto, "flush_timer", None)
@@ -460,7 +468,7 @@ class Request(web.BaseRequest):
             # Not at the next head: a head that never completes would cancel it for good.
             flush.cancel()
             proto.flush_timer = None
-        if response.keep_alive and getattr(self.protocol, "_close", False):
+        if response.keep_alive and (getattr(self.protocol, "_close", False) or self._body_unasked()):
             # The connection closes after this answer (an h2c upgrade request, a drain):
             # it says so, or a client would send its next request into the close.  (This
             # hook runs after aiohttp wrote the Connection header from keep_alive.)

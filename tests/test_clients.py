@@ -235,6 +235,28 @@ async def test_missing_key_and_passthrough_upstream_gets_no_credential(guarded, 
                 if k.lower() in ("authorization", "x-api-key", "api-key", "x-goog-api-key")]
 
 
+async def test_a_failover_route_strips_every_targets_credential_params(make_relayd, fake):
+    """Review 78: the client's own Google credentials (``?key=``, ``access_token``) were
+    stripped only for the route's first provider: on ``[openai, gemini]`` failing over,
+    they reached the Gemini upstream, which README says gets no provider credential."""
+    port = free_port()
+    r = make_relayd(basic_config(
+        fake.url, port, top=CLIENTS,
+        extra_upstreams=f'  dead: {{url: "http://127.0.0.1:{free_port()}/oai", provider: openai, '
+                        f'api_key: "sk-dead-KEY9"}}\n  gpass: {{url: "{fake.url}/", provider: gemini}}',
+        extra_routes="  - {path: /mix, upstream: [dead, gpass]}"))
+    sc = fake.add("cl-mix", Scenario(body=b'{"ok":true}', content_type="application/json"))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/mix/v1beta/models?key=CLIENTS-OWN-KEY&alt=sse"
+                         f"&access_token=TOKEN#x?key=FRAGMENT",
+                         headers={"x-fake": sc, "Authorization": f"Bearer {ALICE}"}) as resp:
+            assert resp.status == 200, await resp.text()
+    got = reached(fake, sc)
+    no_client_key(got)
+    assert [q["raw_path"] for q in got] == ["/v1beta/models?alt=sse"]
+    assert r.logs()  # (relayd ran: its lines are there)
+
+
 async def test_metrics_per_client_and_keys_never_logged(guarded, fake):
     sc = fake.add("cl-usage", Scenario(body=fixture("openai-chat-usage.sse")))
     _chat(_openai(f"http://127.0.0.1:{guarded.port}/openai/v1", BOB, sc))

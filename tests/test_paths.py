@@ -124,3 +124,9 @@ def test_asterisk_form_and_fragments(shared, fake) -> None:
     status, _, body = raw_get(shared.port, "/openai/v1/echo#/../../../x")
     assert status == 200, body
     assert json.loads(body)["raw_path"] == "/oai/v1/echo"
+    # review 78: a "?" inside the fragment made the fragment's text the forwarded query
+    status, _, body = raw_get(shared.port, "/openai/v1/echo#x?foo=1")
+    assert status == 200, body
+    assert json.loads(body)["raw_path"] == "/oai/v1/echo"
+    status, _, body = raw_get(shared.port, "/openai/v1/echo?a=1#x?foo=1")
+    assert json.loads(body)["raw_path"] == "/oai/v1/echo?a=1"

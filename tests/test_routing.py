@@ -360,6 +360,29 @@ async def test_expect_100_continue(shared):
     assert hashlib.sha256(b"hello").hexdigest().encode() in rest
 
 
+def test_an_answer_before_100_continue_closes_the_connection(shared, fake):
+    """Review 78: relayd refused a request before sending ``100 Continue``, kept the
+    connection, and read the client's next request (it need not send the announced body)
+    as that body."""
+    fake.reset_stats()
+    with socket.create_connection(("127.0.0.1", shared.port), 5) as s:
+        s.sendall(b"POST /local/a/%2e%2e/%2e%2e/%2e%2e/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        s.settimeout(3)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(65536)
+        head = got.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 400") and b"connection: close" in head
+        try:
+            s.sendall(b"GET /local/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            while chunk := s.recv(65536):  # the body of the 400, then the close
+                got += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    assert got.count(b"HTTP/1.1") == 1 and fake.requests == []
+
+
 @pytest.mark.parametrize("method,status", [("HEAD", 200), ("GET", 204), ("GET", 304)])
 def test_bodiless_responses_do_not_hang(shared, fake, method, status):
     sc = fake.add(f"nobody-{method}-{status}", Scenario(body=b"" if status != 200 else b'{"a":1}',

@@ -47,6 +47,10 @@ def end_to_end(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
 def for_upstream(headers: Any, request_id: str) -> CIMultiDict[str]:
     out = end_to_end(headers, _REQUEST_DROP)
     out["X-Request-Id"] = request_id
+    # An SSE stream relayd cannot read (gzip: Anthropic compresses when asked, and its SDK
+    # asks) gets no error event when it breaks, no heartbeat and no usage: the upstream is
+    # asked for the body as it is.  The client may get identity whatever it accepted.
+    out["Accept-Encoding"] = "identity"
     return out
 
 

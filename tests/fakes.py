@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 import hashlib
 import json
 import random
@@ -115,6 +116,7 @@ class Scenario:
     fault_at: int | None = None    # byte offset where the fault happens
     content_length: bool = False   # send Content-Length instead of chunked
     gzip_body: bytes | None = None # raw bytes sent as-is with Content-Encoding: gzip
+    gzip_if_asked: bool = False    # as Anthropic: `body` gzipped, flushed part by part, when accepted
     repeat: int = 1                # send `body` this many times (large streams without the memory)
     hold: threading.Event | None = None  # when given, wait for it (up to 30 s) before chunk hold_at
     hold_at: int = 0
@@ -235,6 +237,10 @@ class FakeProvider:
         body = sc.gzip_body if sc.gzip_body is not None else sc.body
         if sc.gzip_body is not None:
             headers["Content-Encoding"] = "gzip"
+        zipper = None
+        if sc.gzip_if_asked and "gzip" in request.headers.get("Accept-Encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            zipper = zlib.compressobj(wbits=31)
         resp = web.StreamResponse(status=sc.status, headers=headers)
         if sc.content_length:
             resp.content_length = len(body)
@@ -260,7 +266,7 @@ class FakeProvider:
                 await asyncio.sleep(sc.delay)
             if sc.hold is not None and i == sc.hold_at:
                 await _held(sc.hold, 30)
-            await resp.write(part)
+            await resp.write(part if zipper is None else zipper.compress(part) + zipper.flush(zlib.Z_SYNC_FLUSH))
             sent += len(part)
         if sc.fault == "reset":
             await asyncio.sleep(0.01)
@@ -269,6 +275,8 @@ class FakeProvider:
             raise asyncio.CancelledError()
         if sc.fault == "stall":
             await asyncio.sleep(3600)
+        if zipper is not None:
+            await resp.write(zipper.flush())
         await resp.write_eof()
         self.completed.append(time.monotonic())
         return resp

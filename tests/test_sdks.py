@@ -97,6 +97,25 @@ def test_anthropic_gzip_stream_through_sdk(shared, fake):
     assert any(block.type == "tool_use" for block in msg.content)
 
 
+def test_anthropic_sdk_stream_cut_mid_way_raises_though_it_accepts_gzip(shared, fake):
+    """Review 76: the Anthropic SDK sends ``Accept-Encoding: gzip, deflate`` and Anthropic
+    then compresses the stream; a compressed stream cannot be tracked, so a reset reached
+    the SDK as a transport error with no error event, heartbeat or usage.  relayd asks its
+    upstreams for identity."""
+    body = fixture("anthropic-messages.sse")
+    sc = fake.add("sdk-gz-cut", Scenario(body=body, chunking="events", gzip_if_asked=True,
+                                         fault="reset", fault_at=len(body) // 2))
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{shared.port}/anthropic", api_key="k",
+                                 max_retries=0, default_headers={"x-fake": sc})
+    with pytest.raises(anthropic.APIStatusError) as err:
+        with client.messages.stream(model="m", max_tokens=10,
+                                    messages=[{"role": "user", "content": "x"}]) as s:
+            s.get_final_message()
+    assert "relayd" in str(err.value)
+    got = [q for q in fake.requests if dict(q["headers"]).get("x-fake") == sc]
+    assert got and dict((k.lower(), v) for k, v in got[-1]["headers"])["accept-encoding"] == "identity"
+
+
 def test_google_genai_stream_same_as_direct(shared, fake):
     genai = pytest.importorskip("google.genai")
     from google.genai import types

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 from urllib.parse import unquote, unquote_plus
 
 from multidict import CIMultiDict
@@ -56,38 +56,72 @@ def _timeout(reason: End) -> bool:
 # --------------------------------------------------------------------------- end tests
 
 def end_test(events: tuple[str, ...] = (), data: tuple[str, ...] = (),
-             fields: tuple[str, ...] = ()) -> Callable[[bytes], bool]:
+             fields: tuple[str, ...] = (),
+             fields_end: Callable[[Any], bool] | None = None) -> Callable[[bytes], bool]:
     """A test over released runs of complete SSE blocks: did the stream end here?
 
-    ``events`` are event names, found as an ``event:`` line or a JSON ``"type"``;
-    ``data`` are data-line payload prefixes (``[DONE]``); ``fields`` are literal JSON
-    fragments whose presence ends the stream (Gemini's ``"finishReason"``).  The
-    provider's own error (``event: error``, ``"type":"error"``, ``data: {"error"``)
-    always ends it.  A substring pre-check decides for nearly every event at C speed; a
-    regex only confirms candidates.
+    ``events`` are event names, found as an ``event:`` line or as the ``"type"`` that
+    opens a data line's object; ``data`` are data-line payload prefixes (``[DONE]``);
+    ``fields`` are literal JSON fragments whose presence ends the stream (the legacy
+    ``"stop_reason":"``), or, with ``fields_end``, whose data lines are decoded and
+    ``fields_end(object)`` decides (Gemini's ``finishReason``).  The provider's own error
+    (``event: error``, ``data: {"type":"error"``, ``data: {"error"``) always ends it.
+    A substring pre-check decides for nearly every event at C speed; a regex only
+    confirms candidates.
+
+    Only the top of an event counts: a model's function-call arguments are JSON objects
+    in Gemini's events, and ``{"type":"error"}`` or ``"finishReason"`` among them ended
+    the stream early, so that a failure after it reached the client as a clean end
+    (review 76).
     """
     names = (*events, "error")
     alt = "|".join(re.escape(n) for n in names).encode()
-    # Each pattern begins with its literal ("event:", "data:", '"type"') so the regex
-    # engine scans for it instead of trying every position.
+    # Each pattern begins with its literal ("event:", "data:") so the regex engine scans
+    # for it instead of trying every position.
     event_rx = re.compile(rb"event: ?(?:" + alt + rb")[\r\n]")
-    data_rx = re.compile(rb'data: ?(?:\{"error"' + b"".join(b"|" + re.escape(d.encode()) for d in data)
-                         + rb")")
-    type_rx = re.compile(rb'"type": ?"(?:' + alt + rb')"')
+    data_rx = re.compile(rb'data: ?(?:\{"error"|\{"type": ?"(?:' + alt + rb')"'
+                         + b"".join(b"|" + re.escape(d.encode()) for d in data) + rb")")
     candidates = _any_found(dict.fromkeys([n.encode() for n in names] + [d.encode() for d in data]))
-    data_candidate = eval("lambda seg: " + _any_found((b'{"error"', *(d.encode() for d in data))))
 
     def confirm(seg: bytes) -> bool:
-        if _starts_line(event_rx, seg) or type_rx.search(seg) is not None:
-            return True
-        return data_candidate(seg) and _starts_line(data_rx, seg)
+        return _starts_line(event_rx, seg) or _starts_line(data_rx, seg)
 
     # This runs on every released segment of every stream, so the pre-check is built
     # once per endpoint as one expression — ``f1 found or … or ((n1 found or …) and
     # confirm(seg))`` — whose scans run at C speed with no Python loop per literal.
     found = [_any_found((f.encode(),)) for f in fields]
+    if fields_end is not None and found:
+        literals = tuple(f.encode() for f in fields)
+        found = [f"(({' or '.join(found)}) and decoded(seg))"]
+
+        def decoded(seg: bytes) -> bool:
+            return any(fields_end(obj) for obj in _data_objects(seg, literals))
     return eval("lambda seg: " + " or ".join([*found, f"(({candidates}) and confirm(seg))"]),
-                {"confirm": confirm})  # type: ignore[no-any-return]
+                {"confirm": confirm, "decoded": decoded if fields_end is not None else None})  # type: ignore[no-any-return]
+
+
+def _data_objects(seg: bytes, literals: tuple[bytes, ...]) -> Iterator[Any]:
+    """The JSON of each data line in ``seg`` that holds one of ``literals`` (an event's
+    data split over several lines is not decoded)."""
+    for line in seg.splitlines():
+        if line.startswith(b"data:") and any(line.find(lit) >= 0 for lit in literals):
+            try:
+                yield json.loads(line[5:])
+            except ValueError:
+                continue
+
+
+def _gemini_finished(obj: Any) -> bool:
+    """A ``GenerateContentResponse`` that ends the stream: a candidate with its
+    ``finishReason``, or the prompt blocked (``promptFeedback.blockReason``)."""
+    if not isinstance(obj, dict):
+        return False
+    candidates = obj.get("candidates")
+    if isinstance(candidates, list) and any(isinstance(c, dict) and c.get("finishReason")
+                                            for c in candidates):
+        return True
+    feedback = obj.get("promptFeedback")
+    return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
 
 
 def _any_found(needles: Iterable[bytes]) -> str:
@@ -185,7 +219,7 @@ class Endpoint:
         return eol.join(self.event(reason, message, last)) + eol + eol
 
 
-def _ep(name: str, path: str | None, event: EventMaker, **end: tuple[str, ...]) -> Endpoint:
+def _ep(name: str, path: str | None, event: EventMaker, **end: Any) -> Endpoint:
     return Endpoint(name, re.compile(path) if path else None, path is not None,
                     end_test(**end), event)
 
@@ -213,7 +247,7 @@ _ANTHROPIC = (
 )
 _GEMINI = (
     _ep("streamGenerateContent", r"(?::|%3[aA])streamGenerateContent$", _gemini_event,
-        fields=('"finishReason"', '"blockReason"')),
+        fields=('"finishReason"', '"blockReason"'), fields_end=_gemini_finished),
     _ep("interactions", r"/interactions(?:/[^/]+)?$", _interactions_event,
         events=("interaction.completed", "interaction.complete")),
 )

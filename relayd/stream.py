@@ -242,7 +242,14 @@ class Stream:
             if reason is End.CLIENT_GONE:
                 return End.DONE if self.ended else reason  # (after the last word: ``App._gone``)
             if reason != End.DONE and self.ended:
-                reason = End.DONE  # the provider had already said its last word
+                # The provider had already said its last word.  Its own error after it
+                # (Gemini's bare JSON), held as an unfinished tail when the connection then
+                # broke or stalled, still reaches the client, as at a clean close (review 76).
+                tail = self.tracker.tail if self.tracker is not None else b""
+                if tail and not self.stalled and self.provider.tail_is_error(tail):
+                    await self.out.write(tail)
+                    self.bytes_out += len(tail)
+                reason = End.DONE
             if reason != End.DONE and not await self._inject(reason):
                 # Nothing in-band can say "failed" here: end without a clean final chunk.
                 # A client that reads nothing would hold a flushing close open: abort.

@@ -227,6 +227,27 @@ async def test_cut_stream(shared, fake, ep, cut):
     assert line["end_reason"] == want and line["injected_error"] == want, line
 
 
+@pytest.mark.parametrize("args", ['{"type":"error"}', '{"type": "error", "finishReason": "STOP"}',
+                                  '{"promptFeedback": {"blockReason": "OTHER"}}'])
+@pytest.mark.parametrize("fault", ["reset", "eof"])
+async def test_gemini_function_call_arguments_do_not_end_the_stream(shared, fake, args, fault):
+    """Review 76: Gemini sends a function call's arguments as a JSON object, and an end
+    test that looked anywhere in an event took ``{"type":"error"}`` or ``"finishReason"``
+    in them for the stream's end: a failure after that chunk reached google-genai as a
+    clean, finished answer."""
+    body = fixture("gemini-stream-functioncall.sse").replace(b'"args": {}', b'"args": ' + args.encode())
+    assert args.encode() in body
+    at = block_ends(body)[0]  # after the function call's chunk, before the one that finishes
+    name = fake.add(f"ep-gem-args-{fault}-{args}", Scenario(body=body, chunking="lines", fault=fault,
+                                                            fault_at=at))
+    status, got, rid = await relay(shared.port, "POST", "/gemini/v1beta/models/g:streamGenerateContent?alt=sse",
+                                   name)
+    assert status == 200
+    check_injected(body, got, at, anthropic=False)
+    want = "upstream_reset" if fault == "reset" else "upstream_eof"
+    assert access_line(shared, rid)["injected_error"] == want
+
+
 # Provider error events that end a stream on their own: relayd must not add a second one,
 # whether the upstream then closes cleanly or resets.
 OWN_ERRORS = [

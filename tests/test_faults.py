@@ -253,6 +253,22 @@ async def test_nothing_is_added_after_done(relay, fake, route, fault):
     assert line["end_reason"] == "done" and line["heartbeats"] == 0
 
 
+@pytest.mark.parametrize("fault", ["reset", "stall"])
+async def test_geminis_own_error_after_its_last_chunk_survives_a_broken_close(relay, fake, fault):
+    """Review 76: Gemini's bare JSON error after a chunk with ``finishReason`` reached the
+    client at a clean close, but was dropped, as an unfinished tail, when the connection
+    then reset or stalled: google-genai saw a successful empty answer."""
+    body = fixture("gemini-midstream-error.sse")
+    sc = fake.add(f"gem-own-{fault}", Scenario(body=body, chunking="lines", fault=fault, fault_at=len(body)))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/gemini/v1beta/models/g:streamGenerateContent?alt=sse",
+                          headers={"x-fake": sc}) as r:
+            got = await r.read()  # (a clean end: the error is the provider's own, relayed)
+    assert got == body
+    line = relay.wait_access(1, lambda a: a["request_id"] == r.headers["x-request-id"])[-1]
+    assert line["end_reason"] == "done" and line["injected_error"] is None
+
+
 async def test_a_resumed_responses_stream_cut_before_its_first_event_continues_the_cursor(relay, fake):
     """GET /responses/{id}?stream=true&starting_after=5 cut before any event: the error
     event's sequence_number is 6, not 0 (a client's resume cursor must not go back)."""

@@ -382,10 +382,12 @@ def load_for_reload(path: str, old: Config, log: Any) -> Config | None:
         log.warning("turning tls on or off needs a restart; keeping the listener as it is",
                     tls="on" if old.tls is not None else "off")
         new = replace(new, tls=old.tls)
-    if new.workers != old.workers:
+    # ``old.workers`` is the running count (``run`` resolved auto and ``--workers``); the
+    # file's is compared resolved too: ``auto`` on a 2-CPU VM is 2 (review 77).
+    if (new.workers or usable_cpus()) != old.workers:
         log.warning("workers changes need a restart; keeping the running workers",
-                    workers=old.workers or "auto", wanted=new.workers or "auto")
-        new = replace(new, workers=old.workers)
+                    workers=old.workers, wanted=new.workers or f"auto ({usable_cpus()})")
+    new = replace(new, workers=old.workers)
     return new
 
 
@@ -457,6 +459,7 @@ def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
         return 1
     logs.configure(config.log_level)
     n = (config.workers if workers is None else workers) or usable_cpus()  # (0: --workers auto)
+    config = replace(config, workers=n)  # what runs: a reload compares the file's with it
     logs.get().info("start", config=path, pid=os.getpid(), workers=n,
                     loop=loop_factory(loop).__module__.split(".")[0])
     if n == 1:

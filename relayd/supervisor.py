@@ -337,8 +337,9 @@ class Supervisor(lifecycle.Reloads):
         for slot in self.slots:
             if slot.waiting is not None:
                 slot.waiting += stalled
-        if self.stopping.is_set():
-            return False  # (the drain speaks for the service now)
+        if self.stopping.is_set():  # (the drain speaks for the service now)
+            self.log.info("reload dropped: draining", config=self.path)
+            return False
         if new is None:
             tls.keep(self.config.tls, pem)
             self.metrics.reloaded("failed")

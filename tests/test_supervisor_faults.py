@@ -347,6 +347,26 @@ def test_changing_workers_on_reload_warns_that_it_needs_a_restart(fake, make_rel
     assert children(r.proc.pid) == pids
 
 
+def test_the_workers_warning_compares_the_running_count(fake, make_relayd):
+    """Review 77: it compared the files, not what runs.  Started with ``workers: 2`` in
+    the file and ``--workers 1``, a file saying ``workers: 1`` warned (2 wanted 1); a
+    file saying ``auto`` where auto is the running count warned too."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO), args=["--workers", "1"])
+    r.config.write_text(basic_config(fake.url, port, top="workers: 1"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: events(r, "reload ok"))
+    cpus = len(os.sched_getaffinity(0))
+    r.config.write_text(basic_config(fake.url, port, top="workers: auto"))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: len(events(r, "reload ok")) == 2)
+    warned = events(r, "workers changes need a restart; keeping the running workers")
+    if cpus == 1:
+        assert not warned
+    else:
+        assert [(w["workers"], w["wanted"]) for w in warned] == [(1, f"auto ({cpus})")]
+
+
 @pytest.mark.parametrize("workers", ["workers: 1", TWO])
 @pytest.mark.parametrize("sent", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"])
 def test_a_stalled_tls_handshake_is_closed_after_client_header(

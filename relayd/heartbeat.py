@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 PING_EVERY, SILENT_AFTER, KILL_AFTER = 1.0, 3.0, 30.0
 # A start-up builds every pool: it can take seconds with hundreds of upstreams on a loaded
 # machine.  One is taken for stuck only past the kill delay and ten times the slowest
-# start-up seen so far.
+# start-up seen so far, or ten times the main process's own parse of the config: a worker
+# builds what that parse read.  The same allowance holds for a worker taking a new config,
+# which answers no ping while it builds: judged by the plain kill delay, a config that takes
+# longer than that to build had every worker killed, and every restart killed again while
+# building it (review 77).
 START_FACTOR, START_CAP = 10.0, 5.0  # (one slow start-up must not make a stuck one wait forever)
 
 
@@ -58,10 +62,10 @@ async def run(sup: Supervisor) -> None:
     while True:
         await asyncio.sleep(min(PING_EVERY, every))
         now = time.monotonic()
+        building = max(kill, min(START_FACTOR * max(sup.slowest_start, sup.last_parse),
+                                 START_CAP * kill))
         for slot in sup.slots:
-            if (slot.pid is not None and not slot.ready
-                    and now - slot.started > max(kill, min(START_FACTOR * sup.slowest_start,
-                                                           START_CAP * kill))):
+            if slot.pid is not None and not slot.ready and now - slot.started > building:
                 # stuck before it ever served (no ping is sent to a starting worker)
                 pid = slot.pid  # killed before the line: a log write can block
                 sup.kill_pid(pid, signal.SIGKILL)
@@ -71,7 +75,7 @@ async def run(sup: Supervisor) -> None:
             if slot.pid is None or not slot.ready or slot.chan is None:
                 continue
             silent = silence(slot, now)
-            if silent > kill:
+            if silent > (building if slot.generation < sup.generation else kill):
                 pid = slot.pid
                 sup.kill_pid(pid, signal.SIGKILL)
                 sup.log.error("worker not answering; killing it", worker=slot.wid,

@@ -239,7 +239,9 @@ class Daemon(Reloads):
 
     async def reload(self) -> bool:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        began = time.monotonic()
         new = await self.read_config(self.app.config)
+        parsed = time.monotonic() - began
         if self.stopping.is_set():  # a stop came while the file was read: it wins
             self.log.info("reload dropped: draining", config=self.path)
             return False
@@ -257,7 +259,7 @@ class Daemon(Reloads):
             return False
         self.app.metrics.reloaded("ok")
         self.log.info("reload ok", config=self.path, generation=self.app.generation,
-                      routes=len(new.routes), upstreams=len(new.upstreams))
+                      routes=len(new.routes), upstreams=len(new.upstreams), parse_s=round(parsed, 3))
         log_warnings(self.log, new)
         notify(f"READY=1\nSTATUS={self.app.status_line()}")
         return True
@@ -451,12 +453,14 @@ async def serve(path: str, config: Config) -> int:
 def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
     """``workers``/``loop`` from the command line override the config's ``workers``
     (``workers``: None when not given, 0 for ``--workers auto``)."""
+    began = time.monotonic()
     try:
         config = config_mod.load(path)
     except ConfigError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return 1
+    parsed = time.monotonic() - began
     logs.configure(config.log_level)
     n = (config.workers if workers is None else workers) or usable_cpus()  # (0: --workers auto)
     config = replace(config, workers=n)  # what runs: a reload compares the file's with it
@@ -465,4 +469,6 @@ def run(path: str, workers: int | None = None, loop: str = "auto") -> int:
     if n == 1:
         return exit_now(run_loop(loop, serve(path, config)))
     from .supervisor import Supervisor
-    return exit_now(Supervisor(path, config, n, loop).run())
+    sup = Supervisor(path, config, n, loop)
+    sup.last_parse = parsed  # (a worker's start-up builds what this read: ``heartbeat``)
+    return exit_now(sup.run())

@@ -81,6 +81,7 @@ class Supervisor(lifecycle.Reloads):
         self.generation = 1
         self.swap_failed: dict[int, str] = {}  # worker id: why it could not take this generation
         self.slowest_start = 0.0  # fork to "ready", the longest seen (``heartbeat``)
+        self.last_parse = 0.0  # how long this process took to read the running config (``heartbeat``)
         self.group: listeners.ListenGroup | None = None
         self.admin: web.AppRunner | None = None
         self.draining = False
@@ -334,6 +335,8 @@ class Supervisor(lifecycle.Reloads):
         # read (it shares the GIL, so the pings may come late: not the workers' silence).
         new = await self.read_config(self.config)
         stalled = time.monotonic() - began
+        if new is not None:
+            self.last_parse = stalled
         for slot in self.slots:
             if slot.waiting is not None:
                 slot.waiting += stalled
@@ -376,7 +379,8 @@ class Supervisor(lifecycle.Reloads):
         self.metrics.generation.set(gen)
         (self.log.warning if behind else self.log.info)(
             "reload incomplete" if behind else "reload ok", config=self.path, generation=gen,
-            routes=len(new.routes), upstreams=len(new.upstreams), workers_behind=behind)
+            routes=len(new.routes), upstreams=len(new.upstreams), workers_behind=behind,
+            parse_s=round(self.last_parse, 3))
         log_warnings(self.log, new)
         lifecycle.notify(f"READY=1\nSTATUS={self.status_line()}")
         return True

@@ -308,6 +308,37 @@ async def test_a_hung_worker_is_not_ready_withholds_the_watchdog_and_is_killed(
         sock.close()
 
 
+def test_a_worker_building_a_large_reloaded_config_is_given_time(fake, make_relayd):
+    """Review 77: a worker answers no ping while it builds a new config, and one that took
+    longer than the kill delay was killed, and every restart killed again while building
+    it: every worker down for good.  A worker building a config (taking a reload, or
+    starting) now gets ten times the main process's own parse of it.  Here, after a reload
+    to 16,000 upstreams (a parse of about half a second on this machine), a restarted worker is
+    stopped at its start-up past the kill delay (3 s)."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=TWO), env={"WATCHDOG_USEC": "2000000"})
+    victim, other = ready_line(r)["worker_pids"]
+    many = "".join(f"  u{i}: {{url: \"{fake.url}\", provider: openai}}\n" for i in range(16000))
+    r.config.write_text(basic_config(fake.url, port, top=TWO, extra_upstreams=many))
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: events(r, "reload ok"), 60)
+    assert not events(r, "worker not answering; killing it")  # (nor while they built it)
+    parse = events(r, "reload ok")[0]["parse_s"]  # the worker's allowance: ten times this
+    if parse < 0.45:
+        pytest.skip(f"the parse took {parse:.2f} s: too fast here to give the allowance room")
+    os.kill(victim, signal.SIGKILL)
+    assert wait_for(lambda: len(children(r.proc.pid) - {other, victim}) == 1, 10)
+    fresh = (children(r.proc.pid) - {other, victim}).pop()
+    os.kill(fresh, signal.SIGSTOP)  # a start-up building 16,000 pools, made slow
+    try:
+        time.sleep(3.6)  # past the kill delay (3 s), within the allowance (4.5 s or more)
+        assert not events(r, "worker not answering; killing it")
+    finally:
+        os.kill(fresh, signal.SIGCONT)
+    assert wait_for(lambda: any(l.get("pid") == fresh for l in events(r, "worker serving")), 60)
+    assert not events(r, "worker not answering; killing it")
+
+
 async def test_a_reload_with_a_hung_worker_is_logged_incomplete(fake, make_relayd):
     """With a stopped worker a reload waited 30 s and was logged "reload ok"."""
     port, admin = free_port(), free_port()

@@ -258,7 +258,7 @@ class App:
                     return self._refuse(ex, match, 400, f"path {path} leaves its route when its "
                                         "encoded slashes are read as slashes", "invalid_path")
             if match is None:
-                ex.status = 404
+                ex.status, ex.error = 404, "no route"
                 return web.Response(status=404, body=providers.not_found_body(path, ex.request_id),
                                     content_type="application/json",
                                     headers={"X-Request-Id": ex.request_id})
@@ -374,7 +374,7 @@ class App:
     def _refuse(ex: Exchange, match: Match | None, status: int, why: str,
                 code: str) -> web.Response:
         """relayd's own 4xx, in the route's provider format when a route matched."""
-        ex.status = status
+        ex.status, ex.error = status, why
         if match is not None:
             ex.route = match.route.path
         return error_response(_provider(match), status, f"{why} (request id {ex.request_id})", code,
@@ -430,7 +430,8 @@ class App:
             "ttfb_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
             "duration_ms": round(ex.duration * 1000, 1), "bytes_in": ex.bytes_in,
             "bytes_out": ex.bytes_out, "events": ex.events, "heartbeats": ex.heartbeats,
-            "injected_error": str(ex.injected) if ex.injected else None, "client": ex.client,
+            "injected_error": str(ex.injected) if ex.injected else None, "error": ex.error,
+            "client": ex.client,
             "client_name": ex.client_name, "usage": ex.usage.as_log() if ex.usage else None})
         if not self._writing:
             self._writing = True

@@ -41,7 +41,7 @@ class Exchange:
     __slots__ = ("request_id", "method", "path", "client", "route", "upstream", "attempts",
                  "status", "end", "start", "queued", "ttfb", "bytes_in", "bytes_out", "events",
                  "heartbeats", "injected", "usage", "streaming", "stopper",
-                 "client_name")
+                 "client_name", "error")
 
     def __init__(self, request_id: str, method: str, path: str, client: str | None) -> None:
         self.request_id = request_id
@@ -62,6 +62,7 @@ class Exchange:
         self.events = 0
         self.heartbeats = 0
         self.injected: End | None = None
+        self.error: str | None = None  # why relayd answered it itself (a 4xx), for the access line
         self.usage: Usage | None = None
         self.streaming = False
         # Set while a phase can be ended from outside (drain): how to end it.

@@ -130,3 +130,22 @@ def test_asterisk_form_and_fragments(shared, fake) -> None:
     assert json.loads(body)["raw_path"] == "/oai/v1/echo"
     status, _, body = raw_get(shared.port, "/openai/v1/echo?a=1#x?foo=1")
     assert json.loads(body)["raw_path"] == "/oai/v1/echo?a=1"
+
+
+def test_relayds_own_answers_say_why_in_the_access_line(shared, fake) -> None:
+    """Review 72: a request relayd answered itself (404, 400, 431) said only its status in
+    the access line; the operator now reads why, as nginx's error log says it."""
+    n = len(shared.access())
+    assert raw_get(shared.port, "/nowhere/x")[0] == 404
+    assert raw_get(shared.port, "/openai/v1/%2e%2e/%2e%2e/%2e%2e/x")[0] == 400
+    with socket.create_connection(("127.0.0.1", shared.port), 5) as s:
+        s.sendall(b"GET /openai/v1/models HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n")
+        while s.recv(65536):
+            pass
+    assert raw_get(shared.port, "/openai/v1/echo")[0] == 200
+    lines = shared.wait_access(n + 4)[n:]
+    got = {(l["status"], l["path"]): l["error"] for l in lines}
+    assert got[(404, "/nowhere/x")] == "no route"
+    assert "climbs above its route" in got[(400, "/openai/v1/%2e%2e/%2e%2e/%2e%2e/x")]
+    assert got[(400, "/openai/v1/models")].startswith("malformed request")
+    assert got[(200, "/openai/v1/echo")] is None

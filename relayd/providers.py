@@ -90,14 +90,16 @@ def end_test(events: tuple[str, ...] = (), data: tuple[str, ...] = (),
     # once per endpoint as one expression — ``f1 found or … or ((n1 found or …) and
     # confirm(seg))`` — whose scans run at C speed with no Python loop per literal.
     found = [_any_found((f.encode(),)) for f in fields]
-    if fields_end is not None and found:
-        literals = tuple(f.encode() for f in fields)
-        found = [f"(({' or '.join(found)}) and decoded(seg))"]
+    literals = tuple(f.encode() for f in fields)
 
-        def decoded(seg: bytes) -> bool:
-            return any(fields_end(obj) for obj in _data_objects(seg, literals))
+    def decoded(seg: bytes) -> bool:
+        assert fields_end is not None
+        return any(fields_end(obj) for obj in _data_objects(seg, literals))
+
+    if fields_end is not None and found:
+        found = [f"(({' or '.join(found)}) and decoded(seg))"]
     return eval("lambda seg: " + " or ".join([*found, f"(({candidates}) and confirm(seg))"]),
-                {"confirm": confirm, "decoded": decoded if fields_end is not None else None})  # type: ignore[no-any-return]
+                {"confirm": confirm, "decoded": decoded})  # type: ignore[no-any-return]
 
 
 def _data_objects(seg: bytes, literals: tuple[bytes, ...]) -> Iterator[Any]:

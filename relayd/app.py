@@ -291,6 +291,8 @@ class App:
                 st = Stream(request, fw.resp, providers.get(up.provider), match.route.timeouts,
                             match.route.heartbeat, ex.request_id,
                             (up.base_url, match.route.path.rstrip("/") if match.route.strip_prefix else ""))
+                if fw.no_retry:
+                    st.out.headers["x-should-retry"] = "false"
                 ex.stopper = st.stop
                 ex.streaming = True
                 self.metrics.stream_started(match.route.path)

@@ -70,6 +70,10 @@ class Forwarded:
     status: int = 0
     relayed: int = 0  # body bytes of a kept upstream answer sent instead (``error``)
     kept_at: float | None = None  # when that answer's head came (time.monotonic)
+    # The open response is an error after an upstream had the request in whole (it thought
+    # past ``first_byte``): it must say ``x-should-retry: false``, or the SDKs send the
+    # prompt there twice more (review 83).
+    no_retry: bool = False
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
@@ -187,6 +191,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         target.pool.record(resp.status < 500 or resp.status in (501, 505))
         metrics.attempt(up.name, "ok" if resp.status < 400 else f"status_{resp.status}")
         out.resp, out.target, out.status = resp, target, resp.status
+        out.no_retry = spent is not None and resp.status >= 400
         return out
 
     if kept_error is not None and last_failure is not None:
@@ -194,7 +199,9 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
         out.error, out.status, out.reason = kept_error, kept_error.status, last_failure.reason
         # The access line names the upstream whose answer the client got, and its bytes.
         out.upstream, out.relayed, out.kept_at = kept_from, len(kept_error.body or b""), kept_at
-        if spent is not None:  # (an upstream's 503 is retried by the SDKs: review 75)
+        if spent is not None or last_failure.answered:
+            # An upstream had the request in whole (thought past first_byte, or answered
+            # what relayd could not relay): the SDKs would retry the kept 503 (reviews 75, 83).
             kept_error.headers["x-should-retry"] = "false"
         return out
     if spent is not None:

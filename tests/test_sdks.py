@@ -204,6 +204,43 @@ def test_sdks_do_not_resend_when_a_failover_route_ends_in_a_refusal_after_a_time
     assert len(fake.requests) == 2  # slow once, busy once: no SDK retry
 
 
+async def test_sdks_do_not_resend_an_error_relayed_after_a_timeout_or_an_unrelayable_answer(make_relayd, fake):
+    """Review 83: on ``[slow, busy]`` the last upstream's 503 went out as relayed, without
+    ``x-should-retry: false`` (only a kept one got it), and the SDK sent the prompt to the
+    slow upstream twice more; on ``[busy, broken]``, where broken answered what relayd
+    cannot relay (the upstream acted on it), the kept 503 of busy was retryable too."""
+    from test_upstream_hygiene import RawUpstream
+
+    async def broken_answer(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    port = free_port()
+    slow = fake.add("sdk-slow-2", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                           header_delay=0.8))
+    busy = fake.add("sdk-busy-2", Scenario(body=b'{"error":{"message":"busy","type":"server_error"}}',
+                                           status=503, content_type="application/json"))
+    async with RawUpstream(broken_answer) as broken:
+        make_relayd(basic_config(fake.url, port, extra_upstreams=(
+            f'  slow: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {slow}}}}}\n'
+            f'  busy: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {busy}}}}}\n'
+            f'  broken: {{url: "{broken.url}", provider: openai}}'),
+            extra_routes="  - {path: /fo2/v1, upstream: [slow, busy]}\n"
+                         "  - {path: /fo5/v1, upstream: [busy, broken]}")
+            .replace("first_byte: 5", "first_byte: 300ms"), args=["--workers", "1"])
+        for route, status in (("/fo2/v1", 503), ("/fo5/v1", 503)):
+            fake.reset_stats()
+            client = openai.AsyncOpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}{route}", max_retries=2)
+            with pytest.raises(openai.InternalServerError) as err:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert err.value.status_code == status
+            assert err.value.response.headers.get("x-should-retry") == "false", route
+            assert len(fake.requests) == (2 if route == "/fo2/v1" else 1), route  # no SDK retry
+        assert broken.requests == 1
+
+
 async def test_aiohttp_sse_client_events(shared, fake):
     body = fixture("openai-chat-usage.sse")
     sc = fake.add("sse-client", Scenario(body=body, chunking="random", seed=5))

@@ -1,10 +1,13 @@
-"""TLS on the main listener: one SSLContext for the life of the process.
+"""TLS on the main listener: a new SSLContext per certificate, under the listener's.
 
-asyncio's server keeps the context it was given, so a renewed certificate cannot come in
-through a new context without a new listener.  It does not need one: ``load_cert_chain``
-on the same context replaces its certificate and key for every handshake after it, while
-connections already up keep theirs.  A reload therefore loads the pair into the context
-the listener already has (``ListenerCert.reload``).
+asyncio's server keeps the context it was given.  Loading a renewed pair into that context
+(``load_cert_chain``) replaced the old pair only where the key type was the same: OpenSSL
+keeps a certificate per key type, so an ECDSA pair loaded over an RSA one left the RSA
+certificate serving every client that prefers RSA, until a restart (review 81; certbot
+2.0 makes ECDSA keys by default).  Each pair therefore gets a context of its own, and the
+listener's context picks the current one for every handshake from its SNI callback, which
+OpenSSL calls for every ClientHello, with a server name or without.  Connections already
+up keep theirs (``ListenerCert.reload``).
 
 The files are read once per load and their bytes go into a scratch context first: a bad
 certificate, a key that does not match, or a half-written renewal fails there, as a reload
@@ -84,24 +87,32 @@ def keep(cfg: ListenerTLS | None, pem: Pem | None) -> None:
 
 
 class ListenerCert:
-    """The listener's TLS context (None: plain HTTP) and the files it was loaded from."""
+    """The listener's TLS context (None: plain HTTP), the context of the pair it serves
+    now (``current``), and the files that pair came from."""
 
     def __init__(self, cfg: ListenerTLS | None) -> None:
         self.config = cfg
         self.context = (new_context(cfg, _checked.get((cfg.cert, cfg.key)))
                         if cfg is not None else None)
+        self.current = self.context
+        if self.context is not None:
+            self.context.sni_callback = self._pick
+
+    def _pick(self, conn: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not ctx and current is not None:
+            conn.context = current  # this handshake serves the current pair
 
     def reload(self, new: Config, file: str) -> None:
-        """Load the new pair into the live context.  Raises ConfigError (the reload
+        """Serve the new pair from the next handshake on.  Raises ConfigError (the reload
         fails, the old certificate keeps serving) if it does not load.  Turning TLS on
         or off needs a new listener, so it waits for a restart, like ``listen``."""
         if self.context is None or new.tls is None:
             return  # (on or off stays as it started: ``lifecycle.load_for_reload``)
-        # Bytes that passed ``check`` (here, or in the main process for this reload): a
-        # scratch load has already shown they serve, so only the live context loads them.
+        # Bytes that passed ``check`` (here, or in the main process for this reload).
         pem = kept(new.tls) or check(new.tls, file)
         try:
-            _load(self.context, pem)
+            self.current = new_context(new.tls, pem)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise _problem(file, exc) from None
         self.config = new.tls

@@ -26,11 +26,12 @@ from test_operations import wait_for
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
-def make_cert(d: Path, cn: str, serial: int) -> tuple[Path, Path]:
+def make_cert(d: Path, cn: str, serial: int, rsa: bool = False) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 with common name cn, written to d."""
     d.mkdir(parents=True, exist_ok=True)
     cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+    kind = ["-newkey", "rsa:2048"] if rsa else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    subprocess.run(["openssl", "req", "-x509", *kind,
                     "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={cn}",
                     "-set_serial", str(serial), "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
@@ -110,6 +111,43 @@ async def test_tls_request_and_certificate_renewed_by_reload(make_relayd, fake, 
     assert wait_for(lambda: reloads(r, "reload failed") == 2)
     assert served_cn(port, trust(two[0]))[0] == "relayd-two"
     assert r.proc.poll() is None
+
+
+def test_a_renewal_to_another_key_type_replaces_the_old_certificate(make_relayd, fake, tmp_path):
+    """Review 81: loading the renewed pair into the live context replaced the old one only
+    for the same key type; after RSA → ECDSA (certbot's default since 2.0) the old RSA
+    certificate still served every client that prefers RSA, until a restart."""
+    live = make_cert(tmp_path / "live", "old-rsa", 21, rsa=True)
+    ecdsa = make_cert(tmp_path / "ec", "new-ecdsa", 22)
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top=f"tls: {{cert: '{live[0]}', key: '{live[1]}'}}"))
+    rsa_only = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    rsa_only.check_hostname, rsa_only.verify_mode = False, ssl.CERT_NONE
+    rsa_only.maximum_version = ssl.TLSVersion.TLSv1_2
+    rsa_only.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+
+    def cn_for(ctx: ssl.SSLContext) -> str:
+        with socket.create_connection(("127.0.0.1", port), 5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                der = s.getpeercert(binary_form=True)
+        text = subprocess.run(["openssl", "x509", "-inform", "DER", "-noout", "-subject"], input=der,
+                              capture_output=True, check=True).stdout.decode()
+        return text.strip().rpartition("=")[2].strip()
+
+    assert cn_for(rsa_only) == "old-rsa"
+    install(ecdsa, live)
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload ok") == 1)
+    assert served_cn(port, trust(ecdsa[0]))[0] == "new-ecdsa"
+    with pytest.raises(ssl.SSLError):  # no RSA certificate is left to serve it
+        cn_for(rsa_only)
+    # and back: the RSA pair serves again, to every client
+    rsa2 = make_cert(tmp_path / "rsa2", "rsa-again", 23, rsa=True)
+    install(rsa2, live)
+    r.signal(signal.SIGHUP)
+    assert wait_for(lambda: reloads(r, "reload ok") == 2)
+    assert cn_for(rsa_only) == "rsa-again"
+    assert served_cn(port, trust(rsa2[0]))[0] == "rsa-again"
 
 
 async def _serve_cn(holder: ListenerCert, ca: Path) -> str:

@@ -395,6 +395,19 @@ def listen_warnings(listen: Listen, admin: Listen | None, clients: bool, upstrea
     return out
 
 
+def key_warnings(path: str) -> list[str]:
+    """A private key any local user can read (review 81): nginx does not say it either,
+    but sshd refuses such a key, and relayd's unit runs with other services' users around."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []  # (loading it is checked elsewhere)
+    if mode & 0o004:
+        return [f"tls.key: {path} is readable by every user of this machine: chmod 600 it "
+                f"(or 640 with group relayd)"]
+    return []
+
+
 def cert_warnings(path: str, now: float | None = None) -> list[str]:
     """An expired (or not yet valid) listener certificate loads and serves, and every
     client that verifies it refuses the connection: said at check, start and reload."""
@@ -424,7 +437,7 @@ def _finish_config(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], ite
     v["client_keys"] = keys_on = "clients" in items
     warnings = listen_warnings(listen, admin, keys_on, v["upstreams"].values())
     if v["tls"] is not None:
-        warnings += cert_warnings(v["tls"].cert)
+        warnings += cert_warnings(v["tls"].cert) + key_warnings(v["tls"].key)
     if keys_on and not v["clients"]:
         warnings.append("clients: lists no client: every request is refused (401) until one is "
                         "added; remove the section to serve without client keys")

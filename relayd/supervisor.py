@@ -249,13 +249,18 @@ class Supervisor(lifecycle.Reloads):
         pid, self.retiring[slot.pid] = slot.pid, (chan, slot)
         slot.pid, slot.chan, slot.ready = None, None, False
         self._close_listeners([slot])
-        self.log.info("worker draining; starting its replacement", worker=slot.wid, pid=pid)
         self.changed.set()
         loop = asyncio.get_running_loop()
         loop.call_later(self.config.shutdown_grace + 5, self.kill_pid, pid, signal.SIGKILL)
         # A turn later, through the restart timer the drain cancels: the same SIGTERM sent
-        # to every process (``systemctl kill``) reaches the main process in a moment.
-        slot.restart = loop.call_later(RESTART_MIN, self._spawn, slot)
+        # to every process (``systemctl kill``, Ctrl-C in a terminal) reaches the main
+        # process in a moment, and then nothing is replaced, nor said to be (review 81).
+        slot.restart = loop.call_later(RESTART_MIN, self._replace, slot, pid)
+
+    def _replace(self, slot: Slot, pid: int) -> None:
+        if not (self.draining or self.stopping.is_set()):
+            self.log.info("worker draining; starting its replacement", worker=slot.wid, pid=pid)
+        self._spawn(slot)
 
     def _reap(self) -> None:
         while True:

@@ -243,6 +243,21 @@ async def test_a_restarted_worker_holds_none_of_the_main_process_fds(fake, make_
     writer.close()
 
 
+def test_ctrl_c_on_every_process_replaces_no_worker_and_says_none(fake, make_relayd):
+    """Review 81: Ctrl-C in a terminal signals every process; the workers said they were
+    draining before the main process took its own signal, and it logged "starting its
+    replacement" for each (none was started: the drain cancelled the restarts)."""
+    r = make_relayd(basic_config(fake.url, free_port(), top=TWO))
+    workers = sorted(children(r.proc.pid))
+    for pid in workers:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.03)  # their "draining" reaches the main process first
+    os.kill(r.proc.pid, signal.SIGINT)
+    assert r.proc.wait(20) == 0
+    assert not events(r, "worker draining; starting its replacement")
+    assert events(r, "drain")
+
+
 async def test_a_worker_sent_sigterm_alone_is_replaced_while_it_drains(fake, make_relayd):
     """The main process kept its copy of the draining worker's socket in the group until
     the worker was reaped: a share of new connections hung for the whole drain, and the

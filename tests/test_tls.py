@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -467,10 +468,15 @@ def test_an_expired_or_expiring_listener_certificate_is_a_config_warning(tmp_pat
     assert "expires on" in config_mod.cert_warnings(str(cert), now + 20 * 86400)[0]
     assert "expired on" in config_mod.cert_warnings(str(cert), now + 40 * 86400)[0]
     assert "not valid before" in config_mod.cert_warnings(str(cert), now - 86400)[0]
-    c = config_mod.parse(f"listen: 127.0.0.1:{free_port()}\ntls: {{cert: '{cert}', key: '{_}'}}\n"
-                         "upstreams: {u: {url: 'http://127.0.0.1:1', provider: generic}}\n"
-                         "routes: [{path: /u, upstream: u}]\n")
-    assert c.warnings == ()
+    text = (f"listen: 127.0.0.1:{free_port()}\ntls: {{cert: '{cert}', key: '{_}'}}\n"
+            "upstreams: {u: {url: 'http://127.0.0.1:1', provider: generic}}\n"
+            "routes: [{path: /u, upstream: u}]\n")
+    os.chmod(_, 0o600)
+    assert config_mod.parse(text).warnings == ()
+    # review 81: a private key every local user can read is said too
+    os.chmod(_, 0o644)
+    warned = config_mod.parse(text).warnings
+    assert len(warned) == 1 and "readable by every user" in warned[0] and "chmod 600" in warned[0]
 
 
 def test_a_steady_slow_tls_reader_gets_every_answer_on_its_connection(make_relayd, fake, tmp_path):

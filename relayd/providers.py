@@ -214,6 +214,9 @@ class Endpoint:
     natural_end: bool             # False: a clean close counts as the natural end
     ends: Callable[[bytes], bool]
     event: EventMaker
+    # Usage may come after the natural end (Gemini: a usage-only chunk after the one with
+    # finishReason): a client that leaves at the end can leave before the final count.
+    usage_after_end: bool = False
 
     def error_event(self, reason: End, message: str, last: bytes, crlf: bool) -> bytes:
         """Exactly one SSE event, in this endpoint's mid-stream error format."""
@@ -221,9 +224,10 @@ class Endpoint:
         return eol.join(self.event(reason, message, last)) + eol + eol
 
 
-def _ep(name: str, path: str | None, event: EventMaker, **end: Any) -> Endpoint:
+def _ep(name: str, path: str | None, event: EventMaker, usage_after_end: bool = False,
+        **end: Any) -> Endpoint:
     return Endpoint(name, re.compile(path) if path else None, path is not None,
-                    end_test(**end), event)
+                    end_test(**end), event, usage_after_end)
 
 
 _DONE = ("[DONE]",)
@@ -249,14 +253,14 @@ _ANTHROPIC = (
 )
 _GEMINI = (
     _ep("streamGenerateContent", r"(?::|%3[aA])streamGenerateContent$", _gemini_event,
-        fields=('"finishReason"', '"blockReason"'), fields_end=_gemini_finished),
+        fields=('"finishReason"', '"blockReason"'), fields_end=_gemini_finished, usage_after_end=True),
     _ep("interactions", r"/interactions(?:/[^/]+)?$", _interactions_event,
         events=("interaction.completed", "interaction.complete")),
 )
 
 
 # POSTs that answer with a stored object: its usage is not this request's (``generates``).
-_STORED = re.compile(r"(?:[/:]cancel|/chat/completions/[^/]+)$")
+_STORED = re.compile(r"(?:[/:]cancel|/chat/completions/[^/]+|/threads/[^/]+/runs/[^/]+)$")
 
 
 # --------------------------------------------------------------------------- providers

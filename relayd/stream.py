@@ -212,6 +212,11 @@ class Stream:
         return self.tracker.blocks if self.tracker is not None else 0
 
     def usage(self, partial: bool) -> Usage | None:
+        """``partial``: the stream did not end as the upstream ended it.  Nor is the count
+        final where usage can follow the natural end and the client left before the
+        upstream's body ended (review 82: Gemini's count logged final, without its output)."""
+        if self.endpoint.usage_after_end and self._result is not _DONE:
+            partial = True
         return self.meter.result(partial=partial)
 
     def stop(self, reason: End) -> None:

@@ -18,15 +18,29 @@ _DECODER = json.JSONDecoder()
 _MENTION = re.compile(rb'"usage(?:"\s*:\s*\{|Metadata")')
 _JSON_TAIL = 64 * 1024
 
-_INPUT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
+_INPUT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount", "total_input_tokens",
+               "totalInputTokens")
 _OUTPUT_KEYS = ("completion_tokens", "output_tokens")
 # Anthropic counts cache reads and writes apart from input_tokens; OpenAI's prompt_tokens
 # and Gemini's promptTokenCount include cached tokens.  Added, "input" means one thing.
 _CACHE_KEYS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 # Input counted apart from the main count and added to it: Anthropic's cache reads and
 # writes; Gemini's tool-use prompt tokens (search grounding, code execution: part of its
-# totalTokenCount, not of promptTokenCount).
-_ADDED = {"input_tokens": _CACHE_KEYS, "promptTokenCount": ("toolUsePromptTokenCount",)}
+# totalTokenCount, not of promptTokenCount), in generateContent's names and in the
+# Interactions API's (review 82: its usage was never counted).
+_ADDED = {"input_tokens": _CACHE_KEYS, "promptTokenCount": ("toolUsePromptTokenCount",),
+          "total_input_tokens": ("total_tool_use_tokens",),
+          "totalInputTokens": ("totalToolUseTokens",)}
+# Output as two counts to add, answer and thinking: generateContent's, the Interactions API's.
+_OUTPUT_PAIRS = (("candidatesTokenCount", "thoughtsTokenCount"),
+                 ("total_output_tokens", "total_thought_tokens"),
+                 ("totalOutputTokens", "totalThoughtTokens"))
+# A usage object is a few hundred bytes: one is decoded from at most this much, and at most
+# the first and last few usage keys of a buffer are.  Decoding from every key, a hostile
+# upstream's usage objects nested 800 deep in a 2 MB event were each decoded whole again:
+# 1.5 GB and the loop stalled for seconds (review 82).
+_USAGE_MAX = 8 * 1024
+_FIRST_KEYS, _LAST_KEYS = 8, 24
 _MAX_TOKENS = 10**12  # a count beyond this (or below 0) is the upstream's bug, not usage
 
 
@@ -94,7 +108,8 @@ class UsageMeter:
     def _dropping(self, body: bytes | bytearray, cut: int) -> None:
         """A usage object about to leave the window (before ``cut``) is decoded now, whole
         (vLLM writes prompt_logprobs, megabytes, after usage); a later one still wins."""
-        if _KEY_BYTES.search(body, 0, cut) is not None:
+        # (a key that begins before the cut and ends after it leaves too: review 82)
+        if _KEY_BYTES.search(body, 0, cut + _KEY_SPAN) is not None:
             try:
                 self._first = _objects(body)
             except Exception:  # (never let accounting end a response)
@@ -148,32 +163,39 @@ def _output(u: dict[str, object]) -> int | None:
         v = _count(u.get(k))
         if v is not None:
             return v
-    c, t = _count(u.get("candidatesTokenCount")), _count(u.get("thoughtsTokenCount"))
-    if c is not None or t is not None:
-        return (c or 0) + (t or 0)
+    for answer, thinking in _OUTPUT_PAIRS:
+        c, t = _count(u.get(answer)), _count(u.get(thinking))
+        if c is not None or t is not None:
+            return (c or 0) + (t or 0)
     return None
 
 
 # A usage object's key: searched for in the bytes (most bodies have none), then matched in
 # the decoded text (raw_decode needs character offsets).
 _KEY_PATTERN = r'"(?:usage|usageMetadata)"\s*:\s*\{'
-_KEY = re.compile(_KEY_PATTERN)
 _KEY_BYTES = re.compile(_KEY_PATTERN.encode())
+_KEY_SPAN = 64  # bytes a key can span ('"usageMetadata"', spaces, ':', '{')
 
 
 def _objects(buf: bytes | bytearray) -> list[dict[str, object]]:
-    """The usage objects in ``buf``: decoded once, from the first usage key on (Gemini
-    names usage in every event; most JSON bodies without usage are not decoded at all)."""
-    first = _KEY_BYTES.search(buf)
-    if first is None:
-        return []
-    text = buf[first.start():].decode("utf-8", "replace")  # from '"': a character boundary
+    """The usage objects in ``buf`` (most JSON bodies without usage are not decoded at
+    all): each from its own window of ``_USAGE_MAX`` bytes, none from inside one decoded
+    already, and only the first and last few (Gemini names usage in every event; the
+    last wins, the first is Anthropic's input count)."""
+    starts = [m.end() - 1 for m in _KEY_BYTES.finditer(buf)]
+    if len(starts) > _FIRST_KEYS + _LAST_KEYS:
+        starts = starts[:_FIRST_KEYS] + starts[-_LAST_KEYS:]
     out: list[dict[str, object]] = []
-    for m in _KEY.finditer(text):
+    done = 0
+    for at in starts:
+        if at < done:
+            continue  # a usage key inside the object decoded last: not one of its own
+        window = bytes(buf[at:at + _USAGE_MAX]).decode("utf-8", "replace")  # from '{'
         try:
-            obj, _ = _DECODER.raw_decode(text, m.end() - 1)
-        except (ValueError, RecursionError):  # (an object nested 1,000 deep: not usage)
+            obj, end = _DECODER.raw_decode(window)
+        except (ValueError, RecursionError):  # (larger than a window, or nested 1,000 deep)
             continue
+        done = at + len(window[:end].encode("utf-8", "replace"))
         if isinstance(obj, dict):
             out.append(obj)
     return out

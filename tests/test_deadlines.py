@@ -392,15 +392,16 @@ async def test_a_stored_response_fetched_by_get_counts_no_tokens(fake, make_rela
         async with s.get(f"http://127.0.0.1:{port}/one/v1/responses/resp_1", headers={"x-fake": sc}) as resp:
             assert resp.status == 200 and (await resp.json())["usage"]["input_tokens"] == 1000
         # POSTs that answer with the stored object: a cancel, OpenAI's metadata update.
+        # (review 82: and the modify-run POST, which answers with the stored run)
         for path in ("/v1/responses/resp_1/cancel", "/v1/batches/batch_1/cancel",
-                     "/v1/chat/completions/chatcmpl_1"):
+                     "/v1/chat/completions/chatcmpl_1", "/v1/threads/thread_1/runs/run_1"):
             async with s.post(f"http://127.0.0.1:{port}/one{path}", headers={"x-fake": sc}, json={}) as resp:
                 assert resp.status == 200 and (await resp.json())["usage"]["input_tokens"] == 1000
         async with s.post(f"http://127.0.0.1:{port}/one/v1/responses", headers={"x-fake": sc}, json={}) as resp:
             assert resp.status == 200
-    got, *cancels, posted = r.wait_access(5)
+    got, *cancels, posted = r.wait_access(6)
     assert got["usage"] is None and posted["usage"]["input_tokens"] == 1000
-    assert [line["usage"] for line in cancels] == [None] * 3
+    assert [line["usage"] for line in cancels] == [None] * 4
     assert await wait_metric(admin, "relayd_tokens_total", 1000, route="/one", kind="input") == 1000
 
 

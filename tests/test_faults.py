@@ -269,6 +269,24 @@ async def test_geminis_own_error_after_its_last_chunk_survives_a_broken_close(re
     assert line["end_reason"] == "done" and line["injected_error"] is None
 
 
+async def test_geminis_count_is_partial_when_the_client_leaves_before_the_usage_chunk(relay, fake):
+    """Review 82: Gemini may send a usage-only chunk after the one with finishReason; a
+    client that left at finishReason got an access line with the count as final."""
+    body = fixture("endpoints/gemini-stream-usage-tail.sse")
+    at = body.index(b'"finishReason"')
+    at = next(e for e in block_ends(body) if e > at)  # after the finishing chunk, before usage
+    sc = fake.add("gem-usage-tail-left", Scenario(body=body, fault="stall", fault_at=at))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{relay.port}/gemini/v1beta/models/g:streamGenerateContent?alt=sse",
+                          headers={"x-fake": sc}) as r:
+            got = b""
+            while b'"finishReason"' not in got or not got.endswith((b"\n\n", b"\r\n\r\n")):
+                got += await r.content.readany()
+            rid = r.headers["x-request-id"]
+    line = relay.wait_access(1, lambda a: a["request_id"] == rid)[-1]
+    assert line["end_reason"] == "done" and line["usage"]["partial"] is True, line
+
+
 async def test_a_resumed_responses_stream_cut_before_its_first_event_continues_the_cursor(relay, fake):
     """GET /responses/{id}?stream=true&starting_after=5 cut before any event: the error
     event's sequence_number is 6, not 0 (a client's resume cursor must not go back)."""

@@ -136,6 +136,63 @@ def test_usage_before_a_long_json_tail_is_counted():
         assert (m.result(False).input, m.result(False).output) == (11, 22)
 
 
+def test_nested_usage_objects_are_decoded_once_and_bounded():
+    """Review 82: every usage key was decoded from, so usage objects nested 800 deep in a
+    2 MB event were each decoded again whole: 1.5 GB and seconds of a stalled loop."""
+    import time
+    import tracemalloc
+
+    payload = b'"' + b"x" * 2_000_000 + b'"'
+    nested = b"data: " + b'{"usage":{"a":' * 800 + payload + b"}" * 1600 + b"\n\n"
+    tracemalloc.start()
+    began = time.perf_counter()
+    m = UsageMeter()
+    m.observe_events(nested)
+    m.observe_events(nested)
+    assert m.result(False) is None
+    took = time.perf_counter() - began
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50_000_000, peak  # (the event itself is 2 MB; it was 1.5 GB)
+    assert took < 1.0, took
+    # a usage key inside a usage object is not one of its own; a later object still wins
+    m = UsageMeter()
+    m.observe_body(b'{"usage":{"prompt_tokens":1,"x":{"usage":{"prompt_tokens":99}},"completion_tokens":2},'
+                   b'"more":{"usage":{"prompt_tokens":3,"completion_tokens":4}}}')
+    assert (m.result(False).input, m.result(False).output) == (3, 4)
+
+
+def test_usage_of_geminis_interactions_api_is_counted():
+    """Review 82: its usage names (``total_input_tokens``, ``total_output_tokens``,
+    ``total_thought_tokens``, ``total_tool_use_tokens``) were none of the known ones."""
+    m = UsageMeter()
+    m.observe_events(b'event: interaction.completed\ndata: {"interaction":{"usage":{"total_tokens":118,'
+                     b'"total_input_tokens":9,"total_output_tokens":7,"total_thought_tokens":102,'
+                     b'"total_tool_use_tokens":5}}}\n\n')
+    assert m.result(False).as_log() == {"input_tokens": 14, "output_tokens": 109, "partial": False}
+    m = UsageMeter()
+    m.observe_body(b'{"usage":{"totalInputTokens":9,"totalOutputTokens":7}}')
+    assert (m.result(False).input, m.result(False).output) == (9, 7)
+
+
+def test_usage_whose_key_straddles_the_json_windows_cut_is_counted():
+    """Review 82: the kept tail of a long JSON body was cut inside the ``"usage"`` key:
+    searched only before the cut, the key was found neither then nor after."""
+    from relayd.usage import _JSON_TAIL
+
+    head = b'{"pad":"' + b"a" * 100_000 + b'",'
+    body = (head + b'"usage":{"prompt_tokens":13,"completion_tokens":444},"prompt_logprobs":['
+            + b"0," * 100_000 + b"0]}")
+    for into in range(0, 12):
+        m = UsageMeter()
+        # the first read is long enough that the window's cut falls ``into`` bytes into the key
+        first = len(head) + into + _JSON_TAIL
+        m.observe_body(body[:first])
+        m.observe_body(body[first:])
+        got = m.result(False)
+        assert got is not None and (got.input, got.output) == (13, 444), into
+
+
 async def test_tcp_nodelay_on_both_sides():
     """Both the client-facing and the upstream-facing sockets run without Nagle delays."""
     seen: dict[str, int] = {}

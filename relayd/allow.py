@@ -106,29 +106,40 @@ class AdminRunner(web.AppRunner):
     a protocol factory that checks the list first and the function that reads the list.
     """
 
-    def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]]) -> None:
+    def __init__(self, app: web.Application, allow: Callable[[], Sequence[Any]],
+                 limits: Callable[[], Any]) -> None:
         app.middlewares.append(_still_admitted)
         app.on_response_prepare.append(_server_name)
         super().__init__(app, access_log=None, handle_signals=False)
-        self._allow = allow
+        self._allow, self._limits = allow, limits
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = AdminServer
         server.allow = self._allow  # type: ignore[attr-defined]
+        server.limits = self._limits  # type: ignore[attr-defined]
         return server
 
 
 class AdminServer(web.Server):
     allow: Callable[[], Sequence[Any]]
+    limits: Callable[[], Any]  # the current config's ``limits``
 
     def __call__(self) -> web.RequestHandler:
         return AdminConnection(self, loop=self._loop, **self._kwargs)
 
 
 class AdminConnection(web.RequestHandler):
+    """An admin connection must complete a request head within ``client_header`` of its
+    start or of its last one (else ``client_keepalive``; neither set: no limit), checked
+    every that long: aiohttp's only timer is an hour's keep-alive, and connections that
+    sent nothing, half a head, or idled after an answer stayed open for good, until the
+    descriptors ran out and the proxy itself failed (review 80)."""
+
     _refused = False
     _allow: Sequence[Any] = ()  # the list this connection last passed
+    _timer: asyncio.TimerHandle | None = None
+    _seen = 0  # requests parsed on it at the last check
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
@@ -138,6 +149,25 @@ class AdminConnection(web.RequestHandler):
             self._refused = True  # never handed to aiohttp: nothing to clean up there
             return
         super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        manager = self._manager
+        assert isinstance(manager, AdminServer)
+        limits = manager.limits()
+        every = limits.client_header or limits.client_keepalive
+        if every:
+            self._timer = asyncio.get_running_loop().call_later(every, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        if self._request_count == self._seen and not self._request_in_progress:
+            self.transport.close()  # nothing came in the whole period
+            return
+        self._seen = self._request_count
+        self._arm()
 
     def still_admitted(self) -> bool:
         """After a reload that changed ``admin_allow``: is the peer of this (keep-alive)
@@ -147,6 +177,9 @@ class AdminConnection(web.RequestHandler):
         return GATES["admin_listen"].still_admits(self, manager.allow())
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._refused:
             super().connection_lost(exc)
 

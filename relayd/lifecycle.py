@@ -197,7 +197,8 @@ class Daemon(Reloads):
             self.log.info("worker ready", generation=self.app.generation, pid=os.getpid())
             return
         if cfg.admin_listen is not None:
-            self.admin = AdminRunner(self.app.admin_app(), lambda: self.app.config.admin_allow)
+            self.admin = AdminRunner(self.app.admin_app(), lambda: self.app.config.admin_allow,
+                                     lambda: self.app.config.limits)
             await self.admin.setup()
             try:
                 await web.TCPSite(self.admin, cfg.admin_listen.host, cfg.admin_listen.port,

@@ -22,7 +22,7 @@ async def start(sup: Supervisor) -> AdminRunner:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", lambda _: _readyz(sup))
     app.router.add_get("/metrics", lambda _: _metrics(sup))
-    admin = AdminRunner(app, lambda: sup.config.admin_allow)
+    admin = AdminRunner(app, lambda: sup.config.admin_allow, lambda: sup.config.limits)
     await admin.setup()
     listen = sup.config.admin_listen
     assert listen is not None

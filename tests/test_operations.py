@@ -706,3 +706,36 @@ async def test_a_request_without_an_answer_at_the_end_of_grace_gets_503(fake, ma
     assert await asyncio.get_running_loop().run_in_executor(None, r.proc.wait, 10) == 0
     ends = [l["end_reason"] for l in r.logs() if l.get("event") == "access"]
     assert ends == ["shutdown", "shutdown"]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_connections_that_send_no_request_are_closed(fake, make_relayd, workers):
+    """Review 80: the admin listener had no head deadline and an hour's keep-alive: idle
+    connections, or half a head, stayed open for good, until the descriptors ran out and
+    the proxy itself failed.  Each must complete a request within client_header."""
+    port, admin = free_port(), free_port()
+    make_relayd(basic_config(fake.url, port, admin, top="limits: {client_header: 1s, client_keepalive: 3s}"),
+                args=["--workers", str(workers)])
+    silent = socket.create_connection(("127.0.0.1", admin), 5)
+    half = socket.create_connection(("127.0.0.1", admin), 5)
+    half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+    answered = socket.create_connection(("127.0.0.1", admin), 5)
+    answered.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answered.settimeout(5)
+    assert answered.recv(65536).startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    for s in (silent, half, answered):
+        s.settimeout(5)
+        try:
+            assert s.recv(65536) == b""  # closed
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 3.5, time.monotonic() - t0
+        s.close()
+    # a scraper that asks within the limit keeps its connection
+    with socket.create_connection(("127.0.0.1", admin), 5) as s:
+        s.settimeout(5)
+        for _ in range(4):
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            time.sleep(0.5)

@@ -36,7 +36,7 @@ from .config import Config, ConfigError
 from .exchange import End
 from .listeners import ListenError, bind
 from .allow import AdminRunner
-from .server import ClientServer, Connection, FdShortage, FdWatch, log_warnings
+from .server import ClientServer, Connection, FdWatch, exception_handler, log_warnings
 
 _TLS_SHUTDOWN = 3.0  # seconds a closing TLS client connection waits for close_notify
 
@@ -183,10 +183,7 @@ class Daemon(Reloads):
     async def start(self) -> None:
         cfg = self.app.config
         loop = asyncio.get_running_loop()
-        shortage = FdShortage(self.log)
-        loop.set_exception_handler(lambda loop, context: (
-            shortage if context.get("message") == FdShortage.MESSAGE else logs.loop_exception)(
-                loop, context))
+        loop.set_exception_handler(exception_handler(self.log))
         self.server = ClientServer(self.app.handle, lambda: self.app.config, self.app.reject)
         await self.open_listener(loop)
         if not isinstance(loop, asyncio.BaseEventLoop):  # uvloop: EMFILE is never reported

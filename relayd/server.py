@@ -77,6 +77,20 @@ class FdShortage:
             self._last, self._since = now, 0
 
 
+def exception_handler(log: object) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's exception handler for a process that accepts connections: running out
+    of descriptors is one warning per 10 s (with counts), anything else ``logs.loop_exception``.
+    The main process with workers needs it too, for its admin listener: there asyncio
+    reported EMFILE up to a backlog's worth of times a second, each an error line with a
+    traceback (review 80: 608 lines in 5 s)."""
+    shortage = FdShortage(log)
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        (shortage if context.get("message") == FdShortage.MESSAGE else logs.loop_exception)(
+            loop, context)
+    return handle
+
+
 class FdWatch:
     """uvloop (libuv) never reports EMFILE on accept: it accepts and closes the excess
     connections itself.  This samples the process's fd table once a second and says

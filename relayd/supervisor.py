@@ -40,7 +40,7 @@ from aiohttp import web
 
 from . import heartbeat, lifecycle, listeners, logs, mainadmin, metrics, tls, workers
 from .config import Config, ConfigError
-from .server import log_warnings
+from .server import exception_handler, log_warnings
 
 RESTART_MIN, RESTART_MAX, YOUNG = 0.1, 10.0, 5.0
 
@@ -103,7 +103,7 @@ class Supervisor(lifecycle.Reloads):
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(logs.loop_exception)
+        loop.set_exception_handler(exception_handler(self.log))
         if self.config.tls is not None:
             try:
                 tls.check(self.config.tls, self.path)  # the pair every worker forked serves

@@ -448,6 +448,32 @@ class _LowFds:
         self.proc.wait(10)
 
 
+def test_fd_exhaustion_in_the_main_process_is_one_warning_not_tracebacks(tmp_path, fake) -> None:
+    """Review 80: with workers, the main process's admin listener out of descriptors was
+    an error line with a traceback per failed accept (608 in 5 s); it is the client
+    listener's rate-limited warning."""
+    r = _LowFds(tmp_path, fake, ("--workers", "2"))
+    held: list[socket.socket] = []
+    try:
+        for _ in range(80):  # more than the main process's 64 fds
+            try:
+                held.append(socket.create_connection(("127.0.0.1", r.admin), 2))
+            except OSError:
+                break
+        end = time.monotonic() + 10
+        while not any(l.get("event", "").startswith("out of file descriptors") for l in r.lines()):
+            assert time.monotonic() < end, r.log.read_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(1.5)  # asyncio retries the accept every second
+        assert not [l for l in r.lines() if l.get("event") == "unexpected error in the event loop"]
+        warned = [l for l in r.lines() if l.get("event", "").startswith("out of file descriptors")]
+        assert len(warned) == 1 and "worker" not in warned[0], warned
+    finally:
+        for s in held:
+            s.close()
+        r.stop()
+
+
 def test_fd_exhaustion_is_logged_and_recovers(tmp_path, fake) -> None:
     r = _LowFds(tmp_path, fake)
     port, admin, lines = r.port, r.admin, r.lines

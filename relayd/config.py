@@ -198,7 +198,7 @@ def _route_path(w: Walker, node: yaml.Node, path: str, default: Any) -> str | No
     if prefix in seen:
         w.error(node, path, f"duplicate route path {w.hold(node, prefix)} (first at line {seen[prefix]})")
     else:
-        seen[prefix] = node.start_mark.line + 1
+        seen[prefix] = w.line_of(node.start_mark)
     return prefix
 
 

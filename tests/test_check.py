@@ -344,6 +344,27 @@ def test_a_secret_variable_is_hidden_in_every_message(tmp_path):
     assert "SECRET123" not in out + err
 
 
+def test_line_numbers_after_a_character_yaml_reads_as_a_line_break(tmp_path):
+    """Review 80: YAML 1.1 breaks lines at U+2028, U+2029 and U+0085 too; every line
+    number after one was too high, and a syntax error it caused pointed elsewhere."""
+    text = GOOD.replace("    provider: openai\n", '    headers: {X-Note: "a\u2028b"}\n    provider: opnai\n', 1)
+    line = text.split("\n").index("    provider: opnai") + 1  # (not splitlines: it breaks at U+2028 too)
+    code, out, err = run_check(tmp_path, text)
+    assert code == 1 and f":{line}: upstreams.openai.provider: unknown provider" in err, err
+    code, out, err = run_check(tmp_path, "# a note\u2028 pasted\n" + GOOD)
+    assert code == 1 and ":2: YAML syntax error" in err and "line 1 holds U+2028" in err, err
+
+
+def test_a_secret_variable_in_a_key_that_does_not_read_is_still_hidden(tmp_path):
+    """Review 80: ``api_key: !!int ${KEY}`` failed to read, so ``KEY`` was not marked
+    secret, and another field quoting the same variable printed its value."""
+    text = GOOD.replace("${OPENAI_API_KEY:-}", "!!int ${RELAYD_TEST_SECRET}") \
+        + "log_level: ${RELAYD_TEST_SECRET}\n"
+    code, out, err = run_check(tmp_path, text, env={"RELAYD_TEST_SECRET": "sk-TOPSECRET123"})
+    assert code == 1 and "log_level" in err and "api_key" in err, err
+    assert "TOPSECRET" not in out + err
+
+
 def test_allow_entries_in_ipv4_mapped_form_mean_their_ipv4_network():
     """Peers are matched as IPv4 (a dual-stack socket's ::ffff:a.b.c.d is a.b.c.d): an
     entry written in the mapped form never matched, and refused its own address."""

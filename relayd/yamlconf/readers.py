@@ -198,8 +198,11 @@ def string(nullable: bool = False, secret: bool = False, empty_is_none: bool = F
     """A string as written. secret: never printed, no control characters."""
     def read(w: Walker, node: yaml.Node, path: str, default: Any) -> Any:
         ok, v = w.text(node, path, nullable or empty_is_none, secret)
+        if secret:
+            # Its variables are secret even when the value does not read (``!!int ${KEY}``):
+            # the same variable quoted by another field's error was printed (review 80).
+            w.mark_secret(node, v if ok else None)
         if secret and ok:
-            w.mark_secret(node, v)
             if (bad := controls(v or "")) is not None:
                 w.error(node, path, f"contains control character 0x{bad:02x} (not allowed; value not shown)")
                 return None

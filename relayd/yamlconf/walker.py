@@ -132,6 +132,14 @@ def controls(s: str) -> int | None:
     return next((ord(c) for c in s if (c < " " and c != "\t") or c == "\x7f"), None)
 
 
+@dataclasses.dataclass
+class _At:
+    """A place in the text, as a YAML mark gives it (``Walker.line_of``)."""
+
+    index: int
+    line: int = 0
+
+
 class Walker:
     """Turns composed YAML nodes into typed values, recording problems instead of raising."""
 
@@ -145,6 +153,7 @@ class Walker:
         self.ctx: dict[str, Any] = {}  # facts later sections of a schema look at
         self._held: list[tuple[str, frozenset[str]]] = []  # values printed or hidden at the end
         self._ctor = yaml.SafeLoader("")
+        self._text = ""  # the text composed, when its line numbers need counting (``line_of``)
         self._mark("")
 
     def _mark(self, text: str) -> None:
@@ -160,7 +169,18 @@ class Walker:
         if self.full():  # counted, not kept
             self.problems.append(_MORE)
             return
-        self.problems.append(Problem(self.file, node.start_mark.line + 1 if node else 1, path, why))
+        self.problems.append(Problem(self.file, self.line_of(node.start_mark) if node else 1, path, why))
+
+    def line_of(self, mark: Any) -> int:
+        """The line an editor shows.  YAML (1.1) also breaks lines at U+0085, U+2028 and
+        U+2029, which editors show inside a line: after one, every line number YAML gave
+        was too high (review 80); then lines are counted in the text, as editors do."""
+        if mark is None:
+            return 1
+        if not self._text:
+            return mark.line + 1
+        head = self._text[:mark.index]
+        return head.count("\n") + head.count("\r") - head.count("\r\n") + 1
 
     def full(self) -> bool:
         """Enough problems are kept to say what is wrong: a 4 MiB file of bad lines took a
@@ -175,6 +195,7 @@ class Walker:
             return f"__yamlconf_var_{self._token}_{len(self.vars) - 1}__"
         self._mark(text)
         text = _VAR.sub(hide, text)
+        self._text = text if any(c in text for c in "\x85\u2028\u2029") else ""
         try:
             docs = [d for d in yaml.compose_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
                     if d]
@@ -187,12 +208,16 @@ class Walker:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             why = " ".join(x for x in (exc.context, exc.problem) if x)
-            raise ConfigError([Problem(self.file, mark.line + 1 if mark else 1, "",
+            if self._text:  # (a break only YAML sees is the likely cause)
+                at = next(i for i, c in enumerate(self._text) if c in "\x85\u2028\u2029")
+                why += (f" (line {self.line_of(_At(at))} holds U+{ord(self._text[at]):04X}, which "
+                        f"YAML reads as a line break: remove it)")
+            raise ConfigError([Problem(self.file, self.line_of(mark), "",
                                        f"YAML syntax error: {why}")]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([Problem(self.file, 1, "", f"YAML error: {exc}")]) from None
         if len(docs) != 1:
-            line, why = (docs[1].start_mark.line + 1, "more than one YAML document in the file") \
+            line, why = (self.line_of(docs[1].start_mark), "more than one YAML document in the file") \
                 if docs else (1, "config is empty")
             raise ConfigError([Problem(self.file, line, "", why)])
         result = walk(self, docs[0])

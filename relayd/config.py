@@ -140,9 +140,9 @@ class Upstream:
 
     @property
     def pool_key(self) -> tuple[Any, ...]:
-        """What decides whether a warm pool can be kept across a reload."""
-        return (self.name, str(self.url.origin()), self.max_connections, self.keepalive,
-                self.tls, self.proxy)
+        """What decides whether a warm pool can be kept across a reload (``max_connections``
+        does not: the pool kept takes the new limit, ``upstreams.Pool.resize``)."""
+        return (self.name, str(self.url.origin()), self.keepalive, self.tls, self.proxy)
 
 
 def _finish_upstream(w: Walker, node: yaml.Node, path: str, v: dict[str, Any], items: Items) -> None:

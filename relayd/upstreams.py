@@ -268,12 +268,25 @@ class Pool:
         return loop.time() - start
 
     def release(self) -> None:
-        while self._waiters:
+        if self.inflight <= self.limit:  # (above it after a reload lowered the limit)
+            while self._waiters:
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)  # the slot passes straight on
+                    return
+        self.inflight -= 1
+
+    def resize(self, limit: int) -> None:
+        """A reload's new ``max_connections`` for the pool it keeps.  Requests already
+        waiting get the new slots at once: a new pool per limit left them waiting on the
+        old one's, to time out while later requests went ahead (review 83)."""
+        self.limit = limit
+        self.connector._limit = limit  # (aiohttp's own cap, which relayd's gate mirrors)
+        while self.inflight < limit and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
+                self.inflight += 1
                 fut.set_result(None)
-                return
-        self.inflight -= 1
 
     def ref(self) -> None:
         self.tables += 1
@@ -320,6 +333,7 @@ class PoolRegistry:
             pool = wanted.get(key) or self._pools[key]
             if pool not in made:
                 pool.upstream = up  # same connections; key, headers, breaker limits may differ
+                pool.resize(up.max_connections)
             wanted[key] = pool
             by_name[up.name] = pool
         # (closed ones leave here too, not only at a scrape: reloads without scrapes kept

@@ -13,12 +13,13 @@ import json
 import os
 import socket
 import struct
+import signal
 import time
 
 import aiohttp
 
 from fakes import Scenario, fixture, free_port
-from test_operations import get_metrics, metric, wait_metric
+from test_operations import get_metrics, metric, wait_for, wait_metric
 
 
 def config(port: int, admin: int, fake_url: str, timeouts: str, limits: str = "") -> str:
@@ -294,6 +295,50 @@ routes:
     assert lines["queued"]["queue_ms"] > 0 and lines["hold0"]["queue_ms"] == 0
     assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0
 
+
+
+async def test_a_reload_that_raises_max_connections_serves_the_requests_waiting(fake, make_relayd):
+    """Review 83: ``max_connections`` was part of the pool's identity, so a reload raising
+    it made a new pool: the requests already queued kept waiting on the old one and timed
+    out with 503 while later requests went straight through.  The pool is kept and takes
+    the new limit, and its waiters get the new slots at once."""
+    port, admin = free_port(), free_port()
+    text = f"""
+listen: 127.0.0.1:{port}
+admin_listen: 127.0.0.1:{admin}
+workers: 1
+defaults: {{timeouts: {{connect: 2, first_byte: 5, idle: 10, total: 30}}, heartbeat: 0}}
+upstreams:
+  small: {{url: "{fake.url}", provider: anthropic, max_connections: 1, pool_wait: 4s}}
+routes:
+  - {{path: /s, upstream: small}}
+"""
+    r = make_relayd(text)
+    hold = fake.add("pool-hold", Scenario(body=fixture("anthropic-messages.sse"), chunking="lines", delay=0.15))
+    quick = fake.add("pool-quick", Scenario(body=b'{"ok":true}', content_type="application/json"))
+    url = f"http://127.0.0.1:{port}/s/v1/messages"
+    async with aiohttp.ClientSession() as s:
+        async def ask(sc: str) -> tuple[int, float]:
+            t0 = time.monotonic()
+            async with s.post(url, headers={"x-fake": sc}) as resp:
+                await resp.read()
+                return resp.status, time.monotonic() - t0
+
+        fake.reset_stats()
+        holder = asyncio.ensure_future(ask(hold))
+        await fake.has_requests(1)
+        queued = [asyncio.ensure_future(ask(quick)) for _ in range(2)]
+        assert await wait_metric(admin, "relayd_upstream_waiting", 2, upstream="small") == 2
+        made = fake.connections_made
+        r.config.write_text(text.replace("max_connections: 1", "max_connections: 5"))
+        r.signal(signal.SIGHUP)
+        assert wait_for(lambda: any(l.get("event") == "reload ok" for l in r.logs()))
+        got = await asyncio.gather(*queued)
+        assert [st for st, _ in got] == [200, 200] and max(t for _, t in got) < 3, got
+        assert (await holder)[0] == 200
+        assert await wait_metric(admin, "relayd_upstream_waiting", 0, upstream="small") == 0
+        assert await wait_metric(admin, "relayd_upstream_inflight", 0, upstream="small") == 0
+    assert fake.connections_made - made <= 2  # the warm pool kept (two more for the two waiters)
 
 
 async def _stalling_upstream(take: int) -> tuple[asyncio.AbstractServer, str]:

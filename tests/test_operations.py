@@ -159,7 +159,7 @@ async def test_reload_keeps_warm_pool_and_retires_changed_after_stream(fake, mak
         gone = asyncio.create_task(read_stream(port, "/anthropic/v1/messages", sc2))
         await fake.has_requests(2)
         r.config.write_text(cfg.replace('provider: openai, api_key: "sk-test-openai-KEY1"',
-                                        'provider: openai, api_key: "sk-test-openai-KEY1", max_connections: 7')
+                                        'provider: openai, api_key: "sk-test-openai-KEY1", keepalive: 7')
                             .replace("/local, upstream: generic", "/local, upstream: generic, heartbeat: 1")
                             .replace("  - {path: /anthropic, upstream: anthropic}\n", "")
                             .replace('  anthropic: {url: "' + fake.url + '", provider: anthropic, api_key: "sk-ant-test-KEY2"}\n', ""))

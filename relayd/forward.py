@@ -253,7 +253,15 @@ def error_response(provider: providers.Provider, status: int, message: str, code
 
 class _Kept(hdrs.UpstreamAnswer, web.Response):
     """A failover route's kept upstream error: relayed as the upstream sent it (no
-    ``Server`` or CORS header of relayd's)."""
+    ``Server`` or CORS header of relayd's, and no ``Content-Type`` where it had none:
+    aiohttp adds ``application/octet-stream`` to a body without one, review 86)."""
+
+    untyped = False
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if self.untyped:
+            self._headers.popall("Content-Type", None)
 
 
 async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) -> web.Response | None:
@@ -269,8 +277,10 @@ async def _keep(resp: aiohttp.ClientResponse, request_id: str, timeouts: Any) ->
                 body += chunk
                 if len(body) > _KEEP_ERROR_BODY:
                     return None
-        return _Kept(status=resp.status, reason=resp.reason, body=bytes(body),
+        kept = _Kept(status=resp.status, reason=resp.reason, body=bytes(body),
                      headers=hdrs.for_client(resp.headers, request_id, drop_length=True))
+        kept.untyped = "Content-Type" not in resp.headers
+        return kept
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
     finally:

@@ -79,7 +79,23 @@ def relocate(headers: CIMultiDict[str], moved: tuple[str, str], request: Any) ->
         rest = value[len(upstream):]
         if rest and rest[0] not in "/?#":
             continue  # (another path that only begins the same: /v1beta vs /v1)
-        headers[name] = f"{request.scheme}://{request.host}{route}{rest}"
+        headers[name] = f"{request.scheme}://{_authority(request)}{route}{rest}"
+
+
+def _authority(request: Any) -> str:
+    """host[:port] the client reached relayd at: an absolute-form target's own (RFC 9112
+    §3.2.2), else ``Host``, else the listening socket's.  aiohttp's ``request.host`` drops
+    the port of the first and the last, so a redirect went to the wrong port (review 86)."""
+    raw = request.raw_path
+    if not raw.startswith("/") and "://" in raw[:16]:
+        return raw.partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[2]
+    host = request.headers.get("Host")
+    if host:
+        return str(host)
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if isinstance(sock, tuple) and len(sock) >= 2:
+        return f"[{sock[0]}]:{sock[1]}" if ":" in str(sock[0]) else f"{sock[0]}:{sock[1]}"
+    return str(request.host)
 
 
 def media_type(value: str) -> str:

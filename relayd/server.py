@@ -486,6 +486,9 @@ class Request(web.BaseRequest):
             # The connection closes after this answer (an h2c upgrade request, a drain):
             # it says so, or a client would send its next request into the close.  (This
             # hook runs after aiohttp wrote the Connection header from keep_alive.)
+            if self._body_unasked():
+                # and at once: aiohttp would wait 10 s for the body nobody asked for
+                self.protocol._lingering_time = 0.0
             response.force_close()
             response.headers.popall("Connection", None)
             if self.version >= HttpVersion11:

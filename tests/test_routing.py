@@ -381,6 +381,15 @@ def test_an_answer_before_100_continue_closes_the_connection(shared, fake):
         except (ConnectionResetError, BrokenPipeError):
             pass
     assert got.count(b"HTTP/1.1") == 1 and fake.requests == []
+    # review 84: and it closes at once, not after aiohttp's 10 s wait for the body
+    with socket.create_connection(("127.0.0.1", shared.port), 5) as s:
+        s.sendall(b"POST /local/a/%2e%2e/%2e%2e/%2e%2e/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        s.settimeout(5)
+        t0 = time.monotonic()
+        while s.recv(65536):
+            pass
+        assert time.monotonic() - t0 < 2
 
 
 @pytest.mark.parametrize("method,status", [("HEAD", 200), ("GET", 204), ("GET", 304)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import anthropic
 import openai
@@ -272,3 +273,16 @@ async def test_upstream_urls_in_answer_headers_point_back_through_relayd(shared,
             assert r.headers["X-Goog-Upload-URL"] == f"{here}/upload/v1beta/files?upload_id=abc&upload_protocol=resumable"
             assert r.headers["Location"] == f"{here}/v1beta/files/f1"
             assert r.headers["Content-Location"] == "https://elsewhere.example/x"  # not the upstream's
+    # review 86: the port the client reached relayd at stays in the URL (aiohttp's
+    # request.host drops it for an absolute-form target and without a Host header)
+    for head, where in ((f"POST http://front.example:81/gemini/upload/v1beta/files HTTP/1.1\r\nHost: other\r\n",
+                         "http://front.example:81/gemini"),
+                        ("POST /gemini/upload/v1beta/files HTTP/1.0\r\n", f"http://127.0.0.1:{shared.port}/gemini")):
+        with socket.create_connection(("127.0.0.1", shared.port), 5) as sock:
+            sock.sendall(f"{head}x-fake: {sc}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        heads = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in
+                                                      data.partition(b"\r\n\r\n")[0].decode().split("\r\n")[1:])}
+        assert heads["location"] == f"{where}/v1beta/files/f1", (head, heads)

@@ -910,3 +910,20 @@ async def test_a_gone_clients_upload_the_kernel_still_holds_is_reset_not_deliver
         assert r.wait_access(1)[-1]["end_reason"] == "client_gone"
     finally:
         server.close()
+
+
+async def test_a_kept_error_without_a_content_type_gets_none(make_relayd):
+    """Review 86: on a failover route the kept upstream error gained aiohttp's
+    ``Content-Type: application/octet-stream``; relayed from one upstream it had none."""
+    async def slow_down(reader, writer, n):
+        writer.write(b"HTTP/1.1 503 Slow Down\r\nRetry-After: 7\r\nContent-Length: 4\r\n\r\nbusy")
+        await writer.drain()
+
+    async with RawUpstream(slow_down) as up:
+        port, admin = free_port(), free_port()
+        make_relayd(config(port, admin, up.url, extra=f'  dead: {{url: "http://127.0.0.1:{free_port()}", '
+                                                      f'provider: openai}}').replace(
+            "  - {path: /u, upstream: u}", "  - {path: /u, upstream: [u, dead]}"))
+        status, body, headers = await get(port)
+        assert (status, body, headers.get("Retry-After")) == (503, b"busy", "7")
+        assert "Content-Type" not in headers, headers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 import anthropic
 import openai
@@ -168,23 +169,29 @@ def test_sdks_do_not_resend_a_request_the_upstream_thought_about_too_long(make_r
     assert len(fake.requests) == 1
 
 
+def _slow_busy_and(make_relayd: Any, fake: Any, port: int, tag: str, third: str, routes: str) -> Any:
+    """relayd (first_byte 300 ms) with upstreams ``slow`` (no head for 0.8 s), ``busy``
+    (a 503) and ``third`` at ``third``, and the failover ``routes`` over them."""
+    slow = fake.add(f"{tag}-slow", Scenario(body=b'{"ok":true}', content_type="application/json",
+                                            header_delay=0.8))
+    busy = fake.add(f"{tag}-busy", Scenario(body=b'{"error":{"message":"busy","type":"server_error"}}',
+                                            status=503, content_type="application/json"))
+    return make_relayd(basic_config(fake.url, port, extra_upstreams=(
+        f'  slow: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {slow}}}}}\n'
+        f'  busy: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {busy}}}}}\n'
+        f'  third: {{url: "{third}", provider: openai}}'), extra_routes=routes)
+        .replace("first_byte: 5", "first_byte: 300ms"), args=["--workers", "1"])
+
+
 def test_sdks_do_not_resend_when_a_failover_route_ends_in_a_refusal_after_a_timeout(make_relayd, fake):
     """Review 69: route [slow, dead]: the first upstream held the request past first_byte,
     the second refused the connection.  The client got the refusal's retryable 502 and the
     SDK sent the prompt to the first upstream twice more; the timeout's 504 (no retry)
     is the answer, whatever came after it."""
-    port, dead = free_port(), free_port()
-    slow = fake.add("sdk-slow-then-dead", Scenario(body=b'{"ok":true}', content_type="application/json",
-                                                   header_delay=0.8))
-    busy = fake.add("sdk-busy", Scenario(body=b'{"error":{"message":"busy","type":"server_error"}}',
-                                         status=503, content_type="application/json"))
-    r = make_relayd(basic_config(fake.url, port, extra_upstreams=(
-        f'  slow: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {slow}}}}}\n'
-        f'  busy: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {busy}}}}}\n'
-        f'  dead: {{url: "http://127.0.0.1:{dead}", provider: openai}}'),
-        extra_routes="  - {path: /fo/v1, upstream: [slow, dead]}\n"
-                     "  - {path: /fo3/v1, upstream: [slow, busy, dead]}")
-        .replace("first_byte: 5", "first_byte: 300ms"), args=["--workers", "1"])
+    port = free_port()
+    r = _slow_busy_and(make_relayd, fake, port, "sdk", f"http://127.0.0.1:{free_port()}",
+                       "  - {path: /fo/v1, upstream: [slow, third]}\n"
+                       "  - {path: /fo3/v1, upstream: [slow, busy, third]}")
     fake.reset_stats()
     client = openai.OpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}/fo/v1", max_retries=2)
     with pytest.raises(openai.InternalServerError) as err:
@@ -219,18 +226,10 @@ async def test_sdks_do_not_resend_an_error_relayed_after_a_timeout_or_an_unrelay
         writer.close()
 
     port = free_port()
-    slow = fake.add("sdk-slow-2", Scenario(body=b'{"ok":true}', content_type="application/json",
-                                           header_delay=0.8))
-    busy = fake.add("sdk-busy-2", Scenario(body=b'{"error":{"message":"busy","type":"server_error"}}',
-                                           status=503, content_type="application/json"))
     async with RawUpstream(broken_answer) as broken:
-        make_relayd(basic_config(fake.url, port, extra_upstreams=(
-            f'  slow: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {slow}}}}}\n'
-            f'  busy: {{url: "{fake.url}", provider: openai, headers: {{x-fake: {busy}}}}}\n'
-            f'  broken: {{url: "{broken.url}", provider: openai}}'),
-            extra_routes="  - {path: /fo2/v1, upstream: [slow, busy]}\n"
-                         "  - {path: /fo5/v1, upstream: [busy, broken]}")
-            .replace("first_byte: 5", "first_byte: 300ms"), args=["--workers", "1"])
+        _slow_busy_and(make_relayd, fake, port, "sdk2", broken.url,
+                       "  - {path: /fo2/v1, upstream: [slow, busy]}\n"
+                       "  - {path: /fo5/v1, upstream: [busy, third]}")
         for route, status in (("/fo2/v1", 503), ("/fo5/v1", 503)):
             fake.reset_stats()
             client = openai.AsyncOpenAI(api_key="k", base_url=f"http://127.0.0.1:{port}{route}", max_retries=2)

@@ -42,6 +42,7 @@ from . import lean, logs
 from .allow import GATES
 from .headers import UpstreamAnswer, short_reason
 from .tls import ListenerCert
+from .stream import flush_deadline
 from .upstream_http import NO_TIMER
 
 SERVER = "relayd"
@@ -404,11 +405,19 @@ class Connection(web.RequestHandler):
         if since is None:
             return  # no head in progress: the next one arms the timer again
         deadline = since + self._head_timeout
-        if self._head_loop.time() < deadline:
+        now = self._head_loop.time()
+        if now < deadline:
             self._head_timer = self._head_loop.call_at(deadline, self._head_check)
             return
+        if self._request_in_progress:
+            # A head pipelined behind an answer still going: its time starts over (nginx
+            # reads it only after that answer), and it is checked again then.  Dropped,
+            # it had no deadline left at all (review 85).
+            self._head_since = now
+            self._head_timer = self._head_loop.call_at(now + self._head_timeout, self._head_check)
+            return
         self._head_since = None
-        if not self._request_in_progress and self.transport is not None:
+        if self.transport is not None:
             parser = self._parser
             if isinstance(parser, _Parser) and parser.head_bytes:
                 # Part of a head came (slowloris, a stalled client): no answer, as nginx,
@@ -493,6 +502,16 @@ class Request(web.BaseRequest):
             response.headers.popall("Connection", None)
             if self.version >= HttpVersion11:
                 response.headers["Connection"] = "close"
+        if isinstance(response, web.Response):
+            # An answer written whole (relayd's own, a kept upstream error) gets ``send``
+            # for its bytes once they are written, as a stream's last bytes do: a client
+            # that pipelined requests and read nothing held the connection for good, each
+            # answer's wait for the buffer to drain having no deadline (review 85).
+            conn = self.protocol
+            manager = getattr(conn, "_manager", None)
+            if isinstance(manager, ClientServer) and self.transport is not None:
+                send = manager.config().defaults.timeouts.send
+                asyncio.get_running_loop().call_soon(flush_deadline, self.transport, send)
         # relayd's own responses (web.Response) say relayd where aiohttp put its own name;
         # an upstream's answer (headers.UpstreamAnswer) keeps its Server or carries none.
         if isinstance(response, web.Response) and not isinstance(response, UpstreamAnswer):

@@ -18,6 +18,7 @@ import time
 
 import aiohttp
 
+from conftest import basic_config
 from fakes import Scenario, fixture, free_port
 from test_operations import get_metrics, metric, wait_for, wait_metric
 
@@ -392,6 +393,63 @@ async def test_an_upstream_that_stops_reading_an_upload_is_blamed_not_the_client
         assert "_created" not in await get_metrics(admin)
     finally:
         server.close()
+
+
+def test_a_client_that_pipelines_and_never_reads_relayds_own_answers_is_cut_at_send(fake, make_relayd):
+    """Review 85: relayd's own answers (a 404 here) waited for the client's buffer with no
+    deadline: 20,000 pipelined requests and no reads held the connection and megabytes
+    of buffers for good.  ``send`` covers them as it covers a stream's last bytes."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port).replace("total: 60}", "total: 60, send: 1s}"),
+                    args=["--workers", "1"])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    request = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n" * 500
+    sent, end = 0, time.monotonic() + 10
+    while sent < 40 and time.monotonic() < end:  # until relayd stops reading
+        try:
+            sock.send(request)
+            sent += 1
+        except BlockingIOError:
+            time.sleep(0.05)
+            break
+    t0 = time.monotonic()
+    closed = False
+    while time.monotonic() - t0 < 8 and not closed:
+        time.sleep(0.5)
+        try:
+            with open(f"/proc/{r.proc.pid}/net/tcp") as f:
+                peer = f"{sock.getsockname()[1]:04X}"
+                closed = not any(f":{peer} " in line and line.split()[3] == "01" for line in f)
+        except OSError:
+            break
+    sock.close()
+    assert closed, "the connection was still established 8 s after the client stopped reading"
+
+
+async def test_a_head_pipelined_behind_a_stream_keeps_its_deadline(fake, make_relayd):
+    """Review 85: a head that began during a live stream lost its client_header deadline
+    when it came due while the stream still ran; the connection then stayed until the
+    keep-alive expiry, with no 408 line.  Its time starts over and holds after the stream."""
+    port = free_port()
+    r = make_relayd(basic_config(fake.url, port, top="limits: {client_header: 1s, client_keepalive: 30s}"),
+                    args=["--workers", "1"])
+    sc = fake.add("head-behind", Scenario(body=b"data: 1\n\n" * 15, chunking="lines", delay=0.2))  # ~3 s
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-fake: {sc}\r\n"
+                 "Content-Length: 2\r\n\r\n{}".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"GET /openai/v1/x HTTP/1.1\r\nHo")  # a head begun, never finished
+    t0 = time.monotonic()
+    while await asyncio.wait_for(reader.read(65536), 15):
+        pass
+    took = time.monotonic() - t0
+    writer.close()
+    assert 2.5 < took < 9, took  # after the stream (~3 s), within twice client_header more
+    line = r.wait_access(2)[-1]
+    assert line["status"] == 408 and line["end_reason"] == "header_timeout", line
 
 
 async def test_a_client_that_resets_a_paused_upload_is_gone_at_once(make_relayd):

@@ -75,7 +75,8 @@ async def run(sup: Supervisor) -> None:
             if slot.pid is None or not slot.ready or slot.chan is None:
                 continue
             silent = silence(slot, now)
-            if silent > (building if slot.generation < sup.generation else kill):
+            limit = building if slot.generation < sup.generation else kill
+            if silent > limit:
                 pid = slot.pid
                 sup.kill_pid(pid, signal.SIGKILL)
                 sup.log.error("worker not answering; killing it", worker=slot.wid,
@@ -83,7 +84,7 @@ async def run(sup: Supervisor) -> None:
             elif silent > SILENT_AFTER and not slot.quiet:
                 slot.quiet = True
                 sup.log.warning("worker not answering", worker=slot.wid, pid=slot.pid,
-                                silent_s=round(silent, 1), kill_in_s=round(kill - silent, 1))
+                                silent_s=round(silent, 1), kill_in_s=round(limit - silent, 1))
             slot.chan.send("ping")
             if slot.waiting is None:
                 slot.waiting = now

@@ -23,7 +23,7 @@ from .config import Config
 from .exchange import End, Exchange
 from .forward import Forwarded, ReplayBudget, RequestBody, error_response, forward
 from .metrics import CONTENT_TYPE
-from .routes import Match, RouteTable, resolve, separators_read, under
+from .routes import Match, RouteTable, resolve, separators_read, split_target, under
 from .stream import Stream
 from .upstreams import PoolRegistry
 
@@ -194,7 +194,7 @@ class App:
                 raw = "/" + raw
         # A fragment (which no client should send) is not part of the path: routes match
         # without it, as nginx's locations do (``/pub#/../priv/x`` is ``/pub``).
-        path = raw.partition("?")[0].partition("#")[0]
+        path, _, query = split_target(raw)
         # request.remote: the peer aiohttp already asked the transport for (each ask makes a
         # new tuple, which a held stream would keep)
         ex = Exchange(request_id(request.headers.get("X-Request-Id")), request.method, path,
@@ -270,8 +270,7 @@ class App:
                 return preflight_answer(request, ex.request_id)
             if clients.active:
                 provider = _provider(match)
-                client, refused = clients.check(provider, request.headers,
-                                                raw.partition("#")[0].partition("?")[2], match.route.path)
+                client, refused = clients.check(provider, request.headers, query, match.route.path)
                 ex.client_name = client.name if client is not None else None
                 if refused is not None:
                     return self._refuse(ex, match, refused.status, refused.message, refused.code)
@@ -390,7 +389,7 @@ class App:
         method, target = (parts[0][:16], parts[1]) if len(parts) == 3 else ("-", "-")
         if "://" in target[:16]:  # absolute form: the path only (no host, no userinfo)
             target = "/" + target.partition("://")[2].partition("/")[2]
-        path = target.partition("?")[0].partition("#")[0]
+        path = split_target(target)[0]
         ex = Exchange(request_id(None), method, path, peer)
         ex.start -= taken  # (a late head: its duration runs from its first byte)
         table = self.table

@@ -31,6 +31,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Client
 from .providers import CLIENT_CREDENTIALS, Provider, drop_params
+from .routes import split_target
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class Forwardable:
         for name in CLIENT_CREDENTIALS:
             headers.popall(name, None)
         self.headers = CIMultiDictProxy(headers)
-        path, q, query = request.raw_path.partition("#")[0].partition("?")
+        path, q, query = split_target(request.raw_path)
         if q:
             key = provider.presented_key(request.headers, query)
             query = provider.without_key_param(query)

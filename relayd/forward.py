@@ -30,7 +30,7 @@ from . import headers as hdrs
 from . import providers
 from .body import ClientWatch, ReplayBudget, RequestBody
 from .exchange import End
-from .routes import Match, Target, upstream_url
+from .routes import Match, Target, split_target, upstream_url
 from .upstreams import CONNECTED
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
@@ -100,7 +100,7 @@ async def _attempts(request: web.BaseRequest, match: Match, request_id: str, bod
                     metrics: Any, log: Any, out: Forwarded, provider: providers.Provider
                     ) -> Forwarded:
     route = match.route
-    query = request.raw_path.partition("#")[0].partition("?")[2]  # (a fragment is not forwarded)
+    query = split_target(request.raw_path)[2]
     base_headers = hdrs.for_upstream(request.headers, request_id)
     timeouts = route.timeouts
     if not body.ready():

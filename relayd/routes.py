@@ -149,6 +149,12 @@ def separators_read(raw_path: str) -> str | None:
     return raw_path if alt == raw_path else resolve(alt)
 
 
+def split_target(raw_path: str) -> tuple[str, str, str]:
+    """(path, "?" or "", query) of a request target: a fragment, which no client should
+    send, is part of neither (not forwarded, and a "?" inside it is no query)."""
+    return raw_path.partition("#")[0].partition("?")
+
+
 def upstream_url(base: str, rest: str, query: str) -> str:
     """Join the upstream base path and the request's path without doubling or losing '/'."""
     base = base.rstrip("/")

@@ -491,13 +491,15 @@ class Request(web.BaseRequest):
             # Not at the next head: a head that never completes would cancel it for good.
             flush.cancel()
             proto.flush_timer = None
-        if response.keep_alive and (getattr(self.protocol, "_close", False) or self._body_unasked()):
+        unasked = response.keep_alive and self._body_unasked()
+        if unasked:
+            # The connection closes, and at once: aiohttp would wait 10 s for the body
+            # nobody asked for.
+            self.protocol._lingering_time = 0.0
+        if response.keep_alive and (unasked or getattr(self.protocol, "_close", False)):
             # The connection closes after this answer (an h2c upgrade request, a drain):
             # it says so, or a client would send its next request into the close.  (This
             # hook runs after aiohttp wrote the Connection header from keep_alive.)
-            if self._body_unasked():
-                # and at once: aiohttp would wait 10 s for the body nobody asked for
-                self.protocol._lingering_time = 0.0
             response.force_close()
             response.headers.popall("Connection", None)
             if self.version >= HttpVersion11:

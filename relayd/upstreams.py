@@ -268,13 +268,19 @@ class Pool:
         return loop.time() - start
 
     def release(self) -> None:
-        if self.inflight <= self.limit:  # (above it after a reload lowered the limit)
-            while self._waiters:
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_result(None)  # the slot passes straight on
-                    return
+        # (above the limit after a reload lowered it: the slot is not passed on)
+        if self.inflight <= self.limit and self._hand_on():
+            return  # the slot passes straight on
         self.inflight -= 1
+
+    def _hand_on(self) -> bool:
+        """Give a slot to the longest waiting request still waiting; False if none is."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return True
+        return False
 
     def resize(self, limit: int) -> None:
         """A reload's new ``max_connections`` for the pool it keeps.  Requests already
@@ -282,11 +288,8 @@ class Pool:
         old one's, to time out while later requests went ahead (review 83)."""
         self.limit = limit
         self.connector._limit = limit  # (aiohttp's own cap, which relayd's gate mirrors)
-        while self.inflight < limit and self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.inflight += 1
-                fut.set_result(None)
+        while self.inflight < limit and self._hand_on():
+            self.inflight += 1
 
     def ref(self) -> None:
         self.tables += 1
